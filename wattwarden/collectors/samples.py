@@ -1,0 +1,50 @@
+"""Typed samples the collectors produce and the store keeps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from wattwarden.hardware.device import GpuInfo, GpuReading
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSample:
+    """One GPU after one collection pass."""
+
+    info: GpuInfo
+    up: bool
+    timestamp_s: float
+    """Wall-clock time of the read."""
+    reading: GpuReading | None
+    """The latest good reading; kept (stale) while the GPU is lost, None if never read."""
+    energy_j: float
+    """Monotonic energy counter for export (hardware counter deltas, else integrated power)."""
+    energy_source: str
+    """``counter`` or ``integrated``."""
+    clock_event_seconds: dict[str, float] = field(default_factory=dict)
+    xid_counts: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HostSample:
+    """Host CPU and memory."""
+
+    timestamp_s: float
+    cpu_utilization_ratio: float
+    memory_used_bytes: int
+    memory_total_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RaplSample:
+    """One RAPL power-capping domain (package, core, uncore, dram, psys)."""
+
+    timestamp_s: float
+    domain: str
+    energy_j: float
+    """Monotonic since the agent started (wrap-arounds of the hardware counter handled)."""
+    power_w: float | None
+    """Mean power since the previous sample."""
+
+
+Sample = GpuSample | HostSample | RaplSample

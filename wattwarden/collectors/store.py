@@ -1,0 +1,222 @@
+"""The in-memory store: latest samples, export windows and a short history, bounded in memory.
+
+The sampler writes; exporters and the HTTP API read snapshots. Nothing here touches hardware, so a
+scrape never waits on NVML.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from wattwarden.collectors.samples import GpuSample, HostSample, RaplSample, Sample
+
+DEFAULT_WINDOW_S = 15.0
+DEFAULT_HISTORY_S = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class GpuView:
+    """One GPU as exporters see it."""
+
+    sample: GpuSample
+    power_mean_w: float | None
+    """Mean of the sub-second samples over the export window."""
+    power_peak_w: float | None
+    """Maximum over the same window."""
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorHealth:
+    """Self-health of one collector."""
+
+    up: bool
+    errors_total: int
+    duration_s: float
+    last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPoint:
+    """One second of one GPU."""
+
+    timestamp_s: float
+    power_w: float | None
+    temperature_c: float | None
+    utilization_ratio: float | None
+    power_limit_w: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSnapshot:
+    """A consistent copy of everything exporters need."""
+
+    gpus: tuple[GpuView, ...]
+    host: HostSample | None
+    rapl: tuple[RaplSample, ...]
+    collectors: dict[str, CollectorHealth]
+    last_sample_s: float | None
+    power_budgets_w: dict[str, float] = field(default_factory=dict)
+    policy_actions: dict[tuple[str, str, str], int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Bucket:
+    second: int
+    power_sum: float = 0.0
+    power_n: int = 0
+
+
+class _GpuSeries:
+    """Window and history for one GPU."""
+
+    def __init__(self, capacity: int, history_s: int) -> None:
+        self.window: deque[tuple[float, float]] = deque(maxlen=capacity)
+        self.history: deque[HistoryPoint] = deque(maxlen=history_s)
+        self.bucket: _Bucket | None = None
+        self.latest: GpuSample | None = None
+
+
+class MetricStore:
+    """Thread-safe store with memory bounded by GPU count, window and history length."""
+
+    def __init__(
+        self,
+        *,
+        window_s: float = DEFAULT_WINDOW_S,
+        interval_s: float = 0.1,
+        history_s: int = DEFAULT_HISTORY_S,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window_s = window_s
+        self._capacity = math.ceil(window_s / interval_s) + 32
+        self._history_s = history_s
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._gpus: dict[int, _GpuSeries] = {}
+        self._host: HostSample | None = None
+        self._rapl: dict[str, RaplSample] = {}
+        self._collectors: dict[str, CollectorHealth] = {}
+        self._last_sample_s: float | None = None
+        self._budgets: dict[str, float] = {}
+        self._actions: dict[tuple[str, str, str], int] = {}
+
+    # ----------------------------------------------------------------- writes
+    def put(self, samples: Iterable[Sample]) -> None:
+        """Add samples from one collection pass."""
+        now = self._monotonic()
+        with self._lock:
+            for s in samples:
+                if isinstance(s, GpuSample):
+                    self._put_gpu(s, now)
+                elif isinstance(s, HostSample):
+                    self._host = s
+                else:
+                    self._rapl[s.domain] = s
+
+    def _put_gpu(self, s: GpuSample, now: float) -> None:
+        series = self._gpus.get(s.info.index)
+        if series is None:
+            series = self._gpus[s.info.index] = _GpuSeries(self._capacity, self._history_s)
+        fresh = series.latest is None or s.timestamp_s != series.latest.timestamp_s
+        series.latest = s
+        r = s.reading
+        if not (s.up and fresh and r is not None):
+            return
+        power = r.power_instant_w if r.power_instant_w is not None else r.power_w
+        if power is None:
+            return
+        series.window.append((now, power))
+        second = int(s.timestamp_s)
+        bucket = series.bucket
+        if bucket is not None and bucket.second != second:
+            series.history.append(
+                HistoryPoint(
+                    float(bucket.second),
+                    bucket.power_sum / bucket.power_n if bucket.power_n else None,
+                    r.temperature_gpu_c,
+                    r.utilization_gpu_ratio,
+                    r.power_limit_w,
+                )
+            )
+            bucket = None
+        if bucket is None:
+            bucket = series.bucket = _Bucket(second)
+        bucket.power_sum += power
+        bucket.power_n += 1
+
+    def record_collector(
+        self, name: str, *, up: bool, duration_s: float, error: str | None = None, failed: bool
+    ) -> None:
+        """Record one collection attempt; ``failed`` adds one to the error counter."""
+        with self._lock:
+            prev = self._collectors.get(name)
+            errors = (prev.errors_total if prev else 0) + (1 if failed else 0)
+            self._collectors[name] = CollectorHealth(up, errors, duration_s, error)
+
+    def mark_pass(self, wall_s: float) -> None:
+        """Note the end of a sampler pass."""
+        with self._lock:
+            self._last_sample_s = wall_s
+
+    def set_power_budget(self, scope: str, watts: float | None) -> None:
+        """Set or clear the exported power budget for a scope (e.g. ``node``)."""
+        with self._lock:
+            if watts is None:
+                self._budgets.pop(scope, None)
+            else:
+                self._budgets[scope] = watts
+
+    def count_policy_action(self, policy: str, action: str, mode: str) -> None:
+        """Count one policy action (dry_run or apply)."""
+        with self._lock:
+            key = (policy, action, mode)
+            self._actions[key] = self._actions.get(key, 0) + 1
+
+    # ------------------------------------------------------------------ reads
+    def snapshot(self) -> StoreSnapshot:
+        """A consistent copy; cheap (no hardware access)."""
+        now = self._monotonic()
+        horizon = now - self.window_s
+        with self._lock:
+            gpus = []
+            for index in sorted(self._gpus):
+                series = self._gpus[index]
+                if series.latest is None:
+                    continue
+                powers = [p for t, p in series.window if t >= horizon]
+                if not powers and series.window:
+                    powers = [series.window[-1][1]]
+                gpus.append(
+                    GpuView(
+                        series.latest,
+                        sum(powers) / len(powers) if powers else None,
+                        max(powers) if powers else None,
+                    )
+                )
+            return StoreSnapshot(
+                gpus=tuple(gpus),
+                host=self._host,
+                rapl=tuple(self._rapl[d] for d in sorted(self._rapl)),
+                collectors=dict(self._collectors),
+                last_sample_s=self._last_sample_s,
+                power_budgets_w=dict(self._budgets),
+                policy_actions=dict(self._actions),
+            )
+
+    def history(self, seconds: float) -> dict[int, list[HistoryPoint]]:
+        """Per-second history of each GPU over the last ``seconds``."""
+        with self._lock:
+            out: dict[int, list[HistoryPoint]] = {}
+            for index in sorted(self._gpus):
+                points = self._gpus[index].history
+                if not points:
+                    out[index] = []
+                    continue
+                since = points[-1].timestamp_s - seconds
+                out[index] = [p for p in points if p.timestamp_s > since]
+            return out

@@ -1,0 +1,1 @@
+"""dashboard layer of wattwarden."""

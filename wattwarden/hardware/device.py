@@ -1,0 +1,131 @@
+"""One protocol for a GPU, and the typed records it returns.
+
+Backends (``nvml.NvmlBackend`` on real or fake NVML, ``sim.SimBackend`` on the simulator directly)
+implement :class:`GpuBackend`; everything above the hardware layer uses only these types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntFlag
+from typing import Protocol
+
+
+class ClockEvent(IntFlag):
+    """NVML clock-event (throttle) reason bits that wattwarden exports."""
+
+    IDLE = 0x1
+    SW_POWER_CAP = 0x4
+    HW_SLOWDOWN = 0x8
+    SW_THERMAL = 0x20
+    HW_THERMAL = 0x40
+    HW_POWER_BRAKE = 0x80
+
+
+#: Label value for each exported clock-event reason, in export order.
+CLOCK_EVENT_LABELS: tuple[tuple[ClockEvent, str], ...] = (
+    (ClockEvent.IDLE, "idle"),
+    (ClockEvent.SW_POWER_CAP, "sw_power_cap"),
+    (ClockEvent.HW_SLOWDOWN, "hw_slowdown"),
+    (ClockEvent.SW_THERMAL, "sw_thermal"),
+    (ClockEvent.HW_THERMAL, "hw_thermal"),
+    (ClockEvent.HW_POWER_BRAKE, "hw_power_brake"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    """What does not change while a GPU is attached."""
+
+    index: int
+    uuid: str
+    name: str
+    pci_bus_id: str
+    driver_version: str
+    memory_total_bytes: int | None
+    power_limit_min_w: float | None
+    power_limit_max_w: float | None
+    power_limit_default_w: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessUsage:
+    """One process's use of a GPU, where the driver reports it."""
+
+    pid: int
+    memory_used_bytes: int | None
+    sm_utilization_ratio: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    """One batched read of a GPU. ``None`` means the device does not support that field."""
+
+    power_w: float | None
+    """The driver's power reading (a 1 s average on Ampere and newer)."""
+    power_instant_w: float | None
+    energy_j: float | None
+    """Hardware energy counter since the driver was loaded."""
+    power_limit_w: float | None
+    """The enforced limit, which can be lower than the requested one."""
+    temperature_gpu_c: float | None
+    temperature_memory_c: float | None
+    utilization_gpu_ratio: float | None
+    utilization_memory_ratio: float | None
+    memory_used_bytes: int | None
+    memory_total_bytes: int | None
+    clock_sm_hz: float | None
+    clock_memory_hz: float | None
+    clock_event_mask: int | None
+    processes: tuple[ProcessUsage, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class XidEvent:
+    """An XID error reported by the driver for one GPU."""
+
+    gpu_index: int
+    xid: int
+
+
+class GpuDevice(Protocol):
+    """One GPU. Reads raise :class:`~wattwarden.hardware.errors.GpuLost` when it is gone."""
+
+    @property
+    def index(self) -> int:
+        """The GPU's index as NVML numbers it."""
+        ...
+
+    def info(self) -> GpuInfo:
+        """Static facts, read once and cached."""
+        ...
+
+    def read(self) -> GpuReading:
+        """One batched read of everything that changes."""
+        ...
+
+    def set_power_limit(self, watts: float) -> float:
+        """Request a power limit and return the enforced limit read back afterwards."""
+        ...
+
+
+class GpuBackend(Protocol):
+    """A source of GPUs: NVML (real or fake) or the simulator read directly."""
+
+    @property
+    def name(self) -> str:
+        """Short name for logs and labels, e.g. ``nvml`` or ``sim``."""
+        ...
+
+    def devices(self) -> Sequence[GpuDevice]:
+        """The GPUs, in index order."""
+        ...
+
+    def drain_xid_events(self) -> list[XidEvent]:
+        """XID events that arrived since the last call (never blocks)."""
+        ...
+
+    def close(self) -> None:
+        """Release the driver."""
+        ...

@@ -1,0 +1,624 @@
+"""A fake ``libnvidia-ml`` over the simulator, for the real pynvml module to call.
+
+nvidia-ml-py looks every C function up with ``getattr(pynvml.nvmlLib, name)`` and calls it with
+ctypes arguments. :class:`FakeNvmlLib` provides those functions in Python: each writes its results
+through the ``byref`` arguments' ``_obj`` and returns an NVML status code. Installed as
+``pynvml.nvmlLib`` (see :func:`wattwarden.hardware.nvml.install_fake_nvml`), the unchanged pynvml
+module, and the tools built on it (gpustat, nvitop, zeus), run against the simulated GPUs.
+
+This module does not import pynvml: it needs only the objects pynvml hands it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from wattwarden.hardware.errors import GpuLost, InvalidArgument, NoPermission, NotSupported
+from wattwarden.hardware.sim.fleet import CUDA_DRIVER_VERSION, DRIVER_VERSION, SimFleet
+from wattwarden.hardware.sim.gpu import SimGpu
+
+# NVML status codes (nvml.h)
+SUCCESS = 0
+ERROR_UNINITIALIZED = 1
+ERROR_INVALID_ARGUMENT = 2
+ERROR_NOT_SUPPORTED = 3
+ERROR_NO_PERMISSION = 4
+ERROR_NOT_FOUND = 6
+ERROR_INSUFFICIENT_SIZE = 7
+ERROR_TIMEOUT = 10
+ERROR_GPU_IS_LOST = 15
+ERROR_UNKNOWN = 999
+
+_ERROR_STRINGS = {
+    SUCCESS: b"Success",
+    ERROR_UNINITIALIZED: b"Uninitialized",
+    ERROR_INVALID_ARGUMENT: b"Invalid Argument",
+    ERROR_NOT_SUPPORTED: b"Not Supported",
+    ERROR_NO_PERMISSION: b"Insufficient Permissions",
+    ERROR_NOT_FOUND: b"Not Found",
+    ERROR_INSUFFICIENT_SIZE: b"Insufficient Size",
+    ERROR_TIMEOUT: b"Timeout",
+    ERROR_GPU_IS_LOST: b"GPU is lost",
+    ERROR_UNKNOWN: b"Unknown Error",
+}
+
+# Field ids (nvml.h NVML_FI_DEV_*)
+FI_MEMORY_TEMP = 82
+FI_TOTAL_ENERGY_CONSUMPTION = 83
+FI_POWER_AVERAGE = 185
+FI_POWER_INSTANT = 186
+FI_POWER_MIN_LIMIT = 187
+FI_POWER_MAX_LIMIT = 188
+FI_POWER_DEFAULT_LIMIT = 189
+FI_POWER_CURRENT_LIMIT = 190
+FI_ENERGY = 191
+FI_POWER_REQUESTED_LIMIT = 192
+
+VALUE_TYPE_UNSIGNED_INT = 1
+VALUE_TYPE_UNSIGNED_LONG_LONG = 3
+
+CLOCK_GRAPHICS, CLOCK_SM, CLOCK_MEM, CLOCK_VIDEO = 0, 1, 2, 3
+EVENT_XID_CRITICAL_ERROR = 0x8
+SUPPORTED_CLOCK_EVENTS = 0x1 | 0x2 | 0x4 | 0x8 | 0x20 | 0x40 | 0x80
+
+_ARCH = {"h100-sxm": 9, "a100-sxm": 7}
+_COMPUTE_CAPABILITY = {"h100-sxm": (9, 0), "a100-sxm": (8, 0)}
+
+
+def _val(x: Any) -> Any:
+    """The Python value of a ctypes scalar, or ``x`` itself."""
+    return x.value if hasattr(x, "value") else x
+
+
+def _put(ref: Any, value: Any) -> None:
+    """Write a scalar through a ``byref`` argument."""
+    ref._obj.value = value
+
+
+def _put_str(buf: Any, size: Any, text: str) -> int:
+    data = text.encode()
+    if len(data) + 1 > _val(size):
+        return ERROR_INSUFFICIENT_SIZE
+    buf.value = data
+    return SUCCESS
+
+
+def _status(fn: Callable[..., int]) -> Callable[..., int]:
+    """Map the simulator's exceptions into NVML status codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> int:
+        try:
+            return fn(*args)
+        except GpuLost:
+            return ERROR_GPU_IS_LOST
+        except NotSupported:
+            return ERROR_NOT_SUPPORTED
+        except NoPermission:
+            return ERROR_NO_PERMISSION
+        except InvalidArgument:
+            return ERROR_INVALID_ARGUMENT
+
+    return wrapper
+
+
+class FakeNvmlLib:
+    """The NVML C API, in Python, over a :class:`SimFleet`.
+
+    Only functions NVML really has are defined; anything else raises ``AttributeError``, which
+    pynvml turns into ``NVML_ERROR_FUNCTION_NOT_FOUND`` exactly as with an old driver.
+    """
+
+    def __init__(self, fleet: SimFleet) -> None:
+        self.fleet = fleet
+        self._lock = threading.Lock()
+        self._initialized = 0
+        self._handles: list[Any] = []  # struct instances; their addresses are the handles
+        self._by_address: dict[int, SimGpu] = {}
+        self._event_sets: dict[int, tuple[Any, set[int], deque[tuple[int, int]]]] = {}
+        self.calls = 0
+
+    # ----------------------------------------------------------------- helpers
+    def _gpu(self, handle: Any) -> SimGpu:
+        self.calls += 1
+        address = ctypes.cast(handle, ctypes.c_void_p).value
+        gpu = self._by_address.get(address or 0)
+        if gpu is None:
+            raise InvalidArgument("unknown device handle")
+        return gpu
+
+    def _put_handle(self, ref: Any, gpu: SimGpu) -> None:
+        with self._lock:
+            if not self._handles:
+                struct_type = ref._obj._type_
+                self._handles = [struct_type() for _ in self.fleet.gpus]
+                self._by_address = {
+                    ctypes.addressof(s): g
+                    for s, g in zip(self._handles, self.fleet.gpus, strict=True)
+                }
+        ref._obj.contents = self._handles[gpu.index]
+
+    # ------------------------------------------------------------------ system
+    @_status
+    def nvmlInitWithFlags(self, flags: Any) -> int:
+        """NvmlInitWithFlags."""
+        with self._lock:
+            self._initialized += 1
+        return SUCCESS
+
+    def nvmlInit_v2(self) -> int:
+        """nvmlInit_v2."""
+        return self.nvmlInitWithFlags(0)
+
+    def nvmlShutdown(self) -> int:
+        """NvmlShutdown."""
+        with self._lock:
+            if self._initialized == 0:
+                return ERROR_UNINITIALIZED
+            self._initialized -= 1
+        return SUCCESS
+
+    def nvmlErrorString(self, result: Any) -> bytes:
+        """NvmlErrorString (pynvml sets ``restype = c_char_p``, so this returns bytes)."""
+        return _ERROR_STRINGS.get(_val(result), b"Unknown Error")
+
+    def nvmlSystemGetDriverVersion(self, buf: Any, size: Any) -> int:
+        """NvmlSystemGetDriverVersion."""
+        return _put_str(buf, size, DRIVER_VERSION)
+
+    def nvmlSystemGetNVMLVersion(self, buf: Any, size: Any) -> int:
+        """NvmlSystemGetNVMLVersion."""
+        return _put_str(buf, size, "12." + DRIVER_VERSION)
+
+    def nvmlSystemGetCudaDriverVersion(self, ref: Any) -> int:
+        """NvmlSystemGetCudaDriverVersion."""
+        _put(ref, CUDA_DRIVER_VERSION)
+        return SUCCESS
+
+    nvmlSystemGetCudaDriverVersion_v2 = nvmlSystemGetCudaDriverVersion
+
+    def nvmlDeviceGetCount_v2(self, ref: Any) -> int:
+        """nvmlDeviceGetCount_v2."""
+        if self._initialized == 0:
+            return ERROR_UNINITIALIZED
+        _put(ref, len(self.fleet.gpus))
+        return SUCCESS
+
+    # ----------------------------------------------------------------- handles
+    def nvmlDeviceGetHandleByIndex_v2(self, index: Any, ref: Any) -> int:
+        """nvmlDeviceGetHandleByIndex_v2."""
+        i = _val(index)
+        if not 0 <= i < len(self.fleet.gpus):
+            return ERROR_INVALID_ARGUMENT
+        self._put_handle(ref, self.fleet.gpus[i])
+        return SUCCESS
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: Any, ref: Any) -> int:
+        """NvmlDeviceGetHandleByUUID."""
+        want = _val(uuid)
+        want = want.decode() if isinstance(want, bytes) else str(want)
+        for g in self.fleet.gpus:
+            if g.uuid == want:
+                self._put_handle(ref, g)
+                return SUCCESS
+        return ERROR_NOT_FOUND
+
+    def nvmlDeviceGetHandleByPciBusId_v2(self, bus_id: Any, ref: Any) -> int:
+        """nvmlDeviceGetHandleByPciBusId_v2."""
+        want = _val(bus_id)
+        want = (want.decode() if isinstance(want, bytes) else str(want)).upper()
+        for g in self.fleet.gpus:
+            if g.pci_bus_id.upper() == want:
+                self._put_handle(ref, g)
+                return SUCCESS
+        return ERROR_NOT_FOUND
+
+    # ------------------------------------------------------------ static facts
+    @_status
+    def nvmlDeviceGetIndex(self, handle: Any, ref: Any) -> int:
+        """NvmlDeviceGetIndex."""
+        _put(ref, self._gpu(handle).index)
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetMinorNumber(self, handle: Any, ref: Any) -> int:
+        """NvmlDeviceGetMinorNumber."""
+        _put(ref, self._gpu(handle).index)
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetName(self, handle: Any, buf: Any, size: Any) -> int:
+        """NvmlDeviceGetName."""
+        return _put_str(buf, size, self._gpu(handle).spec.name)
+
+    @_status
+    def nvmlDeviceGetUUID(self, handle: Any, buf: Any, size: Any) -> int:
+        """NvmlDeviceGetUUID."""
+        return _put_str(buf, size, self._gpu(handle).uuid)
+
+    @_status
+    def nvmlDeviceGetSerial(self, handle: Any, buf: Any, size: Any) -> int:
+        """NvmlDeviceGetSerial."""
+        return _put_str(buf, size, f"165{self._gpu(handle).index:010d}")
+
+    @_status
+    def nvmlDeviceGetPciInfo_v3(self, handle: Any, ref: Any) -> int:
+        """nvmlDeviceGetPciInfo_v3."""
+        g = self._gpu(handle)
+        info = ref._obj
+        info.busId = g.pci_bus_id.encode()
+        info.busIdLegacy = g.pci_bus_id[4:].encode()
+        info.domain = 0
+        info.bus = int(g.pci_bus_id.split(":")[1], 16)
+        info.device = 0
+        info.pciDeviceId = 0x233010DE
+        info.pciSubSystemId = 0x16C110DE
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetCudaComputeCapability(self, handle: Any, major: Any, minor: Any) -> int:
+        """NvmlDeviceGetCudaComputeCapability."""
+        cc = _COMPUTE_CAPABILITY.get(self._gpu(handle).spec.key, (9, 0))
+        _put(major, cc[0])
+        _put(minor, cc[1])
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetArchitecture(self, handle: Any, ref: Any) -> int:
+        """NvmlDeviceGetArchitecture."""
+        _put(ref, _ARCH.get(self._gpu(handle).spec.key, 9))
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetPersistenceMode(self, handle: Any, ref: Any) -> int:
+        """NvmlDeviceGetPersistenceMode (always enabled on the simulated hosts)."""
+        self._gpu(handle)
+        _put(ref, 1)
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetComputeMode(self, handle: Any, ref: Any) -> int:
+        """NvmlDeviceGetComputeMode (default)."""
+        self._gpu(handle)
+        _put(ref, 0)
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetDisplayActive(self, handle: Any, ref: Any) -> int:
+        """NvmlDeviceGetDisplayActive (data-center boards drive no display)."""
+        self._gpu(handle)
+        _put(ref, 0)
+        return SUCCESS
+
+    nvmlDeviceGetDisplayMode = nvmlDeviceGetDisplayActive
+
+    @_status
+    def nvmlDeviceGetFanSpeed(self, handle: Any, ref: Any) -> int:
+        """SXM boards have no fan of their own."""
+        self._gpu(handle)
+        return ERROR_NOT_SUPPORTED
+
+    @_status
+    def nvmlDeviceGetPerformanceState(self, handle: Any, ref: Any) -> int:
+        """P0 under load, P0 idle with clocks down (as on HGX boards with persistence on)."""
+        self._gpu(handle)
+        _put(ref, 0)
+        return SUCCESS
+
+    nvmlDeviceGetPowerState = nvmlDeviceGetPerformanceState
+
+    # ------------------------------------------------------------------- power
+    @_status
+    def nvmlDeviceGetPowerUsage(self, handle: Any, ref: Any) -> int:
+        """nvmlDeviceGetPowerUsage: 1 s average on Ampere and newer, in mW."""
+        _put(ref, self._gpu(handle).power_average_mw())
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: Any, ref: Any) -> int:
+        """nvmlDeviceGetTotalEnergyConsumption, in mJ."""
+        _put(ref, self._gpu(handle).total_energy_mj())
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: Any, ref: Any) -> int:
+        """nvmlDeviceGetEnforcedPowerLimit, in mW."""
+        _put(ref, self._gpu(handle).enforced_power_limit_mw())
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetPowerManagementLimit(self, handle: Any, ref: Any) -> int:
+        """nvmlDeviceGetPowerManagementLimit, in mW."""
+        _put(ref, self._gpu(handle).power_limit_mw())
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, handle: Any, ref: Any) -> int:
+        """nvmlDeviceGetPowerManagementDefaultLimit, in mW."""
+        _put(ref, self._gpu(handle).default_power_limit_mw())
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetPowerManagementLimitConstraints(self, handle: Any, lo: Any, hi: Any) -> int:
+        """nvmlDeviceGetPowerManagementLimitConstraints, in mW."""
+        mn, mx = self._gpu(handle).power_limit_constraints_mw()
+        _put(lo, mn)
+        _put(hi, mx)
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetPowerManagementMode(self, handle: Any, ref: Any) -> int:
+        """Power management is always enabled."""
+        self._gpu(handle)
+        _put(ref, 1)
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceSetPowerManagementLimit(self, handle: Any, limit: Any) -> int:
+        """nvmlDeviceSetPowerManagementLimit, in mW."""
+        self._gpu(handle).set_power_limit_mw(int(_val(limit)))
+        return SUCCESS
+
+    # ---------------------------------------------------- thermals and clocks
+    @_status
+    def nvmlDeviceGetTemperature(self, handle: Any, sensor: Any, ref: Any) -> int:
+        """NvmlDeviceGetTemperature (GPU sensor only, as in NVML)."""
+        if _val(sensor) != 0:
+            return ERROR_INVALID_ARGUMENT
+        _put(ref, self._gpu(handle).temperature_c("gpu"))
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetTemperatureThreshold(self, handle: Any, kind: Any, ref: Any) -> int:
+        """Shutdown (0), slowdown (1), GPU max operating (3) thresholds."""
+        sw, hw = self._gpu(handle).temperature_thresholds_c()
+        value = {0: hw + 2, 1: hw, 3: sw}.get(_val(kind))
+        if value is None:
+            return ERROR_NOT_SUPPORTED
+        _put(ref, value)
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetClockInfo(self, handle: Any, kind: Any, ref: Any) -> int:
+        """nvmlDeviceGetClockInfo, in MHz."""
+        k = _val(kind)
+        which = {CLOCK_GRAPHICS: "sm", CLOCK_SM: "sm", CLOCK_MEM: "mem"}.get(k)
+        if which is None:
+            return ERROR_NOT_SUPPORTED
+        _put(ref, self._gpu(handle).clock_mhz(which))
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetMaxClockInfo(self, handle: Any, kind: Any, ref: Any) -> int:
+        """nvmlDeviceGetMaxClockInfo, in MHz."""
+        which = {CLOCK_GRAPHICS: "sm", CLOCK_SM: "sm", CLOCK_MEM: "mem"}.get(_val(kind))
+        if which is None:
+            return ERROR_NOT_SUPPORTED
+        _put(ref, self._gpu(handle).max_clock_mhz(which))
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any, ref: Any) -> int:
+        """NvmlDeviceGetCurrentClocksEventReasons."""
+        _put(ref, self._gpu(handle).clock_event_reasons())
+        return SUCCESS
+
+    nvmlDeviceGetCurrentClocksThrottleReasons = nvmlDeviceGetCurrentClocksEventReasons
+
+    @_status
+    def nvmlDeviceGetSupportedClocksEventReasons(self, handle: Any, ref: Any) -> int:
+        """NvmlDeviceGetSupportedClocksEventReasons."""
+        self._gpu(handle)
+        _put(ref, SUPPORTED_CLOCK_EVENTS)
+        return SUCCESS
+
+    nvmlDeviceGetSupportedClocksThrottleReasons = nvmlDeviceGetSupportedClocksEventReasons
+
+    # ----------------------------------------------------- utilization, memory
+    @_status
+    def nvmlDeviceGetUtilizationRates(self, handle: Any, ref: Any) -> int:
+        """nvmlDeviceGetUtilizationRates, in percent."""
+        gpu_pct, mem_pct = self._gpu(handle).utilization_pct()
+        ref._obj.gpu = gpu_pct
+        ref._obj.memory = mem_pct
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetEncoderUtilization(self, handle: Any, util: Any, period: Any) -> int:
+        """No video work runs on the simulated GPUs."""
+        self._gpu(handle)
+        _put(util, 0)
+        _put(period, 167000)
+        return SUCCESS
+
+    nvmlDeviceGetDecoderUtilization = nvmlDeviceGetEncoderUtilization
+
+    @_status
+    def nvmlDeviceGetMemoryInfo(self, handle: Any, ref: Any) -> int:
+        """nvmlDeviceGetMemoryInfo, in bytes."""
+        total, used = self._gpu(handle).memory_bytes()
+        ref._obj.total = total
+        ref._obj.used = used
+        ref._obj.free = total - used
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetMemoryInfo_v2(self, handle: Any, ref: Any) -> int:
+        """nvmlDeviceGetMemoryInfo_v2 (reserved memory is zero here)."""
+        total, used = self._gpu(handle).memory_bytes()
+        ref._obj.total = total
+        ref._obj.reserved = 0
+        ref._obj.used = used
+        ref._obj.free = total - used
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetComputeRunningProcesses_v3(self, handle: Any, count: Any, procs: Any) -> int:
+        """Compute processes with their memory; the NVML two-call size protocol."""
+        running = sorted(self._gpu(handle).processes(), key=lambda p: p.pid)
+        capacity = count._obj.value
+        count._obj.value = len(running)
+        if not running:
+            return SUCCESS
+        if procs is None or capacity < len(running):
+            return ERROR_INSUFFICIENT_SIZE
+        for i, p in enumerate(running):
+            procs[i].pid = p.pid
+            procs[i].usedGpuMemory = p.memory_bytes
+            procs[i].gpuInstanceId = 0xFFFFFFFF
+            procs[i].computeInstanceId = 0xFFFFFFFF
+        return SUCCESS
+
+    nvmlDeviceGetComputeRunningProcesses_v2 = nvmlDeviceGetComputeRunningProcesses_v3
+
+    @_status
+    def nvmlDeviceGetGraphicsRunningProcesses_v3(self, handle: Any, count: Any, procs: Any) -> int:
+        """No graphics processes on the simulated GPUs."""
+        self._gpu(handle)
+        count._obj.value = 0
+        return SUCCESS
+
+    nvmlDeviceGetGraphicsRunningProcesses_v2 = nvmlDeviceGetGraphicsRunningProcesses_v3
+    nvmlDeviceGetMPSComputeRunningProcesses_v3 = nvmlDeviceGetGraphicsRunningProcesses_v3
+    nvmlDeviceGetMPSComputeRunningProcesses_v2 = nvmlDeviceGetGraphicsRunningProcesses_v3
+
+    @_status
+    def nvmlDeviceGetProcessUtilization(
+        self, handle: Any, samples: Any, count: Any, since: Any
+    ) -> int:
+        """Per-process SM utilization samples; the NVML two-call size protocol."""
+        gpu = self._gpu(handle)
+        running = sorted(gpu.processes(), key=lambda p: p.pid)
+        if not running:
+            return ERROR_NOT_FOUND
+        capacity = count._obj.value
+        count._obj.value = len(running)
+        if samples is None or capacity < len(running):
+            return ERROR_INSUFFICIENT_SIZE
+        now_us = int(time.time() * 1e6)
+        for i, p in enumerate(running):
+            samples[i].pid = p.pid
+            samples[i].timeStamp = now_us
+            samples[i].smUtil = round(p.utilization * 100)
+            samples[i].memUtil = round(p.utilization * 55)
+            samples[i].encUtil = 0
+            samples[i].decUtil = 0
+        return SUCCESS
+
+    # ------------------------------------------------------------ field values
+    @_status
+    def nvmlDeviceGetFieldValues(self, handle: Any, count: Any, ref: Any) -> int:
+        """Batched reads of power, energy, limits and memory temperature."""
+        gpu = self._gpu(handle)
+        if gpu.lost:
+            return ERROR_GPU_IS_LOST
+        values = ref._obj
+        now_us = int(time.time() * 1e6)
+        for i in range(_val(count)):
+            fv = values[i]
+            fv.timestamp = now_us
+            fv.latencyUsec = 0
+            read = self._field_reader(gpu, fv.fieldId) if fv.scopeId == 0 else None
+            if read is None:
+                fv.nvmlReturn = ERROR_NOT_SUPPORTED
+                continue
+            try:
+                value, kind = read()
+            except NotSupported:
+                fv.nvmlReturn = ERROR_NOT_SUPPORTED
+                continue
+            except GpuLost:
+                fv.nvmlReturn = ERROR_GPU_IS_LOST
+                continue
+            fv.valueType = kind
+            if kind == VALUE_TYPE_UNSIGNED_LONG_LONG:
+                fv.value.ullVal = value
+            else:
+                fv.value.uiVal = value
+            fv.nvmlReturn = SUCCESS
+        return SUCCESS
+
+    @staticmethod
+    def _field_reader(gpu: SimGpu, field_id: int) -> Callable[[], tuple[int, int]] | None:
+        u32, u64 = VALUE_TYPE_UNSIGNED_INT, VALUE_TYPE_UNSIGNED_LONG_LONG
+        readers: dict[int, Callable[[], tuple[int, int]]] = {
+            FI_MEMORY_TEMP: lambda: (gpu.temperature_c("memory"), u32),
+            FI_TOTAL_ENERGY_CONSUMPTION: lambda: (gpu.total_energy_mj(), u64),
+            FI_ENERGY: lambda: (gpu.total_energy_mj(), u64),
+            FI_POWER_AVERAGE: lambda: (gpu.power_average_mw(), u32),
+            FI_POWER_INSTANT: lambda: (gpu.power_instant_mw(), u32),
+            FI_POWER_MIN_LIMIT: lambda: (gpu.power_limit_constraints_mw()[0], u32),
+            FI_POWER_MAX_LIMIT: lambda: (gpu.power_limit_constraints_mw()[1], u32),
+            FI_POWER_DEFAULT_LIMIT: lambda: (gpu.default_power_limit_mw(), u32),
+            FI_POWER_CURRENT_LIMIT: lambda: (gpu.enforced_power_limit_mw(), u32),
+            FI_POWER_REQUESTED_LIMIT: lambda: (gpu.power_limit_mw(), u32),
+        }
+        return readers.get(field_id)
+
+    # ------------------------------------------------------------------ events
+    def nvmlEventSetCreate(self, ref: Any) -> int:
+        """NvmlEventSetCreate."""
+        struct = ref._obj._type_()
+        with self._lock:
+            self._event_sets[ctypes.addressof(struct)] = (struct, set(), deque(maxlen=4096))
+        ref._obj.contents = struct
+        return SUCCESS
+
+    def _event_set(self, event_set: Any) -> tuple[Any, set[int], deque[tuple[int, int]]] | None:
+        return self._event_sets.get(ctypes.cast(event_set, ctypes.c_void_p).value or 0)
+
+    @_status
+    def nvmlDeviceGetSupportedEventTypes(self, handle: Any, ref: Any) -> int:
+        """Only XID critical errors are simulated."""
+        self._gpu(handle)
+        _put(ref, EVENT_XID_CRITICAL_ERROR)
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceRegisterEvents(self, handle: Any, types: Any, event_set: Any) -> int:
+        """NvmlDeviceRegisterEvents (XID critical errors only)."""
+        gpu = self._gpu(handle)
+        es = self._event_set(event_set)
+        if es is None:
+            return ERROR_INVALID_ARGUMENT
+        if _val(types) & ~EVENT_XID_CRITICAL_ERROR:
+            return ERROR_NOT_SUPPORTED
+        es[1].add(gpu.index)
+        return SUCCESS
+
+    def nvmlEventSetWait_v2(self, event_set: Any, ref: Any, timeout_ms: Any) -> int:
+        """Wait up to ``timeout_ms`` for an XID on a registered GPU."""
+        es = self._event_set(event_set)
+        if es is None:
+            return ERROR_INVALID_ARGUMENT
+        _, registered, queue = es
+        deadline = time.monotonic() + _val(timeout_ms) / 1000.0
+        while True:
+            for index in sorted(registered):
+                queue.extend((index, x) for x in self.fleet.gpus[index].pop_xids())
+            if queue:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return ERROR_TIMEOUT
+            threading.Event().wait(min(remaining, 0.01))
+        index, xid = queue.popleft()
+        data = ref._obj
+        data.device = ctypes.pointer(self._handles[index]) if self._handles else None
+        data.eventType = EVENT_XID_CRITICAL_ERROR
+        data.eventData = xid
+        data.gpuInstanceId = 0xFFFFFFFF
+        data.computeInstanceId = 0xFFFFFFFF
+        return SUCCESS
+
+    def nvmlEventSetFree(self, event_set: Any) -> int:
+        """NvmlEventSetFree."""
+        with self._lock:
+            self._event_sets.pop(ctypes.cast(event_set, ctypes.c_void_p).value or 0, None)
+        return SUCCESS
