@@ -70,7 +70,7 @@ class StoreCollector:
         energy = CounterMetricFamily(
             "gpu_energy_joules",
             "Energy used by the GPU (hardware counter where supported, else integrated power).",
-            labels=[*GPU_LABELS, "source"],
+            labels=GPU_LABELS,
         )
         limit = g("gpu_power_limit_watts", "Enforced power limit.", labels=GPU_LABELS)
         limit_default = g(
@@ -121,7 +121,7 @@ class StoreCollector:
             lv = [str(i.index), i.uuid]
             up.add_metric(lv, 1.0 if s.up else 0.0)
             info.add_metric([*lv, i.name, i.pci_bus_id, i.driver_version], 1.0)
-            energy.add_metric([*lv, s.energy_source], s.energy_j)
+            energy.add_metric(lv, s.energy_j)
             for label, seconds in s.clock_event_seconds.items():
                 event_seconds.add_metric([*lv, label], seconds)
             for code, count in sorted(s.xid_counts.items()):

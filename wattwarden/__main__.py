@@ -1,0 +1,7 @@
+"""``python -m wattwarden``."""
+
+import sys
+
+from wattwarden.cli import main
+
+sys.exit(main())

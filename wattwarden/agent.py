@@ -1,0 +1,154 @@
+"""The node agent: picks a GPU backend, wires collectors, store, exporters and the HTTP API."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+
+from wattwarden.api.server import AgentContext, ApiServer, ensure_token
+from wattwarden.collectors.base import Collector
+from wattwarden.collectors.gpu import GpuCollector
+from wattwarden.collectors.host import HostCollector
+from wattwarden.collectors.rapl import RaplCollector
+from wattwarden.collectors.sampler import Sampler
+from wattwarden.collectors.store import MetricStore
+from wattwarden.config import AgentConfig
+from wattwarden.exporters.prometheus import StoreCollector, make_registry
+from wattwarden.hardware.device import GpuBackend
+from wattwarden.hardware.errors import HardwareUnavailable
+from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml
+from wattwarden.hardware.sim.fleet import SimFleet
+from wattwarden.policies.actuator import LimitActuator
+
+log = logging.getLogger("wattwarden.agent")
+
+AUTO_SIM_GPUS = 8
+SIM_SAVE_EVERY_S = 10.0
+JOURNAL_FILE = "journal.sqlite3"
+
+
+@dataclass
+class Backend:
+    """The chosen GPU backend, and the simulated fleet behind it if any."""
+
+    backend: GpuBackend
+    fleet: SimFleet | None
+    description: str
+
+
+def open_backend(cfg: AgentConfig) -> Backend:
+    """NVML if a driver is present (or ``--sim N``), else a simulated fleet of 8 GPUs.
+
+    The simulated fleet is read through the fake NVML library and the same NVML backend code.
+    """
+    state_dir = cfg.resolved_state_dir
+    if cfg.sim is None:
+        try:
+            backend = NvmlBackend()
+        except HardwareUnavailable as e:
+            reason = f"no NVIDIA driver found ({e})"
+        else:
+            names = sorted({d.info().name for d in backend.devices()}) or ["no GPUs"]
+            return Backend(
+                backend, None, f"NVML: {len(backend.devices())} GPU(s): {', '.join(names)}"
+            )
+        count = AUTO_SIM_GPUS
+    else:
+        reason = "--sim given"
+        count = cfg.sim
+    fleet = SimFleet(count, model=cfg.sim_model, state_dir=state_dir)
+    install_fake_nvml(fleet)
+    backend = NvmlBackend()
+    return Backend(
+        backend,
+        fleet,
+        f"{reason}: simulated fleet of {count} x {fleet.gpus[0].spec.name} "
+        f"(driver state in {state_dir / 'sim'})",
+    )
+
+
+class Agent:
+    """A running node agent. ``start()``, then ``close()`` (restores any limit it changed)."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        state_dir = cfg.resolved_state_dir
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.opened = open_backend(cfg)
+        self.backend_kind = "sim" if self.opened.fleet is not None else "nvml"
+        interval_s = cfg.interval_ms / 1000.0
+        self.store = MetricStore(window_s=cfg.window_s, interval_s=interval_s)
+        self.gpu_collector = GpuCollector(self.opened.backend)
+        collectors: list[Collector] = [self.gpu_collector, HostCollector()]
+        rapl = RaplCollector(cfg.rapl_root)
+        if rapl.available():
+            collectors.append(rapl)
+        else:
+            log.info("RAPL: no zones under %s; host CPU energy is not collected", cfg.rapl_root)
+        self._since_save = 0.0
+        self.sampler = Sampler(self.store, collectors, interval_s=interval_s, on_pass=self._on_pass)
+        self.actuator = LimitActuator(self.opened.backend.devices(), state_dir / JOURNAL_FILE)
+        failures = self.actuator.recover()
+        if failures:
+            log.error("%d power limit(s) could not be restored; see above", len(failures))
+        if cfg.power_budget_watts is not None:
+            self.store.set_power_budget("node", cfg.power_budget_watts)
+        self.registry = make_registry(StoreCollector(self.store, backend=self.backend_kind))
+        self.context = AgentContext(
+            store=self.store,
+            registry=self.registry,
+            token=ensure_token(state_dir),
+            backend=self.backend_kind,
+            node=socket.gethostname(),
+            interval_s=interval_s,
+            actuator=self.actuator,
+            fleet=self.opened.fleet,
+            mode="apply" if cfg.apply else "dry_run",
+        )
+        host, port = cfg.host_port
+        self.server = ApiServer(host, port, self.context)
+        self._closed = threading.Event()
+
+    def _on_pass(self) -> None:
+        fleet = self.opened.fleet
+        if fleet is None:
+            return
+        self._since_save += self.sampler.interval_s
+        if self._since_save >= SIM_SAVE_EVERY_S:
+            self._since_save = 0.0
+            fleet.save()
+
+    @property
+    def url(self) -> str:
+        """Base URL the API listens on."""
+        host, port = self.server.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def start(self) -> None:
+        """Take a first sample (so the first scrape has data), then serve."""
+        self.sampler.run_once()
+        self.sampler.start()
+        self.server.start()
+        log.info(
+            "%s; serving %s/metrics every %d ms, mode %s",
+            self.opened.description,
+            self.url,
+            self.cfg.interval_ms,
+            self.context.mode,
+        )
+
+    def close(self) -> None:
+        """Stop serving and sampling, restore power limits, persist simulated driver state."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self.server.close()
+        failures = self.actuator.restore_all()
+        self.actuator.close()
+        self.sampler.close()  # closes the GPU backend too
+        if self.opened.fleet is not None:
+            self.opened.fleet.save()
+        if failures:
+            log.error("exiting with %d power limit(s) not restored (journalled)", len(failures))

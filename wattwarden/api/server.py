@@ -1,0 +1,319 @@
+"""The agent's HTTP server: /metrics, health, JSON state, and authenticated control endpoints.
+
+One port, stdlib ``ThreadingHTTPServer``. Reads are open (bind to loopback, or put a proxy or the
+exporter-toolkit-style TLS in front); writes need ``Authorization: Bearer <token>``, compared in
+constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client import CollectorRegistry
+
+from wattwarden.api.state import history_json, state_json
+from wattwarden.collectors.store import MetricStore
+from wattwarden.exporters.prometheus import render
+from wattwarden.hardware.errors import HardwareError, InvalidArgument
+from wattwarden.hardware.sim.fleet import SimFleet
+from wattwarden.policies.actuator import LimitActuator, RateLimited
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+TOKEN_FILE = "token"
+
+
+def ensure_token(state_dir: Path) -> str:
+    """Read the write token, creating it (mode 0600) at first start."""
+    path = state_dir / TOKEN_FILE
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        token = path.read_text().strip()
+        if not token:
+            raise ValueError(f"{path} is empty; delete it to have a new token made") from None
+        return token
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+class ApiError(Exception):
+    """An error with an HTTP status, sent as ``{"error": message}``."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class AgentContext:
+    """What the handlers need from the running agent."""
+
+    store: MetricStore
+    registry: CollectorRegistry
+    token: str
+    backend: str
+    node: str
+    interval_s: float
+    actuator: LimitActuator | None = None
+    fleet: SimFleet | None = None
+    mode: str = "dry_run"
+
+
+def _field(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in body:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"missing field {key!r}")
+    value = body[key]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"field {key!r} has the wrong type: {value!r}")
+    return value
+
+
+def _gpu_index(body: dict[str, Any], count: int) -> int:
+    gpu = int(_field(body, "gpu", int))
+    if not 0 <= gpu < count:
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no GPU {gpu} (this node has {count})")
+    return gpu
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "wattwarden"
+    protocol_version = "HTTP/1.1"
+    ctx: AgentContext
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # ------------------------------------------------------------ plumbing
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        if status == HTTPStatus.UNAUTHORIZED:
+            self.send_header("WWW-Authenticate", 'Bearer realm="wattwarden"')
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def _body(self) -> dict[str, Any]:
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "bad Content-Length") from None
+        if length > MAX_BODY_BYTES:
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
+        raw = self.rfile.read(length) if length > 0 else b""
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as e:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
+        return body
+
+    def _authorize(self) -> None:
+        header = self.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        ok = hmac.compare_digest(given.strip().encode(), self.ctx.token.encode())
+        if scheme.lower() != "bearer" or not ok:
+            raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token")
+
+    def _dispatch(self, routes: dict[str, Callable[[], None]]) -> None:
+        path = urlsplit(self.path).path.rstrip("/") or "/"
+        try:
+            route = routes.get(path)
+            if route is None:
+                raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
+            route()
+        except ApiError as e:
+            self._json(e.status, {"error": str(e)})
+        except Exception:
+            log.exception("handling %s %s", self.command, self.path)
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see agent log"})
+
+    # --------------------------------------------------------------- reads
+    def do_GET(self) -> None:
+        """Read endpoints."""
+        self._dispatch(
+            {
+                "/metrics": self._metrics,
+                "/healthz": self._healthz,
+                "/api/v1/state": self._state,
+                "/api/v1/history": self._history,
+                "/": self._index,
+            }
+        )
+
+    do_HEAD = do_GET
+
+    def _index(self) -> None:
+        body = b"wattwarden agent: /metrics /healthz /api/v1/state /api/v1/history?seconds=N\n"
+        self._send(HTTPStatus.OK, body, "text/plain; charset=utf-8")
+
+    def _metrics(self) -> None:
+        body, content_type = render(self.ctx.registry, self.headers.get("Accept"))
+        self._send(HTTPStatus.OK, body, content_type)
+
+    def _healthz(self) -> None:
+        last = self.ctx.store.snapshot().last_sample_s
+        stale_after = max(5.0, 10 * self.ctx.interval_s)
+        if last is None or time.time() - last > stale_after:
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"sampler stalled\n", "text/plain")
+        else:
+            self._send(HTTPStatus.OK, b"ok\n", "text/plain")
+
+    def _state(self) -> None:
+        snap = self.ctx.store.snapshot()
+        self._json(
+            HTTPStatus.OK,
+            state_json(snap, backend=self.ctx.backend, node=self.ctx.node, mode=self.ctx.mode),
+        )
+
+    def _history(self) -> None:
+        query = parse_qs(urlsplit(self.path).query)
+        raw = query.get("seconds", ["300"])[-1]
+        try:
+            seconds = float(raw)
+        except ValueError:
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, f"seconds must be a number, got {raw!r}"
+            ) from None
+        if not 1 <= seconds <= 86400:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"seconds must be within 1..86400, got {raw}")
+        self._json(HTTPStatus.OK, history_json(self.ctx.store.history(seconds)))
+
+    # -------------------------------------------------------------- writes
+    def do_POST(self) -> None:
+        """Write endpoints; all need the bearer token."""
+
+        def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                self._authorize()
+                fn()
+
+            return run
+
+        self._dispatch(
+            {
+                "/api/v1/power-limits": guarded(self._power_limit),
+                "/api/v1/sim/faults": guarded(self._sim_fault),
+                "/api/v1/sim/load": guarded(self._sim_load),
+            }
+        )
+
+    def _power_limit(self) -> None:
+        body = self._body()
+        actuator = self.ctx.actuator
+        count = len(self.ctx.store.snapshot().gpus)
+        gpu = _gpu_index(body, count)
+        watts = float(_field(body, "watts", (int, float)))
+        if self.ctx.mode != "apply" or actuator is None:
+            raise ApiError(
+                HTTPStatus.CONFLICT,
+                "the agent runs in dry-run mode; start it with --apply to change power limits",
+            )
+        try:
+            change = actuator.set_limit(gpu, watts, reason="api")
+        except InvalidArgument as e:
+            raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, str(e)) from None
+        except RateLimited as e:
+            raise ApiError(HTTPStatus.TOO_MANY_REQUESTS, str(e)) from None
+        except HardwareError as e:
+            raise ApiError(HTTPStatus.BAD_GATEWAY, f"driver refused: {e}") from None
+        self.ctx.store.count_policy_action("api", "set_power_limit", "apply")
+        self._json(
+            HTTPStatus.OK,
+            {
+                "gpu": gpu,
+                "requested_watts": change.requested_w,
+                "enforced_watts": change.enforced_w,
+            },
+        )
+
+    def _fleet(self) -> SimFleet:
+        if self.ctx.fleet is None:
+            raise ApiError(
+                HTTPStatus.NOT_FOUND, "this agent reads real GPUs; sim endpoints are off"
+            )
+        return self.ctx.fleet
+
+    def _sim_fault(self) -> None:
+        fleet = self._fleet()
+        body = self._body()
+        gpu = _gpu_index(body, len(fleet))
+        fault = str(_field(body, "fault", str))
+        params = {k: v for k, v in body.items() if k not in ("gpu", "fault")}
+        try:
+            fleet[gpu].inject(fault, **params)
+        except InvalidArgument as e:
+            raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, str(e)) from None
+        except TypeError as e:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"bad fault parameters: {e}") from None
+        log.warning("sim: injected %s on GPU %d %s", fault, gpu, params or "")
+        self._json(HTTPStatus.OK, {"gpu": gpu, "fault": fault})
+
+    def _sim_load(self) -> None:
+        fleet = self._fleet()
+        body = self._body()
+        gpu = _gpu_index(body, len(fleet))
+        util = float(_field(body, "utilization", (int, float)))
+        memory = body.get("memory_bytes")
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int)):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "field 'memory_bytes' must be an integer")
+        try:
+            fleet[gpu].set_load(util, memory)
+        except InvalidArgument as e:
+            raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, str(e)) from None
+        self._json(HTTPStatus.OK, {"gpu": gpu, "utilization": util})
+
+
+class ApiServer:
+    """The HTTP server on its own thread."""
+
+    def __init__(self, host: str, port: int, ctx: AgentContext) -> None:
+        handler = type("Handler", (_Handler,), {"ctx": ctx})
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_cls = type("Server", (ThreadingHTTPServer,), {"address_family": family})
+        self._server = server_cls((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound host and port (port 0 resolves to the real one)."""
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        """Serve on a daemon thread."""
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="wattwarden-http", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()

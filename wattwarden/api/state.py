@@ -1,0 +1,112 @@
+"""JSON views of the store, shared by the HTTP API and ``wattwarden status``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wattwarden.collectors.samples import GpuSample
+from wattwarden.collectors.store import HistoryPoint, StoreSnapshot
+from wattwarden.hardware.device import CLOCK_EVENT_LABELS
+
+
+def gpu_json(
+    sample: GpuSample, power_mean_w: float | None = None, power_peak_w: float | None = None
+) -> dict[str, Any]:
+    """One GPU as a JSON object (base units, ``null`` where unsupported)."""
+    i, r = sample.info, sample.reading
+    mask = None if r is None else r.clock_event_mask
+    events = [label for bit, label in CLOCK_EVENT_LABELS if mask is not None and mask & bit]
+    if power_mean_w is None and r is not None:
+        power_mean_w = r.power_w
+    return {
+        "index": i.index,
+        "uuid": i.uuid,
+        "name": i.name,
+        "pci_bus_id": i.pci_bus_id,
+        "driver_version": i.driver_version,
+        "up": sample.up,
+        "timestamp": sample.timestamp_s,
+        "power_watts": power_mean_w,
+        "power_peak_watts": power_peak_w,
+        "power_instant_watts": None if r is None else r.power_instant_w,
+        "energy_joules": sample.energy_j,
+        "energy_source": sample.energy_source,
+        "power_limit_watts": None if r is None else r.power_limit_w,
+        "power_limit_min_watts": i.power_limit_min_w,
+        "power_limit_max_watts": i.power_limit_max_w,
+        "power_limit_default_watts": i.power_limit_default_w,
+        "temperature_celsius": None if r is None else r.temperature_gpu_c,
+        "memory_temperature_celsius": None if r is None else r.temperature_memory_c,
+        "utilization_ratio": None if r is None else r.utilization_gpu_ratio,
+        "memory_utilization_ratio": None if r is None else r.utilization_memory_ratio,
+        "memory_used_bytes": None if r is None else r.memory_used_bytes,
+        "memory_total_bytes": i.memory_total_bytes if r is None else r.memory_total_bytes,
+        "clock_sm_hertz": None if r is None else r.clock_sm_hz,
+        "clock_memory_hertz": None if r is None else r.clock_memory_hz,
+        "clock_events": events,
+        "clock_event_seconds": sample.clock_event_seconds,
+        "xid_errors": {str(k): v for k, v in sorted(sample.xid_counts.items())},
+        "processes": []
+        if r is None
+        else [
+            {
+                "pid": p.pid,
+                "memory_used_bytes": p.memory_used_bytes,
+                "utilization_ratio": p.sm_utilization_ratio,
+            }
+            for p in r.processes
+        ],
+    }
+
+
+def state_json(snap: StoreSnapshot, *, backend: str, node: str, mode: str) -> dict[str, Any]:
+    """The agent's whole state, for ``GET /api/v1/state``."""
+    host = snap.host
+    return {
+        "node": node,
+        "backend": backend,
+        "policy_mode": mode,
+        "last_sample_timestamp": snap.last_sample_s,
+        "power_budget_watts": snap.power_budgets_w.get("node"),
+        "gpus": [gpu_json(v.sample, v.power_mean_w, v.power_peak_w) for v in snap.gpus],
+        "host": None
+        if host is None
+        else {
+            "cpu_utilization_ratio": host.cpu_utilization_ratio,
+            "memory_used_bytes": host.memory_used_bytes,
+            "memory_total_bytes": host.memory_total_bytes,
+        },
+        "rapl": [
+            {"domain": r.domain, "energy_joules": r.energy_j, "power_watts": r.power_w}
+            for r in snap.rapl
+        ],
+        "collectors": {
+            name: {
+                "up": h.up,
+                "errors_total": h.errors_total,
+                "duration_seconds": h.duration_s,
+                "last_error": h.last_error,
+            }
+            for name, h in sorted(snap.collectors.items())
+        },
+    }
+
+
+def history_json(history: dict[int, list[HistoryPoint]]) -> dict[str, Any]:
+    """Per-second history, as columns per GPU."""
+    return {
+        "columns": [
+            "timestamp",
+            "power_watts",
+            "temperature_celsius",
+            "utilization_ratio",
+            "power_limit_watts",
+        ],
+        "gpus": {
+            str(index): [
+                [p.timestamp_s, p.power_w, p.temperature_c, p.utilization_ratio, p.power_limit_w]
+                for p in points
+            ]
+            for index, points in history.items()
+        },
+    }

@@ -1,0 +1,300 @@
+"""The ``wattwarden`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+from wattwarden import __version__
+from wattwarden.config import DEFAULT_LISTEN, ConfigError, build_config, parse_listen
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+DEFAULT_AGENT_URL = f"http://{DEFAULT_LISTEN}"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line on stderr and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _listen(text: str) -> str:
+    try:
+        parse_listen(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree."""
+    parser = _Parser(
+        prog="wattwarden",
+        description="GPU energy monitoring and power management for AI hosts.",
+    )
+    parser.add_argument("--version", action="version", version=f"wattwarden {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    agent = sub.add_parser(
+        "agent",
+        help="run the node agent (NVML, or a simulated fleet when no driver is present)",
+        description="Sample GPUs (NVML, or a simulated fleet of 8 GPUs when no NVIDIA driver is "
+        "present) and the host, and serve Prometheus metrics and a JSON API.",
+    )
+    agent.add_argument("--config", type=Path, help="TOML file; flags override its keys")
+    agent.add_argument("--sim", type=_positive_int, metavar="N", help="simulate N GPUs (1..64)")
+    agent.add_argument("--sim-model", choices=None, help="simulated model: h100-sxm, a100-sxm")
+    agent.add_argument(
+        "--listen",
+        type=_listen,
+        metavar="HOST:PORT",
+        help=f"address to serve on (default {DEFAULT_LISTEN})",
+    )
+    agent.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="token, journal and simulated driver state "
+        "(default $STATE_DIRECTORY or ~/.local/state/wattwarden)",
+    )
+    agent.add_argument(
+        "--interval-ms",
+        type=_positive_int,
+        metavar="MS",
+        help="GPU sampling interval (default 100)",
+    )
+    agent.add_argument(
+        "--window-s",
+        type=_number,
+        metavar="S",
+        help="export window for mean/peak power (default 15, the scrape interval)",
+    )
+    agent.add_argument(
+        "--rapl-root",
+        type=Path,
+        metavar="DIR",
+        help="powercap sysfs root (default /sys/class/powercap)",
+    )
+    agent.add_argument("--power-budget-watts", type=_number, metavar="W", help="node power budget")
+    agent.add_argument(
+        "--apply", action="store_true", default=None, help="act on power limits (default: dry-run)"
+    )
+    agent.add_argument("--policy", type=Path, metavar="FILE", help="policy file")
+    agent.add_argument("--otlp-endpoint", metavar="URL", help="OTLP/HTTP metrics endpoint")
+    agent.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    agent.set_defaults(func=cmd_agent)
+
+    status = sub.add_parser(
+        "status",
+        help="one-shot table of power, limit, temperature, utilization, memory, clock events",
+        description="Print one table of every GPU, from a running agent, or read locally "
+        "(NVML, or a simulated fleet with --sim N) when no agent answers.",
+    )
+    source = status.add_mutually_exclusive_group()
+    source.add_argument(
+        "--agent",
+        metavar="URL",
+        help=f"agent to ask (default {DEFAULT_AGENT_URL}, else read locally)",
+    )
+    source.add_argument(
+        "--sim", type=_positive_int, metavar="N", help="read a fresh simulated fleet of N GPUs"
+    )
+    status.add_argument("--json", action="store_true", help="print the JSON state instead")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+# ---------------------------------------------------------------------- agent
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    """Run the agent until SIGTERM or SIGINT."""
+    flags = {
+        "listen": args.listen,
+        "interval_ms": args.interval_ms,
+        "window_s": args.window_s,
+        "state_dir": str(args.state_dir) if args.state_dir else None,
+        "sim": args.sim,
+        "sim_model": args.sim_model,
+        "rapl_root": str(args.rapl_root) if args.rapl_root else None,
+        "power_budget_watts": args.power_budget_watts,
+        "apply": args.apply,
+        "policy": str(args.policy) if args.policy else None,
+        "otlp_endpoint": args.otlp_endpoint,
+        "log_level": args.log_level,
+    }
+    cfg = build_config(args.config, flags)
+    _setup_logging(cfg.log_level)
+    from wattwarden.agent import Agent  # imported late: `status` need not load the agent stack
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        logging.getLogger("wattwarden.agent").info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        agent = Agent(cfg)
+    except OSError as e:
+        host, port = cfg.host_port
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    try:
+        agent.start()
+        stop.wait()
+    finally:
+        agent.close()
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------- status
+def _fetch_state(url: str, timeout_s: float = 3.0) -> dict[str, Any]:
+    with urllib.request.urlopen(url.rstrip("/") + "/api/v1/state", timeout=timeout_s) as resp:
+        data: dict[str, Any] = json.load(resp)
+        return data
+
+
+def _local_state(sim: int | None) -> dict[str, Any]:
+    from wattwarden.api.state import gpu_json
+    from wattwarden.collectors.gpu import GpuCollector, PartialCollectionError
+    from wattwarden.hardware.errors import HardwareUnavailable
+    from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml
+    from wattwarden.hardware.sim.fleet import SimFleet
+
+    if sim is not None:
+        install_fake_nvml(SimFleet(sim))
+    try:
+        backend = NvmlBackend()
+    except HardwareUnavailable as e:
+        raise ConnectionError(
+            f"no agent at {DEFAULT_AGENT_URL} and no NVIDIA driver here ({e}); "
+            "start one with `wattwarden agent`, or try `wattwarden status --sim 8`"
+        ) from e
+    collector = GpuCollector(backend)
+    try:
+        try:
+            samples = collector.collect()
+        except PartialCollectionError as e:
+            samples = e.samples
+        return {
+            "node": "local",
+            "backend": "sim" if sim is not None else "nvml",
+            "gpus": [gpu_json(s) for s in samples],
+        }
+    finally:
+        collector.close()
+
+
+def _fmt(value: float | None, unit: str, scale: float = 1.0, digits: int = 0) -> str:
+    return "-" if value is None else f"{value / scale:.{digits}f}{unit}"
+
+
+def format_status(state: dict[str, Any]) -> str:
+    """An nvidia-smi/gpustat-like table."""
+    header = ("GPU", "NAME", "POWER", "LIMIT", "TEMP", "UTIL", "MEMORY", "CLOCK EVENTS")
+    rows = [header]
+    for g in state.get("gpus", []):
+        if not g["up"]:
+            rows.append((str(g["index"]), g["name"], "LOST", "-", "-", "-", "-", "gpu_up=0"))
+            continue
+        used, total = g["memory_used_bytes"], g["memory_total_bytes"]
+        mem = (
+            "-" if used is None or total is None else f"{used / 2**30:.1f}/{total / 2**30:.1f} GiB"
+        )
+        util = g["utilization_ratio"]
+        rows.append(
+            (
+                str(g["index"]),
+                g["name"],
+                _fmt(g["power_watts"], " W"),
+                _fmt(g["power_limit_watts"], " W"),
+                _fmt(g["temperature_celsius"], " C"),
+                _fmt(None if util is None else util * 100, "%"),
+                mem,
+                ",".join(e for e in g["clock_events"]) or "none",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    right = {0, 2, 3, 4, 5}
+    lines = []
+    for r in rows:
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    total_power = sum(g["power_watts"] or 0.0 for g in state.get("gpus", []) if g["up"])
+    count = len(state.get("gpus", []))
+    node, backend = state.get("node", "?"), state.get("backend", "?")
+    lines.append(f"{count} GPU(s), {total_power:.0f} W in total, node {node} ({backend})")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the table once."""
+    try:
+        if args.sim is not None:
+            if not 1 <= args.sim <= 64:
+                raise ConfigError(f"command line: --sim must be within 1..64, got {args.sim}")
+            state = _local_state(args.sim)
+        elif args.agent is not None:
+            state = _fetch_state(args.agent)
+        else:
+            try:
+                state = _fetch_state(DEFAULT_AGENT_URL, timeout_s=1.0)
+            except (urllib.error.URLError, OSError):
+                state = _local_state(None)
+    except (urllib.error.URLError, ConnectionError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        where = args.agent or DEFAULT_AGENT_URL
+        print(f"wattwarden status: cannot read GPU state from {where}: {reason}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(state, indent=1) if args.json else format_status(state))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as e:
+        print(f"wattwarden {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
