@@ -1,0 +1,32 @@
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml  # noqa: E402
+from wattwarden.hardware.sim import ManualClock, SimFleet  # noqa: E402
+from wattwarden.hardware.sim.fake_nvml import FakeNvmlLib  # noqa: E402
+
+
+class FakeNvml:
+    """A simulated fleet on a manual clock, installed below pynvml for one test."""
+
+    def __init__(self, fleet: SimFleet, clock: ManualClock, lib: FakeNvmlLib) -> None:
+        self.fleet = fleet
+        self.clock = clock
+        self.lib = lib
+
+
+@pytest.fixture
+def fake_nvml() -> Iterator[FakeNvml]:
+    clock = ManualClock()
+    fleet = SimFleet(8, clock=clock)
+    lib = install_fake_nvml(fleet)
+    try:
+        yield FakeNvml(fleet, clock, lib)
+    finally:
+        uninstall_fake_nvml()

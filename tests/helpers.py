@@ -1,0 +1,143 @@
+"""Shared test helpers: free ports, polling with deadlines, running the agent and external servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    probe: Callable[[], T | None], *, timeout_s: float = 30.0, interval_s: float = 0.1, what: str = ""
+) -> T:
+    """Poll ``probe`` until it returns something truthy, or fail at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = probe()
+        except (OSError, urllib.error.URLError, ValueError, KeyError) as e:
+            last_error, result = e, None
+        if result:
+            return result
+        time.sleep(interval_s)  # polling interval of a deadline loop, not synchronisation
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what or probe}: {last_error}")
+
+
+def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
+    """GET, returning (status, body) for any status."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def http_json(
+    url: str, body: Any = None, *, token: str | None = None, method: str | None = None
+) -> tuple[int, Any]:
+    """Send JSON (POST when a body is given), return (status, decoded JSON)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data else "GET"))
+    req.add_header("Content-Type", "application/json")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def require_binary(name: str) -> str:
+    """Path of an external program; skip locally when missing, fail in CI (it must be installed)."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; .ci/run must install it")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+@dataclass
+class AgentProcess:
+    """A ``wattwarden agent`` subprocess."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    state_dir: Path
+    port: int
+
+    @property
+    def token(self) -> str:
+        return (self.state_dir / "token").read_text().strip()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout_s)
+
+
+@contextmanager
+def run_agent(state_dir: Path, *args: str, port: int | None = None) -> Iterator[AgentProcess]:
+    """Start the agent on loopback and wait until /healthz answers; stop it afterwards."""
+    port = port or free_port()
+    cmd = [
+        sys.executable, "-m", "wattwarden", "agent", "--listen", f"127.0.0.1:{port}",
+        "--state-dir", str(state_dir), *args,
+    ]
+    log_path = state_dir.parent / f"agent-{port}.log"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        agent = AgentProcess(proc, f"http://127.0.0.1:{port}", state_dir, port)
+        try:
+            def healthy() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"agent exited {proc.returncode}: {log_path.read_text()}")
+                return http_get(agent.url + "/healthz", timeout_s=1)[0] == 200
+
+            wait_for(healthy, timeout_s=30, what="agent /healthz")
+            yield agent
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Parse Prometheus text exposition into {name: [(labels, value)]} with prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((dict(s.labels), s.value))
+    return out

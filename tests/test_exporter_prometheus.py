@@ -1,0 +1,136 @@
+"""The Prometheus exposition: contract names and labels, windowed power, no NVML at scrape time."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from conftest import FakeNvml
+from helpers import parse_metrics, require_binary
+
+from wattwarden.collectors.gpu import GpuCollector
+from wattwarden.collectors.host import HostCollector
+from wattwarden.collectors.sampler import Sampler
+from wattwarden.collectors.store import MetricStore
+from wattwarden.exporters.prometheus import StoreCollector, make_registry, render
+from wattwarden.hardware.nvml import NvmlBackend
+
+CONTRACT_GPU_METRICS = {
+    "gpu_up", "gpu_info", "gpu_power_watts", "gpu_power_peak_watts", "gpu_energy_joules_total",
+    "gpu_power_limit_watts", "gpu_power_limit_default_watts", "gpu_power_limit_min_watts",
+    "gpu_power_limit_max_watts", "gpu_temperature_celsius", "gpu_utilization_ratio",
+    "gpu_memory_utilization_ratio", "gpu_memory_used_bytes", "gpu_memory_total_bytes",
+    "gpu_clock_hertz", "gpu_clock_event_active", "gpu_clock_event_seconds_total",
+}  # fmt: skip
+
+
+class Rig:
+    def __init__(self, fake: FakeNvml, window_s: float = 15.0) -> None:
+        self.fake = fake
+        self.store = MetricStore(window_s=window_s, interval_s=0.1, monotonic=fake.clock)
+        self.collector = GpuCollector(NvmlBackend(), monotonic=fake.clock)
+        self.sampler = Sampler(self.store, [self.collector, HostCollector()], monotonic=fake.clock)
+        self.registry = make_registry(StoreCollector(self.store, backend="sim"))
+
+    def sample(self, seconds: float, step_s: float = 0.1) -> None:
+        for _ in range(round(seconds / step_s)):
+            self.fake.clock.advance(step_s)
+            self.sampler.run_once()
+
+    def metrics(self) -> dict[str, list[tuple[dict[str, str], float]]]:
+        body, _ = render(self.registry)
+        return parse_metrics(body.decode())
+
+
+@pytest.fixture
+def rig(fake_nvml: FakeNvml) -> Iterator[Rig]:
+    r = Rig(fake_nvml)
+    try:
+        yield r
+    finally:
+        r.sampler.close()
+
+
+def test_every_contract_metric_is_exported_with_gpu_and_uuid_labels_and_no_nan(rig: Rig) -> None:
+    for i, gpu in enumerate(rig.fake.fleet.gpus):
+        gpu.set_load(i / 7)
+    rig.fake.fleet[4].inject("xid", xid=48)
+    rig.sample(2.0)
+    metrics = rig.metrics()
+    assert CONTRACT_GPU_METRICS | {"gpu_xid_errors_total"} <= set(metrics)
+    for name, series in metrics.items():
+        for labels, value in series:
+            assert not math.isnan(value), name
+            if name.startswith("gpu_"):
+                assert {"gpu", "uuid"} <= set(labels), name
+    assert len(metrics["gpu_power_watts"]) == 8
+    reasons = {lab["reason"] for lab, _ in metrics["gpu_clock_event_active"]}
+    assert reasons == {"idle", "sw_power_cap", "hw_slowdown", "sw_thermal", "hw_thermal",
+                       "hw_power_brake"}  # fmt: skip
+    assert [v for lab, v in metrics["gpu_xid_errors_total"] if lab["gpu"] == "4"] == [1.0]
+    for name in ("wattwarden_build_info", "wattwarden_collector_up",
+                 "wattwarden_last_sample_timestamp_seconds", "host_cpu_utilization_ratio"):  # fmt: skip
+        assert name in metrics
+
+
+def test_power_is_the_window_mean_and_peak_so_a_spike_between_scrapes_is_kept(
+    fake_nvml: FakeNvml,
+) -> None:
+    rig = Rig(fake_nvml, window_s=15.0)
+    try:
+        gpu = fake_nvml.fleet[0]
+        rig.sample(14.0)  # idle at 70 W ...
+        gpu.set_load(1.0)
+        rig.sample(1.0)  # ... then a one-second spike to 700 W just before the scrape
+        gpu.set_load(0.0)
+        m = rig.metrics()
+        power = next(v for lab, v in m["gpu_power_watts"] if lab["gpu"] == "0")
+        peak = next(v for lab, v in m["gpu_power_peak_watts"] if lab["gpu"] == "0")
+        assert power == pytest.approx((14 * 70 + 1 * 700) / 15, rel=0.03)
+        assert peak == pytest.approx(700, rel=0.02)
+    finally:
+        rig.sampler.close()
+
+
+def test_a_scrape_never_calls_nvml(rig: Rig) -> None:
+    rig.sample(1.0)
+    calls = rig.fake.lib.calls
+    for _ in range(5):
+        rig.metrics()
+    assert rig.fake.lib.calls == calls
+
+
+def test_lost_gpu_keeps_its_series_with_gpu_up_zero(rig: Rig) -> None:
+    rig.sample(0.5)
+    rig.fake.fleet[3].inject("lost")
+    rig.sample(0.5)
+    m = rig.metrics()
+    up = {lab["gpu"]: v for lab, v in m["gpu_up"]}
+    assert up == {str(i): (0.0 if i == 3 else 1.0) for i in range(8)}
+    assert any(lab["gpu"] == "3" for lab, _ in m["gpu_temperature_celsius"])
+    collector_up = {lab["collector"]: v for lab, v in m["wattwarden_collector_up"]}
+    assert collector_up["gpu"] == 1.0
+
+
+def test_promtool_check_metrics_passes_on_real_output(rig: Rig) -> None:
+    promtool = require_binary("promtool")
+    for i, gpu in enumerate(rig.fake.fleet.gpus):
+        gpu.set_load(i / 7)
+    rig.fake.fleet[2].inject("xid", xid=79)
+    rig.sample(1.0)
+    body, _ = render(rig.registry)
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    assert result.stdout.decode().strip() == ""
+    assert result.stderr.decode().strip() == ""
+
+
+def test_openmetrics_is_served_when_asked_for(rig: Rig) -> None:
+    rig.sample(0.2)
+    body, content_type = render(rig.registry, "application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.rstrip().endswith(b"# EOF")

@@ -1,0 +1,168 @@
+"""hardware/nvml.py over the fake NVML library: same code as on metal, checked against the simulator."""
+
+from __future__ import annotations
+
+import pynvml
+import pytest
+from conftest import FakeNvml
+
+from wattwarden.collectors.gpu import GpuCollector, PartialCollectionError
+from wattwarden.hardware.errors import GpuLost, InvalidArgument, NoPermission
+from wattwarden.hardware.nvml import NvmlBackend
+from wattwarden.hardware.sim.backend import SimBackend
+from wattwarden.hardware.sim.gpu import SimProcess
+
+
+def test_nvml_path_over_fake_library_gives_the_same_samples_as_the_simulator(
+    fake_nvml: FakeNvml,
+) -> None:
+    fleet, clock = fake_nvml.fleet, fake_nvml.clock
+    for i, gpu in enumerate(fleet.gpus):
+        gpu.set_load(i / 8)
+    fleet[2].add_process(SimProcess(4242, 0.3, 2 * 2**30))
+    fleet[3].set_power_limit_mw(300_000)
+    clock.advance(5.0)
+    nvml, direct = NvmlBackend(), SimBackend(fleet)
+    try:
+        for a, b in zip(nvml.devices(), direct.devices(), strict=True):
+            assert a.info() == b.info()
+            assert a.read() == b.read()
+        reading = nvml.devices()[2].read()
+        assert reading.processes[0].pid == 4242
+        assert reading.processes[0].memory_used_bytes == 2 * 2**30
+        assert nvml.devices()[3].read().power_limit_w == 300.0
+    finally:
+        nvml.close()
+
+
+def test_pynvml_itself_runs_unchanged_on_the_fake_library(fake_nvml: FakeNvml) -> None:
+    fake_nvml.fleet[0].set_load(1.0)
+    fake_nvml.clock.advance(2.0)
+    pynvml.nvmlInit()
+    try:
+        assert pynvml.nvmlDeviceGetCount() == 8
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        assert pynvml.nvmlDeviceGetName(h) == "NVIDIA H100 80GB HBM3"
+        assert pynvml.nvmlDeviceGetPowerUsage(h) == pytest.approx(700_000, rel=0.02)
+        assert pynvml.nvmlDeviceGetPowerManagementLimitConstraints(h) == [200_000, 700_000]
+        with pytest.raises(pynvml.NVMLError_FunctionNotFound):
+            pynvml.nvmlDeviceGetNvLinkState(h, 0)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def test_not_supported_field_is_none_and_the_others_are_read(fake_nvml: FakeNvml) -> None:
+    fake_nvml.fleet[1].inject("not_supported", field="temperature_memory")
+    fake_nvml.fleet[1].inject("not_supported", field="power_instant")
+    backend = NvmlBackend()
+    try:
+        r = backend.devices()[1].read()
+        assert r.temperature_memory_c is None
+        assert r.power_instant_w is None
+        assert r.power_w is not None and r.energy_j is not None and r.temperature_gpu_c is not None
+    finally:
+        backend.close()
+
+
+def test_lost_gpu_is_reported_down_and_the_others_keep_being_read(fake_nvml: FakeNvml) -> None:
+    fleet, clock = fake_nvml.fleet, fake_nvml.clock
+    collector = GpuCollector(NvmlBackend())
+    try:
+        collector.collect()
+        fleet[3].inject("lost")
+        fleet[0].set_load(1.0)
+        clock.advance(2.0)
+        samples = collector.collect()
+        assert [s.up for s in samples] == [True, True, True, False, True, True, True, True]
+        assert samples[0].reading is not None and samples[0].reading.power_w == pytest.approx(
+            700, rel=0.02
+        )
+        assert samples[3].reading is not None  # last good reading kept, series stay
+        assert samples[3].xid_counts == {79: 1}
+        fleet[3].inject("clear")
+        clock.advance(0.1)
+        assert collector.collect()[3].up
+    finally:
+        collector.close()
+
+
+def test_xid_events_are_counted_so_repeats_are_never_lost(fake_nvml: FakeNvml) -> None:
+    collector = GpuCollector(NvmlBackend())
+    try:
+        for _ in range(3):
+            fake_nvml.fleet[5].inject("xid", xid=48)
+        fake_nvml.fleet[5].inject("xid", xid=94)
+        collector.collect()
+        fake_nvml.fleet[5].inject("xid", xid=48)
+        samples = collector.collect()
+        assert samples[5].xid_counts == {48: 4, 94: 1}
+        assert all(not s.xid_counts for i, s in enumerate(samples) if i != 5)
+    finally:
+        collector.close()
+
+
+def test_set_power_limit_reads_back_the_enforced_limit_and_maps_errors(
+    fake_nvml: FakeNvml,
+) -> None:
+    backend = NvmlBackend()
+    try:
+        dev = backend.devices()[0]
+        assert dev.set_power_limit(450.0) == 450.0
+        with pytest.raises(InvalidArgument):
+            dev.set_power_limit(800.0)
+        fake_nvml.fleet[0].inject("no_permission")
+        with pytest.raises(NoPermission):
+            dev.set_power_limit(400.0)
+        fake_nvml.fleet[0].inject("lost")
+        with pytest.raises(GpuLost):
+            dev.read()
+    finally:
+        backend.close()
+
+
+def test_energy_is_integrated_from_power_when_the_counter_is_not_supported(
+    fake_nvml: FakeNvml,
+) -> None:
+    fleet, clock = fake_nvml.fleet, fake_nvml.clock
+    fleet[0].inject("not_supported", field="energy")
+    fleet[0].set_load(0.5)
+    collector = GpuCollector(NvmlBackend(), monotonic=clock)
+    try:
+        collector.collect()
+        start = fleet[0].true_energy_j()
+        for _ in range(600):
+            clock.advance(0.1)
+            sample = collector.collect()[0]
+        truth = fleet[0].true_energy_j() - start
+        assert sample.energy_source == "integrated"
+        assert sample.energy_j == pytest.approx(truth, rel=0.01)
+    finally:
+        collector.close()
+
+
+def test_hardware_errors_other_than_lost_are_raised_with_the_samples(fake_nvml: FakeNvml) -> None:
+    class Broken:
+        name = "sim"
+
+        def __init__(self, inner: NvmlBackend) -> None:
+            self.inner = inner
+
+        def devices(self):  # type: ignore[no-untyped-def]
+            return self.inner.devices()
+
+        def drain_xid_events(self):  # type: ignore[no-untyped-def]
+            from wattwarden.hardware.errors import HardwareError
+
+            raise HardwareError("event set broke")
+
+        def close(self) -> None:
+            self.inner.close()
+
+    collector = GpuCollector(Broken(NvmlBackend()))
+    try:
+        with pytest.raises(PartialCollectionError) as info:
+            collector.collect()
+        assert len(info.value.samples) == 8
+        assert "event set broke" in str(info.value)
+    finally:
+        collector.close()

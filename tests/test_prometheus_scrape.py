@@ -1,0 +1,54 @@
+"""A real Prometheus server scrapes the agent on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.parse
+from pathlib import Path
+
+import pytest
+from helpers import free_port, http_get, require_binary, run_agent, wait_for
+
+
+@pytest.mark.slow
+def test_real_prometheus_scrapes_eight_gpus_power_from_the_agent(tmp_path: Path) -> None:
+    prometheus = require_binary("prometheus")
+    with run_agent(tmp_path / "state", "--sim", "8") as agent:
+        prom_port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: wattwarden\n"
+            f"    static_configs:\n      - targets: ['127.0.0.1:{agent.port}']\n"
+        )
+        log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            base = f"http://127.0.0.1:{prom_port}"
+
+            def query(expr: str) -> list[dict[str, object]] | None:
+                url = f"{base}/api/v1/query?query={urllib.parse.quote(expr)}"
+                status, body = http_get(url, timeout_s=2)
+                if status != 200:
+                    return None
+                result: list[dict[str, object]] = json.loads(body)["data"]["result"]
+                return result
+
+            result = wait_for(
+                lambda: (lambda r: r if r and len(r) == 8 else None)(query("gpu_power_watts")),
+                timeout_s=60,
+                what="8 gpu_power_watts series in Prometheus",
+            )
+            assert sorted(int(s["metric"]["gpu"]) for s in result) == list(range(8))  # type: ignore[index]
+            assert all(60 < float(s["value"][1]) < 80 for s in result)  # type: ignore[index]
+            up = query('up{job="wattwarden"}')
+            assert up and up[0]["value"][1] == "1"  # type: ignore[index]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            log.close()
