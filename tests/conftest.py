@@ -3,13 +3,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Iterator
 
-import pytest  # noqa: E402
+import pytest
 
-from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml  # noqa: E402
-from wattwarden.hardware.sim import ManualClock, SimFleet  # noqa: E402
-from wattwarden.hardware.sim.fake_nvml import FakeNvmlLib  # noqa: E402
+from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml
+from wattwarden.hardware.sim import ManualClock, SimFleet
+from wattwarden.hardware.sim.fake_nvml import FakeNvmlLib
 
 
 class FakeNvml:

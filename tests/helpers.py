@@ -1,4 +1,4 @@
-"""Shared test helpers: free ports, polling with deadlines, running the agent and external servers."""
+"""Shared test helpers: free ports, polling with deadlines, running the agent."""
 
 from __future__ import annotations
 
@@ -31,7 +31,11 @@ def free_port() -> int:
 
 
 def wait_for(
-    probe: Callable[[], T | None], *, timeout_s: float = 30.0, interval_s: float = 0.1, what: str = ""
+    probe: Callable[[], T | None],
+    *,
+    timeout_s: float = 30.0,
+    interval_s: float = 0.1,
+    what: str = "",
 ) -> T:
     """Poll ``probe`` until it returns something truthy, or fail at the deadline."""
     deadline = time.monotonic() + timeout_s
@@ -106,8 +110,15 @@ def run_agent(state_dir: Path, *args: str, port: int | None = None) -> Iterator[
     """Start the agent on loopback and wait until /healthz answers; stop it afterwards."""
     port = port or free_port()
     cmd = [
-        sys.executable, "-m", "wattwarden", "agent", "--listen", f"127.0.0.1:{port}",
-        "--state-dir", str(state_dir), *args,
+        sys.executable,
+        "-m",
+        "wattwarden",
+        "agent",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--state-dir",
+        str(state_dir),
+        *args,
     ]
     log_path = state_dir.parent / f"agent-{port}.log"
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +126,7 @@ def run_agent(state_dir: Path, *args: str, port: int | None = None) -> Iterator[
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         agent = AgentProcess(proc, f"http://127.0.0.1:{port}", state_dir, port)
         try:
+
             def healthy() -> bool:
                 if proc.poll() is not None:
                     raise AssertionError(f"agent exited {proc.returncode}: {log_path.read_text()}")

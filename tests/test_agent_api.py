@@ -1,4 +1,4 @@
-"""The agent as operators run it: HTTP API, token auth, dry-run, limits restored on exit and crash."""
+"""The agent as operators run it: HTTP API, token auth, dry-run, limits restored."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import signal
 import socket
 import stat
 from pathlib import Path
+from typing import Any
 
 from helpers import http_get, http_json, parse_metrics, run_agent, wait_for
 
@@ -25,13 +26,12 @@ def test_agent_serves_health_state_history_and_metrics(tmp_path: Path) -> None:
         assert state["backend"] == "sim" and state["policy_mode"] == "dry_run"
         assert [g["index"] for g in state["gpus"]] == list(range(8))
         assert all(g["up"] and g["power_watts"] > 0 for g in state["gpus"])
-        status, history = wait_for(
-            lambda: (lambda r: r if r[1]["gpus"]["0"] else None)(
-                http_json(agent.url + "/api/v1/history?seconds=60")
-            ),
-            timeout_s=10,
-            what="one second of history",
-        )
+
+        def history_point() -> dict[str, Any] | None:
+            status, body = http_json(agent.url + "/api/v1/history?seconds=60")
+            return body if status == 200 and body["gpus"]["0"] else None
+
+        history = wait_for(history_point, timeout_s=10, what="one second of history")
         assert history["columns"][0] == "timestamp"
         assert http_json(agent.url + "/api/v1/history?seconds=abc")[0] == 400
         assert http_get(agent.url + "/nope")[0] == 404
@@ -50,7 +50,8 @@ def test_token_is_created_0600_and_writes_without_it_are_refused(tmp_path: Path)
 def test_bad_bodies_get_clear_errors(tmp_path: Path) -> None:
     with run_agent(tmp_path / "state", "--sim", "2") as agent:
         url, tok = agent.url, agent.token
-        assert http_json(url + "/api/v1/sim/load", {"gpu": 9, "utilization": 0.5}, token=tok)[0] == 404
+        status, _ = http_json(url + "/api/v1/sim/load", {"gpu": 9, "utilization": 0.5}, token=tok)
+        assert status == 404
         status, err = http_json(url + "/api/v1/sim/load", {"gpu": 0}, token=tok)
         assert (status, err["error"]) == (400, "missing field 'utilization'")
         status, err = http_json(url + "/api/v1/sim/load", {"gpu": 0, "utilization": 2}, token=tok)
@@ -109,9 +110,10 @@ def test_limits_left_by_a_crashed_agent_are_restored_at_the_next_start(tmp_path:
     assert sim_limits(state)[1] == 250.0  # crashed with the GPU capped
     with run_agent(state, "--sim", "2") as agent:
         assert gauge(agent.url, "gpu_power_limit_watts", "1") == 700.0
-        assert "previous run that did not exit cleanly" in (
-            tmp_path / f"agent-{agent.port}.log"
-        ).read_text()
+        assert (
+            "previous run that did not exit cleanly"
+            in (tmp_path / f"agent-{agent.port}.log").read_text()
+        )
 
 
 def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:

@@ -70,8 +70,12 @@ def test_every_contract_metric_is_exported_with_gpu_and_uuid_labels_and_no_nan(r
     assert reasons == {"idle", "sw_power_cap", "hw_slowdown", "sw_thermal", "hw_thermal",
                        "hw_power_brake"}  # fmt: skip
     assert [v for lab, v in metrics["gpu_xid_errors_total"] if lab["gpu"] == "4"] == [1.0]
-    for name in ("wattwarden_build_info", "wattwarden_collector_up",
-                 "wattwarden_last_sample_timestamp_seconds", "host_cpu_utilization_ratio"):  # fmt: skip
+    for name in (
+        "wattwarden_build_info",
+        "wattwarden_collector_up",
+        "wattwarden_last_sample_timestamp_seconds",
+        "host_cpu_utilization_ratio",
+    ):
         assert name in metrics
 
 

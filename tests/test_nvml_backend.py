@@ -1,4 +1,4 @@
-"""hardware/nvml.py over the fake NVML library: same code as on metal, checked against the simulator."""
+"""hardware/nvml.py over the fake NVML library, checked against the simulator."""
 
 from __future__ import annotations
 

@@ -39,11 +39,11 @@ def test_real_prometheus_scrapes_eight_gpus_power_from_the_agent(tmp_path: Path)
                 result: list[dict[str, object]] = json.loads(body)["data"]["result"]
                 return result
 
-            result = wait_for(
-                lambda: (lambda r: r if r and len(r) == 8 else None)(query("gpu_power_watts")),
-                timeout_s=60,
-                what="8 gpu_power_watts series in Prometheus",
-            )
+            def eight_series() -> list[dict[str, object]] | None:
+                result = query("gpu_power_watts")
+                return result if result and len(result) == 8 else None
+
+            result = wait_for(eight_series, timeout_s=60, what="8 gpu_power_watts in Prometheus")
             assert sorted(int(s["metric"]["gpu"]) for s in result) == list(range(8))  # type: ignore[index]
             assert all(60 < float(s["value"][1]) < 80 for s in result)  # type: ignore[index]
             up = query('up{job="wattwarden"}')

@@ -13,7 +13,9 @@ from wattwarden.hardware.sim import MODELS, ManualClock, SimFleet, SimGpu
 from wattwarden.hardware.sim.fleet import sim_pci_bus_id, sim_uuid
 
 
-def make_gpu(model: str = "h100-sxm", clock: ManualClock | None = None) -> tuple[SimGpu, ManualClock]:
+def make_gpu(
+    model: str = "h100-sxm", clock: ManualClock | None = None
+) -> tuple[SimGpu, ManualClock]:
     clock = clock or ManualClock()
     gpu = SimGpu(0, MODELS[model], uuid=sim_uuid(0, 0), pci_bus_id=sim_pci_bus_id(0), clock=clock)
     return gpu, clock

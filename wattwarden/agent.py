@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from wattwarden.api.server import AgentContext, ApiServer, ensure_token
 from wattwarden.collectors.base import Collector
 from wattwarden.collectors.gpu import GpuCollector
 from wattwarden.collectors.host import HostCollector
+from wattwarden.collectors.jobs import Job, JobError, JobRegistry
 from wattwarden.collectors.rapl import RaplCollector
 from wattwarden.collectors.sampler import Sampler
 from wattwarden.collectors.store import MetricStore
 from wattwarden.config import AgentConfig
-from wattwarden.exporters.prometheus import StoreCollector, make_registry
+from wattwarden.exporters.prometheus import StoreCollector, job_families, make_registry
 from wattwarden.hardware.device import GpuBackend
-from wattwarden.hardware.errors import HardwareUnavailable
+from wattwarden.hardware.errors import HardwareError, HardwareUnavailable
 from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml
 from wattwarden.hardware.sim.fleet import SimFleet
+from wattwarden.hardware.sim.gpu import SimProcess
 from wattwarden.policies.actuator import LimitActuator
 
 log = logging.getLogger("wattwarden.agent")
 
 AUTO_SIM_GPUS = 8
+REAP_EVERY_S = 1.0
+SIM_JOB_UTILIZATION = 0.8
+SIM_JOB_MEMORY_BYTES = 20 * 2**30
 SIM_SAVE_EVERY_S = 10.0
 JOURNAL_FILE = "journal.sqlite3"
 
@@ -88,6 +97,10 @@ class Agent:
         else:
             log.info("RAPL: no zones under %s; host CPU energy is not collected", cfg.rapl_root)
         self._since_save = 0.0
+        self._since_reap = 0.0
+        self.jobs = JobRegistry()
+        if self.opened.fleet is not None:
+            self.jobs.add_listener(self._place_on_sim)
         self.sampler = Sampler(self.store, collectors, interval_s=interval_s, on_pass=self._on_pass)
         self.actuator = LimitActuator(self.opened.backend.devices(), state_dir / JOURNAL_FILE)
         failures = self.actuator.recover()
@@ -95,7 +108,13 @@ class Agent:
             log.error("%d power limit(s) could not be restored; see above", len(failures))
         if cfg.power_budget_watts is not None:
             self.store.set_power_budget("node", cfg.power_budget_watts)
-        self.registry = make_registry(StoreCollector(self.store, backend=self.backend_kind))
+        self.registry = make_registry(
+            StoreCollector(
+                self.store,
+                backend=self.backend_kind,
+                extra=lambda snap: job_families(self.jobs, snap),
+            )
+        )
         self.context = AgentContext(
             store=self.store,
             registry=self.registry,
@@ -106,12 +125,19 @@ class Agent:
             actuator=self.actuator,
             fleet=self.opened.fleet,
             mode="apply" if cfg.apply else "dry_run",
+            jobs=self.jobs,
+            energy=self._read_energy,
         )
         host, port = cfg.host_port
         self.server = ApiServer(host, port, self.context)
         self._closed = threading.Event()
 
     def _on_pass(self) -> None:
+        self.jobs.attribute(self.gpu_collector.latest)
+        self._since_reap += self.sampler.interval_s
+        if self._since_reap >= REAP_EVERY_S:
+            self._since_reap = 0.0
+            self._reap_jobs()
         fleet = self.opened.fleet
         if fleet is None:
             return
@@ -119,6 +145,45 @@ class Agent:
         if self._since_save >= SIM_SAVE_EVERY_S:
             self._since_save = 0.0
             fleet.save()
+
+    def _reap_jobs(self) -> None:
+        """Forget jobs whose process is gone (their supervisor died without unregistering)."""
+        for name, pid in self.jobs.pids().items():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                log.warning("job %s: process %d is gone; unregistering it", name, pid)
+                with contextlib.suppress(JobError):
+                    self.jobs.unregister(name)
+            except PermissionError:
+                continue  # alive, owned by another user
+
+    def _place_on_sim(self, old: Job | None, new: Job | None) -> None:
+        """On the simulated fleet a job's process drives its GPU's load, and moves with it."""
+        fleet = self.opened.fleet
+        assert fleet is not None
+        if old is not None and 0 <= old.gpu < len(fleet):
+            fleet[old.gpu].remove_process(old.pid)
+        if new is not None and 0 <= new.gpu < len(fleet):
+            util = new.utilization if new.utilization is not None else SIM_JOB_UTILIZATION
+            fleet[new.gpu].add_process(SimProcess(new.pid, util, SIM_JOB_MEMORY_BYTES, new.name))
+
+    def _read_energy(self) -> dict[str, Any]:
+        """GPU energy counters read now (not from the store), for EnergyMeter windows."""
+        gpus = []
+        for device in self.opened.backend.devices():
+            entry: dict[str, Any] = {"index": device.index, "uuid": device.info().uuid}
+            try:
+                entry["energy_joules"] = device.read().energy_j
+            except HardwareError as e:
+                entry["energy_joules"], entry["error"] = None, str(e)
+            gpus.append(entry)
+        rapl = self.store.snapshot().rapl
+        return {
+            "timestamp": time.time(),
+            "gpus": gpus,
+            "host": [{"domain": r.domain, "energy_joules": r.energy_j} for r in rapl],
+        }
 
     @property
     def url(self) -> str:

@@ -16,16 +16,17 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client import CollectorRegistry
 
 from wattwarden.api.state import history_json, state_json
+from wattwarden.collectors.jobs import JobError, JobRegistry, JobView
 from wattwarden.collectors.store import MetricStore
 from wattwarden.exporters.prometheus import render
 from wattwarden.hardware.errors import HardwareError, InvalidArgument
@@ -76,6 +77,9 @@ class AgentContext:
     actuator: LimitActuator | None = None
     fleet: SimFleet | None = None
     mode: str = "dry_run"
+    jobs: JobRegistry = field(default_factory=JobRegistry)
+    energy: Callable[[], dict[str, Any]] | None = None
+    """Reads the GPU energy counters now, for ``GET /api/v1/energy``."""
 
 
 def _field(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -144,9 +148,16 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path.rstrip("/") or "/"
         try:
             route = routes.get(path)
+            if route is None and path.startswith(JOBS_PREFIX):
+                route = routes.get(JOBS_PREFIX + "{name}" + _job_action(path))
             if route is None:
                 raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
             route()
+        except JobError as e:
+            missing = str(e).startswith("no job named")
+            self._json(
+                HTTPStatus.NOT_FOUND if missing else HTTPStatus.BAD_REQUEST, {"error": str(e)}
+            )
         except ApiError as e:
             self._json(e.status, {"error": str(e)})
         except Exception:
@@ -162,6 +173,9 @@ class _Handler(BaseHTTPRequestHandler):
                 "/healthz": self._healthz,
                 "/api/v1/state": self._state,
                 "/api/v1/history": self._history,
+                "/api/v1/energy": self._energy,
+                "/api/v1/jobs": self._jobs,
+                JOBS_PREFIX + "{name}": self._job,
                 "/": self._index,
             }
         )
@@ -220,8 +234,69 @@ class _Handler(BaseHTTPRequestHandler):
                 "/api/v1/power-limits": guarded(self._power_limit),
                 "/api/v1/sim/faults": guarded(self._sim_fault),
                 "/api/v1/sim/load": guarded(self._sim_load),
+                "/api/v1/jobs": guarded(self._register_job),
+                JOBS_PREFIX + "{name}/progress": guarded(self._job_progress),
+                JOBS_PREFIX + "{name}/migrate": guarded(self._job_migrate),
             }
         )
+
+    def do_DELETE(self) -> None:
+        """Remove a job; needs the bearer token."""
+
+        def remove() -> None:
+            self._authorize()
+            self._json(HTTPStatus.OK, job_json(self.ctx.jobs.unregister(self._job_name())))
+
+        self._dispatch({JOBS_PREFIX + "{name}": remove})
+
+    # ----------------------------------------------------------------- jobs
+    def _job_name(self) -> str:
+        rest = urlsplit(self.path).path[len(JOBS_PREFIX) :].strip("/")
+        return unquote(rest.split("/")[0])
+
+    def _jobs(self) -> None:
+        self._json(HTTPStatus.OK, {"jobs": [job_json(j) for j in self.ctx.jobs.jobs()]})
+
+    def _job(self) -> None:
+        self._json(HTTPStatus.OK, job_json(self.ctx.jobs.get(self._job_name())))
+
+    def _register_job(self) -> None:
+        body = self._body()
+        gpu = _gpu_index(body, len(self.ctx.store.snapshot().gpus))
+        utilization = body.get("utilization")
+        if utilization is not None and (
+            isinstance(utilization, bool) or not isinstance(utilization, int | float)
+        ):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "field 'utilization' must be a number")
+        view, created = self.ctx.jobs.register(
+            str(_field(body, "name", str)),
+            int(_field(body, "pid", int)),
+            gpu,
+            str(body.get("priority", "normal")),
+            utilization=None if utilization is None else float(utilization),
+        )
+        log.info("job %s %s on GPU %d (pid %d)", view.name,
+                 "registered" if created else "moved", view.gpu, view.pid)  # fmt: skip
+        self._json(HTTPStatus.CREATED if created else HTTPStatus.OK, job_json(view))
+
+    def _job_progress(self) -> None:
+        body = self._body()
+        counts = {k: int(_field(body, k, int)) for k in ("step", "samples", "tokens")}
+        if any(v < 0 for v in counts.values()):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "step, samples and tokens must be >= 0")
+        view = self.ctx.jobs.progress(self._job_name(), **counts)
+        self._json(HTTPStatus.OK, job_json(view))
+
+    def _job_migrate(self) -> None:
+        body = self._body()
+        gpu = _gpu_index(body, len(self.ctx.store.snapshot().gpus))
+        view = self.ctx.jobs.request_migration(self._job_name(), gpu)
+        self._json(HTTPStatus.OK, job_json(view))
+
+    def _energy(self) -> None:
+        if self.ctx.energy is None:
+            raise ApiError(HTTPStatus.NOT_FOUND, "energy readings are not available")
+        self._json(HTTPStatus.OK, self.ctx.energy())
 
     def _power_limit(self) -> None:
         body = self._body()
@@ -287,6 +362,34 @@ class _Handler(BaseHTTPRequestHandler):
         except InvalidArgument as e:
             raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, str(e)) from None
         self._json(HTTPStatus.OK, {"gpu": gpu, "utilization": util})
+
+
+JOBS_PREFIX = "/api/v1/jobs/"
+
+
+def _job_action(path: str) -> str:
+    """``/api/v1/jobs/NAME/progress`` -> ``/progress``; ``/api/v1/jobs/NAME`` -> ``""``."""
+    parts = path[len(JOBS_PREFIX) :].split("/")
+    return "/" + "/".join(parts[1:]) if len(parts) > 1 else ""
+
+
+def job_json(job: JobView) -> dict[str, Any]:
+    """A job as JSON."""
+    return {
+        "name": job.name,
+        "pid": job.pid,
+        "gpu": job.gpu,
+        "priority": job.priority,
+        "registered_at": job.registered_at_s,
+        "step": job.step,
+        "samples": job.samples,
+        "tokens": job.tokens,
+        "target_gpu": job.target_gpu,
+        "energy_joules": job.energy_j,
+        "energy_joules_by_gpu": {str(k): v for k, v in sorted(job.energy_by_gpu_j.items())},
+        "power_watts": job.power_w,
+        "tokens_per_joule": job.tokens_per_joule,
+    }
 
 
 class ApiServer:

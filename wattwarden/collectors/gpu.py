@@ -73,6 +73,8 @@ class GpuCollector:
         self._monotonic = monotonic
         self._wall = wall
         self._tracks: list[_Track] = []
+        self.latest: Sequence[GpuSample] = ()
+        """Samples of the last pass (for attribution hooks)."""
         for device in backend.devices():
             try:
                 info, complete = device.info(), True
@@ -123,6 +125,7 @@ class GpuCollector:
                     xid_counts=dict(track.xids),
                 )
             )
+        self.latest = samples
         if errors:
             raise PartialCollectionError(samples, errors)
         return samples

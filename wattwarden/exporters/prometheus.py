@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 from wattwarden import __version__
+from wattwarden.collectors.jobs import JobRegistry
 from wattwarden.collectors.store import GpuView, MetricStore, StoreSnapshot
 from wattwarden.hardware.device import CLOCK_EVENT_LABELS
 
@@ -278,3 +279,44 @@ def render(registry: CollectorRegistry, accept: str | None = None) -> tuple[byte
     """Body and content type for a scrape, honouring OpenMetrics negotiation."""
     encoder, content_type = choose_encoder(accept or "")
     return encoder(registry), content_type
+
+
+def job_families(jobs: JobRegistry, snap: StoreSnapshot) -> Iterator[Metric]:
+    """Per-job energy attribution and progress, for ``StoreCollector(extra=...)``."""
+    uuids = {v.sample.info.index: v.sample.info.uuid for v in snap.gpus}
+    energy = CounterMetricFamily(
+        "gpu_job_energy_joules",
+        "GPU energy attributed to a job (its share of the GPU's active energy).",
+        labels=[*GPU_LABELS, "job"],
+    )
+    power = GaugeMetricFamily(
+        "gpu_job_power_watts", "GPU power attributed to a job.", labels=[*GPU_LABELS, "job"]
+    )
+    tokens = CounterMetricFamily("wattwarden_job_tokens", "Tokens a job reported.", labels=["job"])
+    steps = CounterMetricFamily("wattwarden_job_steps", "Steps a job reported.", labels=["job"])
+    efficiency = GaugeMetricFamily(
+        "wattwarden_job_tokens_per_joule",
+        "Tokens per joule of attributed GPU energy.",
+        labels=["job"],
+    )
+    for job in jobs.jobs():
+        for gpu, joules in sorted(job.energy_by_gpu_j.items()):
+            energy.add_metric([str(gpu), uuids.get(gpu, ""), job.name], joules)
+        power.add_metric([str(job.gpu), uuids.get(job.gpu, ""), job.name], job.power_w)
+        tokens.add_metric([job.name], job.tokens)
+        steps.add_metric([job.name], job.step)
+        if job.tokens_per_joule is not None:
+            efficiency.add_metric([job.name], job.tokens_per_joule)
+    idle = CounterMetricFamily(
+        "gpu_idle_energy_joules", "GPU energy at idle power (not attributed).", labels=GPU_LABELS
+    )
+    unattributed = CounterMetricFamily(
+        "gpu_unattributed_energy_joules",
+        "Active GPU energy with no registered job on the GPU.",
+        labels=GPU_LABELS,
+    )
+    for gpu, split in jobs.gpu_splits().items():
+        lv = [str(gpu), uuids.get(gpu, "")]
+        idle.add_metric(lv, split.idle_j)
+        unattributed.add_metric(lv, split.unattributed_j)
+    yield from (energy, power, tokens, steps, efficiency, idle, unattributed)

@@ -106,6 +106,7 @@ class SimGpu:
         self._schedule_t: list[float] = []
         self._schedule_u: list[float] = []
         self._processes: dict[int, SimProcess] = {}
+        self._process_energy_j: dict[int, float] = {}
         self._thermal_engaged = False
         # operating point over the current step (recomputed at each step start)
         self._power_w = spec.idle_w
@@ -173,6 +174,18 @@ class SimGpu:
         self._clock_rel = f_rel
         self._reasons = int(reasons)
 
+    def _attribute(self, dt: float) -> None:
+        """Ground truth per process: active power split by each process's share of the load."""
+        procs = self._processes.values()
+        demand = sum(p.utilization for p in procs) + self._synthetic_util
+        if demand <= 0:
+            return
+        active_j = (self._power_w - self.spec.idle_w) * dt
+        for p in procs:
+            self._process_energy_j[p.pid] = (
+                self._process_energy_j.get(p.pid, 0.0) + active_j * p.utilization / demand
+            )
+
     def _next_boundary(self, t: float) -> float:
         i = bisect.bisect_right(self._schedule_t, t)
         return self._schedule_t[i] if i < len(self._schedule_t) else math.inf
@@ -187,6 +200,8 @@ class SimGpu:
             t_ss = ambient + self._power_w * spec.thermal_resistance_c_per_w
             self._temp_c = t_ss + (self._temp_c - t_ss) * math.exp(-dt / spec.thermal_tau_s)
             self._energy_j += self._power_w * dt
+            if self._processes:
+                self._attribute(dt)
             self._t = end
             self._history.append((end, self._energy_j))
             self._operating_point()
@@ -366,6 +381,12 @@ class SimGpu:
         with self._lock:
             self._advance()
             return self._energy_j
+
+    def true_process_energy_j(self, pid: int) -> float:
+        """Exact active energy attributable to a process while it ran on this GPU."""
+        with self._lock:
+            self._advance()
+            return self._process_energy_j.get(pid, 0.0)
 
     def true_temperature_c(self) -> float:
         """Exact die temperature."""
