@@ -121,3 +121,20 @@ def test_status_against_an_unreachable_agent_exits_1_with_the_reason() -> None:
     assert result.returncode == 1
     assert "cannot read GPU state from" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_backend_nvml_without_a_driver_exits_1_instead_of_simulating(tmp_path: Path) -> None:
+    result = wattwarden("agent", "--backend", "nvml", "--state-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("wattwarden agent: backend nvml: no usable NVIDIA driver")
+    )
+
+
+def test_no_apply_overrides_apply_in_the_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text("apply = true\n")
+    assert build_config(cfg, {}).apply is True
+    assert build_config(cfg, {"apply": False}).apply is False

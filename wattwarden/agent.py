@@ -19,7 +19,7 @@ from wattwarden.collectors.jobs import Job, JobError, JobRegistry
 from wattwarden.collectors.rapl import RaplCollector
 from wattwarden.collectors.sampler import Sampler
 from wattwarden.collectors.store import MetricStore
-from wattwarden.config import AgentConfig
+from wattwarden.config import AgentConfig, ConfigError
 from wattwarden.exporters.prometheus import StoreCollector, job_families, make_registry
 from wattwarden.hardware.device import GpuBackend
 from wattwarden.hardware.errors import HardwareError, HardwareUnavailable
@@ -32,10 +32,15 @@ log = logging.getLogger("wattwarden.agent")
 
 AUTO_SIM_GPUS = 8
 REAP_EVERY_S = 1.0
+JOB_SILENCE_S = 5.0
 SIM_JOB_UTILIZATION = 0.8
 SIM_JOB_MEMORY_BYTES = 20 * 2**30
 SIM_SAVE_EVERY_S = 10.0
 JOURNAL_FILE = "journal.sqlite3"
+
+
+class BackendError(Exception):
+    """The GPU backend asked for cannot run here."""
 
 
 @dataclass
@@ -47,16 +52,26 @@ class Backend:
     description: str
 
 
+def node_name() -> str:
+    """The node's name: ``$NODE_NAME``, else the hostname.
+
+    In Kubernetes the hostname is the pod's; the DaemonSet sets NODE_NAME from the downward API.
+    """
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
 def open_backend(cfg: AgentConfig) -> Backend:
     """NVML if a driver is present (or ``--sim N``), else a simulated fleet of 8 GPUs.
 
     The simulated fleet is read through the fake NVML library and the same NVML backend code.
     """
     state_dir = cfg.resolved_state_dir
-    if cfg.sim is None:
+    if cfg.sim is None and cfg.backend != "sim":
         try:
             backend = NvmlBackend()
         except HardwareUnavailable as e:
+            if cfg.backend == "nvml":
+                raise BackendError(f"backend nvml: no usable NVIDIA driver ({e})") from e
             reason = f"no NVIDIA driver found ({e})"
         else:
             names = sorted({d.info().name for d in backend.devices()}) or ["no GPUs"]
@@ -65,8 +80,8 @@ def open_backend(cfg: AgentConfig) -> Backend:
             )
         count = AUTO_SIM_GPUS
     else:
-        reason = "--sim given"
-        count = cfg.sim
+        reason = "simulation asked for"
+        count = cfg.sim if cfg.sim is not None else AUTO_SIM_GPUS
     fleet = SimFleet(count, model=cfg.sim_model, state_dir=state_dir)
     install_fake_nvml(fleet)
     backend = NvmlBackend()
@@ -84,7 +99,15 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         state_dir = cfg.resolved_state_dir
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise ConfigError(f"state dir {state_dir}: {e.strerror or e}") from e
+        host, port = cfg.host_port
+        try:  # bind first: a taken port is a usage error, found before touching any GPU
+            self.server = ApiServer(host, port)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
         self.opened = open_backend(cfg)
         self.backend_kind = "sim" if self.opened.fleet is not None else "nvml"
         interval_s = cfg.interval_ms / 1000.0
@@ -120,7 +143,7 @@ class Agent:
             registry=self.registry,
             token=ensure_token(state_dir),
             backend=self.backend_kind,
-            node=socket.gethostname(),
+            node=node_name(),
             interval_s=interval_s,
             actuator=self.actuator,
             fleet=self.opened.fleet,
@@ -128,8 +151,6 @@ class Agent:
             jobs=self.jobs,
             energy=self._read_energy,
         )
-        host, port = cfg.host_port
-        self.server = ApiServer(host, port, self.context)
         self._closed = threading.Event()
 
     def _on_pass(self) -> None:
@@ -147,8 +168,12 @@ class Agent:
             fleet.save()
 
     def _reap_jobs(self) -> None:
-        """Forget jobs whose process is gone (their supervisor died without unregistering)."""
-        for name, pid in self.jobs.pids().items():
+        """Forget jobs whose process is gone and whose supervisor went silent.
+
+        Both must hold: in a container the agent may not see the job's pid, but a live
+        supervisor polls its job every second.
+        """
+        for name, pid in self.jobs.silent_pids(JOB_SILENCE_S).items():
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
@@ -195,7 +220,7 @@ class Agent:
         """Take a first sample (so the first scrape has data), then serve."""
         self.sampler.run_once()
         self.sampler.start()
-        self.server.start()
+        self.server.start(self.context)
         log.info(
             "%s; serving %s/metrics every %d ms, mode %s",
             self.opened.description,

@@ -45,6 +45,8 @@ class AgentConfig:
     state_dir: Path | None = None
     sim: int | None = None
     sim_model: str = "h100-sxm"
+    backend: str = "auto"
+    """``auto`` (NVML if a driver is present, else simulate), ``nvml`` (fail without), ``sim``."""
     rapl_root: Path = Path("/sys/class/powercap")
     power_budget_watts: float | None = None
     apply: bool = False
@@ -133,6 +135,12 @@ def _model(v: Any) -> str:
     return str(v)
 
 
+def _backend(v: Any) -> str:
+    if v not in ("auto", "nvml", "sim"):
+        raise ValueError(f"must be one of auto, nvml, sim; got {v!r}")
+    return str(v)
+
+
 def _log_level(v: Any) -> str:
     if v not in ("debug", "info", "warning", "error"):
         raise ValueError(f"must be one of debug, info, warning, error; got {v!r}")
@@ -153,6 +161,7 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "state_dir": _path,
     "sim": _int_in(1, 64),
     "sim_model": _model,
+    "backend": _backend,
     "rapl_root": _path,
     "power_budget_watts": _float_in(1.0, 1e6),
     "apply": _bool,

@@ -258,7 +258,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(HTTPStatus.OK, {"jobs": [job_json(j) for j in self.ctx.jobs.jobs()]})
 
     def _job(self) -> None:
-        self._json(HTTPStatus.OK, job_json(self.ctx.jobs.get(self._job_name())))
+        name = self._job_name()
+        self.ctx.jobs.touch(name)  # the supervisor's poll doubles as its heartbeat
+        self._json(HTTPStatus.OK, job_json(self.ctx.jobs.get(name)))
 
     def _register_job(self) -> None:
         body = self._body()
@@ -395,8 +397,10 @@ def job_json(job: JobView) -> dict[str, Any]:
 class ApiServer:
     """The HTTP server on its own thread."""
 
-    def __init__(self, host: str, port: int, ctx: AgentContext) -> None:
-        handler = type("Handler", (_Handler,), {"ctx": ctx})
+    def __init__(self, host: str, port: int) -> None:
+        """Bind now (so a taken port fails early); serve from :meth:`start`."""
+        self._handler: type[_Handler] = type("Handler", (_Handler,), {})
+        handler = self._handler
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_cls = type("Server", (ThreadingHTTPServer,), {"address_family": family})
         self._server = server_cls((host, port), handler)
@@ -409,8 +413,9 @@ class ApiServer:
         host, port = self._server.server_address[:2]
         return str(host), int(port)
 
-    def start(self) -> None:
-        """Serve on a daemon thread."""
+    def start(self, ctx: AgentContext) -> None:
+        """Serve ``ctx`` on a daemon thread."""
+        self._handler.ctx = ctx
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="wattwarden-http", daemon=True
         )
@@ -418,5 +423,6 @@ class ApiServer:
 
     def close(self) -> None:
         """Stop serving and close the socket."""
-        self._server.shutdown()
+        if self._thread is not None:
+            self._server.shutdown()
         self._server.server_close()

@@ -46,6 +46,8 @@ class Job:
     target_gpu: int | None = None
     energy_by_gpu_j: dict[int, float] = field(default_factory=dict)
     power_w: float = 0.0
+    last_seen_s: float = field(default_factory=time.monotonic)
+    """Monotonic time of the last request about this job (its supervisor polls every second)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,7 @@ class JobRegistry:
                     None if old.target_gpu == gpu else old.target_gpu,
                     dict(old.energy_by_gpu_j), 0.0,
                 )  # fmt: skip
+            job.last_seen_s = self._monotonic()
             self._jobs[name] = job
             view = self._view(job)
         self._notify(old, job)
@@ -163,6 +166,7 @@ class JobRegistry:
             job = self._get(name)
             job.step, job.samples, job.tokens = step, samples, tokens
             job.last_progress_s = time.time()
+            job.last_seen_s = self._monotonic()
             return self._view(job)
 
     def request_migration(self, name: str, gpu: int) -> JobView:
@@ -182,10 +186,16 @@ class JobRegistry:
         with self._lock:
             return [self._view(self._jobs[n]) for n in sorted(self._jobs)]
 
-    def pids(self) -> dict[str, int]:
-        """Each job's pid, by name."""
+    def touch(self, name: str) -> None:
+        """Note that the job (its supervisor) was heard from."""
         with self._lock:
-            return {n: j.pid for n, j in self._jobs.items()}
+            self._get(name).last_seen_s = self._monotonic()
+
+    def silent_pids(self, grace_s: float) -> dict[str, int]:
+        """Pids of jobs not heard from for ``grace_s``, by name (candidates for reaping)."""
+        now = self._monotonic()
+        with self._lock:
+            return {n: j.pid for n, j in self._jobs.items() if now - j.last_seen_s > grace_s}
 
     def _get(self, name: str) -> Job:
         job = self._jobs.get(name)
