@@ -8,8 +8,11 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from prometheus_client.core import Metric
 
 from wattwarden.api.server import AgentContext, ApiServer, ensure_token
 from wattwarden.collectors.base import Collector
@@ -18,8 +21,9 @@ from wattwarden.collectors.host import HostCollector
 from wattwarden.collectors.jobs import Job, JobError, JobRegistry
 from wattwarden.collectors.rapl import RaplCollector
 from wattwarden.collectors.sampler import Sampler
-from wattwarden.collectors.store import MetricStore
+from wattwarden.collectors.store import MetricStore, StoreSnapshot
 from wattwarden.config import AgentConfig, ConfigError
+from wattwarden.exporters.otlp import OtlpExporter, otlp_metric_families
 from wattwarden.exporters.prometheus import StoreCollector, job_families, make_registry
 from wattwarden.hardware.device import GpuBackend
 from wattwarden.hardware.errors import HardwareError, HardwareUnavailable
@@ -50,6 +54,27 @@ class Backend:
     backend: GpuBackend
     fleet: SimFleet | None
     description: str
+
+
+def open_otlp(cfg: AgentConfig, store: MetricStore) -> OtlpExporter | None:
+    """The OTLP exporter, when an endpoint is configured (flag, config or OTEL_* variable)."""
+    env = os.environ
+    if not (
+        cfg.otlp_endpoint
+        or env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    ):
+        return None
+    try:
+        return OtlpExporter(
+            store,
+            endpoint=cfg.otlp_endpoint,
+            headers=cfg.otlp_headers,
+            interval_s=cfg.otlp_interval_s,
+            host_name=node_name(),
+        )
+    except ValueError as e:
+        raise ConfigError(f"OTLP: {e}") from e
 
 
 def node_name() -> str:
@@ -131,12 +156,16 @@ class Agent:
             log.error("%d power limit(s) could not be restored; see above", len(failures))
         if cfg.power_budget_watts is not None:
             self.store.set_power_budget("node", cfg.power_budget_watts)
+        self.otlp = open_otlp(cfg, self.store)
+        otlp_families = None if self.otlp is None else otlp_metric_families(self.otlp)
+
+        def extra(snap: StoreSnapshot) -> Iterator[Metric]:
+            yield from job_families(self.jobs, snap)
+            if otlp_families is not None:
+                yield from otlp_families(snap)
+
         self.registry = make_registry(
-            StoreCollector(
-                self.store,
-                backend=self.backend_kind,
-                extra=lambda snap: job_families(self.jobs, snap),
-            )
+            StoreCollector(self.store, backend=self.backend_kind, extra=extra)
         )
         self.context = AgentContext(
             store=self.store,
@@ -221,6 +250,9 @@ class Agent:
         self.sampler.run_once()
         self.sampler.start()
         self.server.start(self.context)
+        if self.otlp is not None:
+            self.otlp.start()
+            log.info("exporting OTLP metrics to %s", self.otlp.endpoint)
         log.info(
             "%s; serving %s/metrics every %d ms, mode %s",
             self.opened.description,
@@ -235,6 +267,8 @@ class Agent:
             return
         self._closed.set()
         self.server.close()
+        if self.otlp is not None:
+            self.otlp.close()
         failures = self.actuator.restore_all()
         self.actuator.close()
         self.sampler.close()  # closes the GPU backend too

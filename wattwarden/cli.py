@@ -68,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument("--config", type=Path, help="TOML file; flags override its keys")
     agent.add_argument("--sim", type=_positive_int, metavar="N", help="simulate N GPUs (1..64)")
-    agent.add_argument("--sim-model", choices=None, help="simulated model: h100-sxm, a100-sxm")
+    agent.add_argument("--sim-model", help="simulated model: h100-sxm (default), a100-sxm")
+    agent.add_argument(
+        "--backend",
+        help="auto (default: NVML if a driver is present, else simulate), nvml (exit 1 without "
+        "a driver: for GPU hosts, so a broken driver never looks like a healthy fleet), sim",
+    )
     agent.add_argument(
         "--listen",
         type=_listen,
@@ -102,10 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument("--power-budget-watts", type=_number, metavar="W", help="node power budget")
     agent.add_argument(
-        "--apply", action="store_true", default=None, help="act on power limits (default: dry-run)"
+        "--apply",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="act on power limits (default: dry-run); --no-apply forces dry-run",
     )
     agent.add_argument("--policy", type=Path, metavar="FILE", help="policy file")
-    agent.add_argument("--otlp-endpoint", metavar="URL", help="OTLP/HTTP metrics endpoint")
+    agent.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export OTLP/HTTP metrics there (also OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT)",
+    )
+    agent.add_argument(
+        "--otlp-headers", metavar="K=V,...", help="OTLP request headers, e.g. for auth"
+    )
+    agent.add_argument(
+        "--otlp-interval-s", type=_number, metavar="S", help="OTLP export interval (default 60)"
+    )
     agent.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     agent.set_defaults(func=cmd_agent)
 
@@ -126,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print the JSON state instead")
     status.set_defaults(func=cmd_status)
+
+
     return parser
 
 
@@ -147,16 +167,20 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "state_dir": str(args.state_dir) if args.state_dir else None,
         "sim": args.sim,
         "sim_model": args.sim_model,
+        "backend": args.backend,
         "rapl_root": str(args.rapl_root) if args.rapl_root else None,
         "power_budget_watts": args.power_budget_watts,
         "apply": args.apply,
         "policy": str(args.policy) if args.policy else None,
         "otlp_endpoint": args.otlp_endpoint,
+        "otlp_headers": args.otlp_headers,
+        "otlp_interval_s": args.otlp_interval_s,
         "log_level": args.log_level,
     }
     cfg = build_config(args.config, flags)
     _setup_logging(cfg.log_level)
-    from wattwarden.agent import Agent  # imported late: `status` need not load the agent stack
+    # imported late: `status` and `--help` need not load the agent stack
+    from wattwarden.agent import Agent, BackendError
 
     stop = threading.Event()
 
@@ -168,9 +192,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         agent = Agent(cfg)
-    except OSError as e:
-        host, port = cfg.host_port
-        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    except BackendError as e:
+        print(f"wattwarden agent: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     try:
         agent.start()
         stop.wait()

@@ -52,6 +52,9 @@ class AgentConfig:
     apply: bool = False
     policy: Path | None = None
     otlp_endpoint: str | None = None
+    otlp_headers: str | None = None
+    """``k=v,k2=v2`` (e.g. an Authorization header); OTEL_EXPORTER_OTLP_HEADERS is added too."""
+    otlp_interval_s: float | None = None
     log_level: str = "info"
 
     @property
@@ -167,6 +170,8 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "apply": _bool,
     "policy": _path,
     "otlp_endpoint": _url,
+    "otlp_headers": _string,
+    "otlp_interval_s": _float_in(1.0, 3600.0),
     "log_level": _log_level,
 }
 assert set(VALIDATORS) == {f.name for f in fields(AgentConfig)}
