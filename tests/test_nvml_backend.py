@@ -66,7 +66,7 @@ def test_not_supported_field_is_none_and_the_others_are_read(fake_nvml: FakeNvml
 
 def test_lost_gpu_is_reported_down_and_the_others_keep_being_read(fake_nvml: FakeNvml) -> None:
     fleet, clock = fake_nvml.fleet, fake_nvml.clock
-    collector = GpuCollector(NvmlBackend())
+    collector = GpuCollector(NvmlBackend(), monotonic=fake_nvml.clock)
     try:
         collector.collect()
         fleet[3].inject("lost")
@@ -87,7 +87,7 @@ def test_lost_gpu_is_reported_down_and_the_others_keep_being_read(fake_nvml: Fak
 
 
 def test_xid_events_are_counted_so_repeats_are_never_lost(fake_nvml: FakeNvml) -> None:
-    collector = GpuCollector(NvmlBackend())
+    collector = GpuCollector(NvmlBackend(), monotonic=fake_nvml.clock)
     try:
         for _ in range(3):
             fake_nvml.fleet[5].inject("xid", xid=48)

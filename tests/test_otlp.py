@@ -81,7 +81,7 @@ def rig() -> Iterator[Rig]:
     install_fake_nvml(fleet)
     try:
         store = MetricStore()
-        sampler = Sampler(store, [GpuCollector(NvmlBackend())])
+        sampler = Sampler(store, [GpuCollector(NvmlBackend(), monotonic=clock)], monotonic=clock)
         for i in range(GPUS):
             fleet[i].set_load(0.1 * i)
         sampler.run_once()

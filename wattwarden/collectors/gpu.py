@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from wattwarden.collectors.samples import GpuSample
 from wattwarden.hardware.device import (
@@ -18,6 +18,10 @@ from wattwarden.hardware.device import (
 from wattwarden.hardware.errors import GpuLost, HardwareError
 
 log = logging.getLogger(__name__)
+
+DEFAULT_FULL_INTERVAL_S = 1.0
+"""Temperatures, utilization, memory, clocks, clock events, limits and processes are read this
+often; power and energy on every pass (they are what sub-second sampling is for)."""
 
 
 class PartialCollectionError(Exception):
@@ -40,6 +44,7 @@ class _Track:
     reading: GpuReading | None = None
     read_at_s: float = 0.0
     last_mono_s: float | None = None
+    full_due_s: float = 0.0
     last_counter_j: float | None = None
     last_power_w: float | None = None
     energy_j: float = 0.0
@@ -57,7 +62,11 @@ def _placeholder_info(index: int) -> GpuInfo:
 
 
 class GpuCollector:
-    """Reads all GPUs of a backend each pass; a lost GPU is reported down, the others go on."""
+    """Reads all GPUs of a backend each pass; a lost GPU is reported down, the others go on.
+
+    Two tiers: every pass reads power and energy (one batched call per GPU); a full read of
+    everything else happens every ``full_interval_s``.
+    """
 
     name = "gpu"
     interval_s: float | None = None
@@ -68,8 +77,10 @@ class GpuCollector:
         *,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        full_interval_s: float = DEFAULT_FULL_INTERVAL_S,
     ) -> None:
         self.backend = backend
+        self._full_interval_s = full_interval_s
         self._monotonic = monotonic
         self._wall = wall
         self._tracks: list[_Track] = []
@@ -134,8 +145,19 @@ class GpuCollector:
         if not track.info_complete:
             track.info = track.device.info()
             track.info_complete = True
-        reading = track.device.read()
         now = self._monotonic()
+        if track.reading is None or not track.up or now >= track.full_due_s:
+            reading = track.device.read()
+            track.full_due_s = now + self._full_interval_s
+        else:  # fast tier: power and energy only; the rest changes slowly and keeps its value
+            fast = track.device.read_power()
+            prev = track.reading
+            reading = replace(
+                prev,
+                power_instant_w=fast.power_instant_w,
+                energy_j=fast.energy_j,
+                power_w=fast.power_w if fast.power_w is not None else prev.power_w,
+            )
         if not track.up:
             log.warning("GPU %d (%s) is back", track.info.index, track.info.uuid)
         track.up = True

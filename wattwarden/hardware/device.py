@@ -82,6 +82,16 @@ class GpuReading:
 
 
 @dataclass(frozen=True, slots=True)
+class PowerReading:
+    """The fast-changing part of a reading, read at the full sampling rate."""
+
+    power_instant_w: float | None
+    energy_j: float | None
+    power_w: float | None = None
+    """The averaged reading, only where the instant field is missing."""
+
+
+@dataclass(frozen=True, slots=True)
 class XidEvent:
     """An XID error reported by the driver for one GPU."""
 
@@ -103,6 +113,17 @@ class GpuDevice(Protocol):
 
     def read(self) -> GpuReading:
         """One batched read of everything that changes."""
+        ...
+
+    def read_power(self) -> PowerReading:
+        """Only power and energy: one batched driver call, cheap enough for every tick."""
+        ...
+
+    def read_energy_j(self) -> float:
+        """Only the hardware energy counter (J since the driver loaded): one cheap driver call.
+
+        Raises :class:`~wattwarden.hardware.errors.NotSupported` where the GPU has no counter.
+        """
         ...
 
     def set_power_limit(self, watts: float) -> float:

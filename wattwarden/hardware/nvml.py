@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import pynvml  # noqa: TID251 - this module is the one chokepoint for pynvml
 
-from wattwarden.hardware.device import GpuInfo, GpuReading, ProcessUsage, XidEvent
+from wattwarden.hardware.device import GpuInfo, GpuReading, PowerReading, ProcessUsage, XidEvent
 from wattwarden.hardware.errors import (
     GpuLost,
     HardwareError,
@@ -40,13 +40,14 @@ FI_TOTAL_ENERGY_CONSUMPTION = 83
 FI_POWER_AVERAGE = 185
 FI_POWER_INSTANT = 186
 FI_POWER_CURRENT_LIMIT = 190
-_BATCH_FIELDS = (
+_BATCH_FIELDS = [
     FI_POWER_AVERAGE,
     FI_POWER_INSTANT,
     FI_TOTAL_ENERGY_CONSUMPTION,
     FI_POWER_CURRENT_LIMIT,
     FI_MEMORY_TEMP,
-)
+]
+_FAST_FIELDS = [FI_POWER_INSTANT, FI_TOTAL_ENERGY_CONSUMPTION]
 _XID_EVENT = 0x8
 _MHZ = 1e6
 _install_lock = threading.Lock()
@@ -162,7 +163,7 @@ class NvmlGpu:
             )
         return self._info
 
-    def _batch(self) -> dict[int, int]:
+    def _batch(self, field_ids: list[int]) -> dict[int, int]:
         """One field-values call; the fields the device answered, by id."""
         if not self._batch_supported:
             return {}
@@ -172,7 +173,7 @@ class NvmlGpu:
                 "nvmlDeviceGetFieldValues",
                 pynvml.nvmlDeviceGetFieldValues,
                 self._handle,
-                list(_BATCH_FIELDS),
+                field_ids,
             )
         except NotSupported:
             self._batch_supported = False
@@ -192,7 +193,7 @@ class NvmlGpu:
     def read(self) -> GpuReading:
         """One read: a field-values batch plus the calls NVML has no field for."""
         h, t = self._handle, self._timings
-        fields = self._batch()
+        fields = self._batch(_BATCH_FIELDS)
 
         def field_or(fid: int, name: str, fn: Callable[..., int], *args: Any) -> int | None:
             if fid in fields:
@@ -251,6 +252,42 @@ class NvmlGpu:
             clock_event_mask=None if reasons is None else int(reasons),
             processes=self._processes(),
         )
+
+    def read_power(self) -> PowerReading:
+        """Instant power and the energy counter in one field-values call."""
+        fields = self._batch(_FAST_FIELDS)
+        instant = fields.get(FI_POWER_INSTANT)
+        energy = fields.get(FI_TOTAL_ENERGY_CONSUMPTION)
+        if energy is None:
+            energy = _opt(
+                self._timings,
+                "nvmlDeviceGetTotalEnergyConsumption",
+                pynvml.nvmlDeviceGetTotalEnergyConsumption,
+                self._handle,
+            )
+        average = None
+        if instant is None:
+            average = _opt(
+                self._timings,
+                "nvmlDeviceGetPowerUsage",
+                pynvml.nvmlDeviceGetPowerUsage,
+                self._handle,
+            )
+        return PowerReading(
+            power_instant_w=None if instant is None else instant / 1000.0,
+            energy_j=None if energy is None else energy / 1000.0,
+            power_w=None if average is None else average / 1000.0,
+        )
+
+    def read_energy_j(self) -> float:
+        """The energy counter alone (nvmlDeviceGetTotalEnergyConsumption), in J."""
+        mj = _call(
+            self._timings,
+            "nvmlDeviceGetTotalEnergyConsumption",
+            pynvml.nvmlDeviceGetTotalEnergyConsumption,
+            self._handle,
+        )
+        return int(mj) / 1000.0
 
     def _processes(self) -> tuple[ProcessUsage, ...]:
         h, t = self._handle, self._timings

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from wattwarden.hardware.device import GpuInfo, GpuReading, ProcessUsage, XidEvent
+from wattwarden.hardware.device import GpuInfo, GpuReading, PowerReading, ProcessUsage, XidEvent
 from wattwarden.hardware.errors import NotSupported
 from wattwarden.hardware.sim.fleet import DRIVER_VERSION, SimFleet
 from wattwarden.hardware.sim.gpu import SimGpu
@@ -82,6 +82,22 @@ class SimDevice:
                 for p in sorted(procs, key=lambda p: p.pid)
             ),
         )
+
+    def read_power(self) -> PowerReading:
+        """Instant power and the energy counter (the average only without the instant field)."""
+        g = self._gpu
+        instant = _opt(g.power_instant_mw)
+        energy = _opt(g.total_energy_mj)
+        average = _opt(g.power_average_mw) if instant is None else None
+        return PowerReading(
+            power_instant_w=None if instant is None else instant / 1000.0,
+            energy_j=None if energy is None else energy / 1000.0,
+            power_w=None if average is None else average / 1000.0,
+        )
+
+    def read_energy_j(self) -> float:
+        """The energy counter alone, in J (NotSupported where the fault says so)."""
+        return self._gpu.total_energy_mj() / 1000.0
 
     def set_power_limit(self, watts: float) -> float:
         """Set the limit and read back the enforced one."""
