@@ -106,14 +106,18 @@ def test_a_scrape_never_calls_nvml(rig: Rig) -> None:
     assert rig.fake.lib.calls == calls
 
 
-def test_lost_gpu_keeps_its_series_with_gpu_up_zero(rig: Rig) -> None:
+def test_lost_gpu_keeps_gpu_up_zero_and_counters_but_no_stale_gauges(rig: Rig) -> None:
     rig.sample(0.5)
     rig.fake.fleet[3].inject("lost")
     rig.sample(0.5)
     m = rig.metrics()
     up = {lab["gpu"]: v for lab, v in m["gpu_up"]}
     assert up == {str(i): (0.0 if i == 3 else 1.0) for i in range(8)}
-    assert any(lab["gpu"] == "3" for lab, _ in m["gpu_temperature_celsius"])
+    for kept in ("gpu_info", "gpu_energy_joules_total", "gpu_power_limit_max_watts"):
+        assert any(lab["gpu"] == "3" for lab, _ in m[kept]), kept
+    for dropped in ("gpu_power_watts", "gpu_temperature_celsius", "gpu_utilization_ratio"):
+        assert not any(lab["gpu"] == "3" for lab, _ in m[dropped]), dropped
+        assert any(lab["gpu"] == "2" for lab, _ in m[dropped]), dropped
     collector_up = {lab["collector"]: v for lab, v in m["wattwarden_collector_up"]}
     assert collector_up["gpu"] == 1.0
 

@@ -318,6 +318,7 @@ class _Handler(BaseHTTPRequestHandler):
         except RateLimited as e:
             raise ApiError(HTTPStatus.TOO_MANY_REQUESTS, str(e)) from None
         except HardwareError as e:
+            self.ctx.store.count_policy_action("api", "set_power_limit_failed", "apply")
             raise ApiError(HTTPStatus.BAD_GATEWAY, f"driver refused: {e}") from None
         self.ctx.store.count_policy_action("api", "set_power_limit", "apply")
         self._json(

@@ -189,8 +189,8 @@ class MetricStore:
                 if series.latest is None:
                     continue
                 powers = [p for t, p in series.window if t >= horizon]
-                if not powers and series.window:
-                    powers = [series.window[-1][1]]
+                if not powers and series.window and series.latest.up:
+                    powers = [series.window[-1][1]]  # sampling slower than the window
                 gpus.append(
                     GpuView(
                         series.latest,

@@ -134,13 +134,13 @@ class StoreCollector:
             ):
                 if _ok(value):
                     gauge.add_metric(lv, value)  # type: ignore[arg-type]
+            r = s.reading
+            if r is None or not s.up:
+                continue  # a lost GPU keeps gpu_up 0, its identity and counters; no stale gauges
             if _ok(view.power_mean_w):
                 power.add_metric(lv, view.power_mean_w)  # type: ignore[arg-type]
             if _ok(view.power_peak_w):
                 peak.add_metric(lv, view.power_peak_w)  # type: ignore[arg-type]
-            r = s.reading
-            if r is None:
-                continue
             for gauge, value in (
                 (limit, r.power_limit_w),
                 (util, r.utilization_gpu_ratio),
