@@ -40,14 +40,58 @@ FI_TOTAL_ENERGY_CONSUMPTION = 83
 FI_POWER_AVERAGE = 185
 FI_POWER_INSTANT = 186
 FI_POWER_CURRENT_LIMIT = 190
-_BATCH_FIELDS = [
+_BATCH_FIELDS = (
     FI_POWER_AVERAGE,
     FI_POWER_INSTANT,
     FI_TOTAL_ENERGY_CONSUMPTION,
     FI_POWER_CURRENT_LIMIT,
     FI_MEMORY_TEMP,
-]
-_FAST_FIELDS = [FI_POWER_INSTANT, FI_TOTAL_ENERGY_CONSUMPTION]
+)
+_FAST_FIELDS = (FI_POWER_INSTANT, FI_TOTAL_ENERGY_CONSUMPTION)
+
+
+class _Value(ctypes.Union):
+    _fields_ = (
+        ("dVal", ctypes.c_double),
+        ("uiVal", ctypes.c_uint),
+        ("ulVal", ctypes.c_ulong),
+        ("ullVal", ctypes.c_ulonglong),
+        ("sllVal", ctypes.c_longlong),
+        ("siVal", ctypes.c_int),
+        ("usVal", ctypes.c_ushort),
+    )
+
+
+class _FieldValue(ctypes.Structure):
+    """``nvmlFieldValue_t``, laid out as pynvml's ``c_nvmlFieldValue_t``.
+
+    pynvml's structures route every attribute access through Python-level hooks (for printing),
+    which made them most of the cost of a 10 Hz power read; this plain structure, reused between
+    calls, goes to the same C function (looked up through pynvml) without them.
+    """
+
+    _fields_ = (
+        ("fieldId", ctypes.c_uint32),
+        ("scopeId", ctypes.c_uint32),
+        ("timestamp", ctypes.c_int64),
+        ("latencyUsec", ctypes.c_int64),
+        ("valueType", ctypes.c_uint),
+        ("nvmlReturn", ctypes.c_uint),
+        ("value", _Value),
+    )
+
+
+assert ctypes.sizeof(_FieldValue) == ctypes.sizeof(pynvml.c_nvmlFieldValue_t)
+
+
+def _get_field_values(handle: Any, values: Any) -> None:
+    """``nvmlDeviceGetFieldValues`` through pynvml's function lookup, on our own array."""
+    fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetFieldValues")
+    ret = fn(handle, ctypes.c_int32(len(values)), ctypes.byref(values))
+    if ret != pynvml.NVML_SUCCESS:
+        raise pynvml.NVMLError(ret)
+
+
 _XID_EVENT = 0x8
 _MHZ = 1e6
 _install_lock = threading.Lock()
@@ -120,6 +164,7 @@ class NvmlGpu:
         self._timings = timings
         self._info: GpuInfo | None = None
         self._batch_supported = True
+        self._field_arrays: dict[tuple[int, ...], Any] = {}
         self._process_util_since = 0
 
     @property
@@ -163,26 +208,29 @@ class NvmlGpu:
             )
         return self._info
 
-    def _batch(self, field_ids: list[int]) -> dict[int, int]:
+    def _batch(self, field_ids: tuple[int, ...]) -> dict[int, int]:
         """One field-values call; the fields the device answered, by id."""
         if not self._batch_supported:
             return {}
+        values = self._field_arrays.get(field_ids)
+        if values is None:
+            values = (_FieldValue * len(field_ids))()
+            for i, fid in enumerate(field_ids):
+                values[i].fieldId = fid
+            self._field_arrays[field_ids] = values
         try:
-            values = _call(
-                self._timings,
-                "nvmlDeviceGetFieldValues",
-                pynvml.nvmlDeviceGetFieldValues,
-                self._handle,
-                field_ids,
+            _call(
+                self._timings, "nvmlDeviceGetFieldValues", _get_field_values, self._handle, values
             )
         except NotSupported:
             self._batch_supported = False
             return {}
         out: dict[int, int] = {}
         for fv in values:
-            if fv.nvmlReturn == pynvml.NVML_ERROR_GPU_IS_LOST:
+            status = fv.nvmlReturn
+            if status == pynvml.NVML_ERROR_GPU_IS_LOST:
                 raise GpuLost(f"GPU {self._index} is lost")
-            if fv.nvmlReturn != pynvml.NVML_SUCCESS:
+            if status != pynvml.NVML_SUCCESS:
                 continue
             if fv.valueType == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG:
                 out[fv.fieldId] = int(fv.value.ullVal)

@@ -33,6 +33,7 @@ ERROR_NOT_FOUND = 6
 ERROR_INSUFFICIENT_SIZE = 7
 ERROR_TIMEOUT = 10
 ERROR_GPU_IS_LOST = 15
+ERROR_ARGUMENT_VERSION_MISMATCH = 25
 ERROR_UNKNOWN = 999
 
 _ERROR_STRINGS = {
@@ -45,6 +46,7 @@ _ERROR_STRINGS = {
     ERROR_INSUFFICIENT_SIZE: b"Insufficient Size",
     ERROR_TIMEOUT: b"Timeout",
     ERROR_GPU_IS_LOST: b"GPU is lost",
+    ERROR_ARGUMENT_VERSION_MISMATCH: b"Argument version mismatch",
     ERROR_UNKNOWN: b"Unknown Error",
 }
 
@@ -66,6 +68,11 @@ VALUE_TYPE_UNSIGNED_LONG_LONG = 3
 CLOCK_GRAPHICS, CLOCK_SM, CLOCK_MEM, CLOCK_VIDEO = 0, 1, 2, 3
 EVENT_XID_CRITICAL_ERROR = 0x8
 SUPPORTED_CLOCK_EVENTS = 0x1 | 0x2 | 0x4 | 0x8 | 0x20 | 0x40 | 0x80
+TEMPERATURE_V1 = 1  # version number in the top byte of nvmlTemperature_v1 (0x100000C)
+PCIE_UTIL_TX_BYTES, PCIE_UTIL_RX_BYTES = 0, 1
+# Synthetic PCIe traffic at full load, in KB/s (host-to-device input feeding on an H100 node).
+PCIE_TX_KBPS_AT_FULL_LOAD = 2_000_000
+PCIE_RX_KBPS_AT_FULL_LOAD = 6_000_000
 
 _ARCH = {"h100-sxm": 9, "a100-sxm": 7}
 _COMPUTE_CAPABILITY = {"h100-sxm": (9, 0), "a100-sxm": (8, 0)}
@@ -299,8 +306,46 @@ class FakeNvmlLib:
     nvmlDeviceGetDisplayMode = nvmlDeviceGetDisplayActive
 
     @_status
+    def nvmlDeviceGetDriverModel(self, handle: Any, current: Any, pending: Any) -> int:
+        """Windows driver models (WDDM/TCC) do not exist on Linux: NotSupported, as there."""
+        self._gpu(handle)
+        return ERROR_NOT_SUPPORTED
+
+    nvmlDeviceGetDriverModel_v2 = nvmlDeviceGetDriverModel
+
+    @_status
+    def nvmlDeviceGetMigMode(self, handle: Any, current: Any, pending: Any) -> int:
+        """MIG-capable boards with MIG disabled (current and pending mode 0)."""
+        self._gpu(handle)
+        _put(current, 0)
+        _put(pending, 0)
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceIsMigDeviceHandle(self, handle: Any, ref: Any) -> int:
+        """Every simulated handle is a physical GPU, never a MIG instance."""
+        self._gpu(handle)
+        _put(ref, 0)
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetTotalEccErrors(
+        self, handle: Any, error_type: Any, counter_type: Any, ref: Any
+    ) -> int:
+        """ECC is on (HBM) and the simulated memory never errs: zero for every counter."""
+        self._gpu(handle)
+        _put(ref, 0)
+        return SUCCESS
+
+    @_status
     def nvmlDeviceGetFanSpeed(self, handle: Any, ref: Any) -> int:
         """SXM boards have no fan of their own."""
+        self._gpu(handle)
+        return ERROR_NOT_SUPPORTED
+
+    @_status
+    def nvmlDeviceGetC2cModeInfoV(self, handle: Any, ref: Any) -> int:
+        """No NVLink-C2C: these boards are not Grace Hopper superchips (zeus asks)."""
         self._gpu(handle)
         return ERROR_NOT_SUPPORTED
 
@@ -375,6 +420,17 @@ class FakeNvmlLib:
         return SUCCESS
 
     @_status
+    def nvmlDeviceGetTemperatureV(self, handle: Any, ref: Any) -> int:
+        """NvmlDeviceGetTemperatureV (versioned struct ``nvmlTemperature_v1``; GPU sensor only)."""
+        temp = ref._obj
+        if temp.version >> 24 != TEMPERATURE_V1:
+            return ERROR_ARGUMENT_VERSION_MISMATCH
+        if _val(temp.sensorType) != 0:
+            return ERROR_INVALID_ARGUMENT
+        temp.temperature = self._gpu(handle).temperature_c("gpu")
+        return SUCCESS
+
+    @_status
     def nvmlDeviceGetTemperatureThreshold(self, handle: Any, kind: Any, ref: Any) -> int:
         """Shutdown (0), slowdown (1), GPU max operating (3) thresholds."""
         sw, hw = self._gpu(handle).temperature_thresholds_c()
@@ -438,6 +494,18 @@ class FakeNvmlLib:
         return SUCCESS
 
     nvmlDeviceGetDecoderUtilization = nvmlDeviceGetEncoderUtilization
+
+    @_status
+    def nvmlDeviceGetPcieThroughput(self, handle: Any, counter: Any, ref: Any) -> int:
+        """PCIe TX/RX throughput in KB/s; synthetic, proportional to the GPU's utilization."""
+        kind = _val(counter)
+        if kind not in (PCIE_UTIL_TX_BYTES, PCIE_UTIL_RX_BYTES):
+            return ERROR_INVALID_ARGUMENT
+        gpu_pct, _ = self._gpu(handle).utilization_pct()
+        tx = kind == PCIE_UTIL_TX_BYTES
+        full = PCIE_TX_KBPS_AT_FULL_LOAD if tx else PCIE_RX_KBPS_AT_FULL_LOAD
+        _put(ref, full * gpu_pct // 100)
+        return SUCCESS
 
     @_status
     def nvmlDeviceGetMemoryInfo(self, handle: Any, ref: Any) -> int:
@@ -546,20 +614,11 @@ class FakeNvmlLib:
 
     @staticmethod
     def _field_reader(gpu: SimGpu, field_id: int) -> Callable[[], tuple[int, int]] | None:
-        u32, u64 = VALUE_TYPE_UNSIGNED_INT, VALUE_TYPE_UNSIGNED_LONG_LONG
-        readers: dict[int, Callable[[], tuple[int, int]]] = {
-            FI_MEMORY_TEMP: lambda: (gpu.temperature_c("memory"), u32),
-            FI_TOTAL_ENERGY_CONSUMPTION: lambda: (gpu.total_energy_mj(), u64),
-            FI_ENERGY: lambda: (gpu.total_energy_mj(), u64),
-            FI_POWER_AVERAGE: lambda: (gpu.power_average_mw(), u32),
-            FI_POWER_INSTANT: lambda: (gpu.power_instant_mw(), u32),
-            FI_POWER_MIN_LIMIT: lambda: (gpu.power_limit_constraints_mw()[0], u32),
-            FI_POWER_MAX_LIMIT: lambda: (gpu.power_limit_constraints_mw()[1], u32),
-            FI_POWER_DEFAULT_LIMIT: lambda: (gpu.default_power_limit_mw(), u32),
-            FI_POWER_CURRENT_LIMIT: lambda: (gpu.enforced_power_limit_mw(), u32),
-            FI_POWER_REQUESTED_LIMIT: lambda: (gpu.power_limit_mw(), u32),
-        }
-        return readers.get(field_id)
+        entry = _FIELD_READERS.get(field_id)
+        if entry is None:
+            return None
+        read, kind = entry
+        return lambda: (read(gpu), kind)
 
     # ------------------------------------------------------------------ events
     def nvmlEventSetCreate(self, ref: Any) -> int:
@@ -622,3 +681,19 @@ class FakeNvmlLib:
         with self._lock:
             self._event_sets.pop(ctypes.cast(event_set, ctypes.c_void_p).value or 0, None)
         return SUCCESS
+
+
+_U32, _U64 = VALUE_TYPE_UNSIGNED_INT, VALUE_TYPE_UNSIGNED_LONG_LONG
+#: field id -> (read from the simulated GPU, NVML value type); built once, not per call
+_FIELD_READERS: dict[int, tuple[Callable[[SimGpu], int], int]] = {
+    FI_MEMORY_TEMP: (lambda g: g.temperature_c("memory"), _U32),
+    FI_TOTAL_ENERGY_CONSUMPTION: (SimGpu.total_energy_mj, _U64),
+    FI_ENERGY: (SimGpu.total_energy_mj, _U64),
+    FI_POWER_AVERAGE: (SimGpu.power_average_mw, _U32),
+    FI_POWER_INSTANT: (SimGpu.power_instant_mw, _U32),
+    FI_POWER_MIN_LIMIT: (lambda g: g.power_limit_constraints_mw()[0], _U32),
+    FI_POWER_MAX_LIMIT: (lambda g: g.power_limit_constraints_mw()[1], _U32),
+    FI_POWER_DEFAULT_LIMIT: (SimGpu.default_power_limit_mw, _U32),
+    FI_POWER_CURRENT_LIMIT: (SimGpu.enforced_power_limit_mw, _U32),
+    FI_POWER_REQUESTED_LIMIT: (SimGpu.power_limit_mw, _U32),
+}

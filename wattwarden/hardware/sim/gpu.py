@@ -20,6 +20,7 @@ from wattwarden.hardware.sim.clock import Clock
 from wattwarden.hardware.sim.models import GpuModelSpec
 
 MAX_STEP_S = 0.05
+DRIVER_UPDATE_S = 0.001
 POWER_AVERAGE_WINDOW_S = 1.0
 SENSOR_NOISE_RATIO = 0.01
 DEFAULT_AMBIENT_C = 30.0
@@ -190,8 +191,15 @@ class SimGpu:
         i = bisect.bisect_right(self._schedule_t, t)
         return self._schedule_t[i] if i < len(self._schedule_t) else math.inf
 
-    def _advance(self) -> None:
+    def _advance(self, *, exact: bool = False) -> None:
+        """Bring the model up to now.
+
+        Driver-level reads skip advances shorter than ``DRIVER_UPDATE_S`` (a real driver's
+        readings also change in steps); ground-truth reads (``exact``) always advance.
+        """
         now = self._clock()
+        if not exact and now - self._t < DRIVER_UPDATE_S:
+            return
         spec = self.spec
         while self._t < now:
             end = min(now, self._t + MAX_STEP_S, self._next_boundary(self._t))
@@ -294,7 +302,7 @@ class SimGpu:
                 raise InvalidArgument(
                     f"GPU {self.index}: power limit {milliwatts} mW outside [{lo:.0f}, {hi:.0f}]"
                 )
-            self._advance()
+            self._advance(exact=True)
             self._limit_w = milliwatts / 1000.0
             self._operating_point()
         if self._on_change is not None:
@@ -373,37 +381,37 @@ class SimGpu:
     def true_power_w(self) -> float:
         """Exact power now (no averaging, no noise)."""
         with self._lock:
-            self._advance()
+            self._advance(exact=True)
             return self._power_w
 
     def true_energy_j(self) -> float:
         """Exact energy since the driver was loaded."""
         with self._lock:
-            self._advance()
+            self._advance(exact=True)
             return self._energy_j
 
     def true_process_energy_j(self, pid: int) -> float:
         """Exact active energy attributable to a process while it ran on this GPU."""
         with self._lock:
-            self._advance()
+            self._advance(exact=True)
             return self._process_energy_j.get(pid, 0.0)
 
     def true_temperature_c(self) -> float:
         """Exact die temperature."""
         with self._lock:
-            self._advance()
+            self._advance(exact=True)
             return self._temp_c
 
     def true_utilization(self) -> float:
         """Exact utilization now."""
         with self._lock:
-            self._advance()
+            self._advance(exact=True)
             return self._util
 
     def relative_throughput(self) -> float:
         """Work done per unit time relative to an uncapped GPU at the same utilization."""
         with self._lock:
-            self._advance()
+            self._advance(exact=True)
             if self._util <= 0:
                 return 0.0
             m = self.spec.memory_bound_fraction
@@ -415,7 +423,7 @@ class SimGpu:
         if not 0.0 <= utilization <= 1.0:
             raise InvalidArgument(f"utilization must be within [0, 1], got {utilization}")
         with self._lock:
-            self._advance()
+            self._advance(exact=True)
             self._schedule_t, self._schedule_u = [], []
             self._synthetic_util = utilization
             if memory_bytes is None:
@@ -427,7 +435,7 @@ class SimGpu:
         """Piecewise-constant load: ``(start_time, utilization)`` pairs on this GPU's clock."""
         pairs = sorted(segments)
         with self._lock:
-            self._advance()
+            self._advance(exact=True)
             self._schedule_t = [t for t, _ in pairs]
             self._schedule_u = [u for _, u in pairs]
             self._operating_point()
@@ -435,14 +443,14 @@ class SimGpu:
     def add_process(self, process: SimProcess) -> None:
         """Place a process (its utilization adds to the load)."""
         with self._lock:
-            self._advance()
+            self._advance(exact=True)
             self._processes[process.pid] = process
             self._operating_point()
 
     def remove_process(self, pid: int) -> None:
         """Remove a process, if present."""
         with self._lock:
-            self._advance()
+            self._advance(exact=True)
             self._processes.pop(pid, None)
             self._operating_point()
 
@@ -454,7 +462,7 @@ class SimGpu:
         no_permission, stuck_sensor, power_brake.
         """
         with self._lock:
-            self._advance()
+            self._advance(exact=True)
             if fault == "lost":
                 if not self._lost:
                     self._xids.append(XID_GPU_FALLEN_OFF_BUS)
@@ -496,7 +504,7 @@ class SimGpu:
     def state(self) -> dict[str, float | str]:
         """What a driver keeps across processes: the limit and the energy counter."""
         with self._lock:
-            self._advance()
+            self._advance(exact=True)
             return {
                 "uuid": self.uuid,
                 "model": self.spec.key,

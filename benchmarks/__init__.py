@@ -1,0 +1,1 @@
+"""wattwarden benchmarks: run with ``python -m benchmarks.<name>`` from the repository root."""

@@ -1,0 +1,139 @@
+"""Shared helpers: statistics, a plain-text table, JSON results, the environment of a run."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear interpolation between closest ranks."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Median, p95, mean, min and max of a sample, plus its size."""
+    return {
+        "n": len(values),
+        "median": statistics.median(values),
+        "p95": percentile(values, 95),
+        "mean": statistics.fmean(values),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A fixed-width text table; numeric columns right-aligned, text left-aligned."""
+    raw = [list(row) for row in rows]
+    cells = [[_cell(v) for v in row] for row in raw]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, c in enumerate(row):
+            widths[i] = max(widths[i], len(c))
+    numeric = [
+        bool(raw) and all(isinstance(row[i], int | float) for row in raw)
+        for i in range(len(headers))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        out = [
+            v.rjust(widths[i]) if numeric[i] else v.ljust(widths[i]) for i, v in enumerate(values)
+        ]
+        return "  ".join(out).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(list(headers)), sep, *(line(r) for r in cells)])
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.3g}"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def environment() -> dict[str, Any]:
+    """What the figures depend on: interpreter, CPU, package versions (no paths, no host name)."""
+    versions: dict[str, str | None] = {}
+    for dist in ("wattwarden", "nvidia-ml-py", "prometheus-client", "psutil", "gpustat", "nvitop"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(terse=True),
+        "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "packages": versions,
+        "note": "simulated GPUs (SimFleet) behind the fake libnvidia-ml; no real GPU involved",
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def command_line() -> str:
+    """How this benchmark was started, as a module command line."""
+    module = sys.modules["__main__"].__spec__
+    name = module.name if module is not None else Path(sys.argv[0]).stem
+    return " ".join(["python -m", name, *sys.argv[1:]])
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``results/<name>.json`` with the payload, the environment and the command line."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "benchmark": name,
+        "command": command_line(),
+        "finished_at_unix_s": round(time.time(), 3),
+        "environment": environment(),
+        **payload,
+    }
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def measure_cpu_ns(fn: Callable[[], object]) -> tuple[int, int]:
+    """Run ``fn`` once; process CPU time and wall time it took, in ns."""
+    c0, w0 = time.process_time_ns(), time.perf_counter_ns()
+    fn()
+    return time.process_time_ns() - c0, time.perf_counter_ns() - w0
