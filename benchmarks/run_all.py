@@ -23,6 +23,8 @@ BENCHMARKS = (
     "energy_accuracy",
     "agent_overhead",
     "profile_sampler",
+    "bench_energymeter",
+    "bench_train_overhead",
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,7 +26,7 @@ from wattwarden.config import AgentConfig, ConfigError
 from wattwarden.exporters.otlp import OtlpExporter, otlp_metric_families
 from wattwarden.exporters.prometheus import StoreCollector, job_families, make_registry
 from wattwarden.hardware.device import GpuBackend
-from wattwarden.hardware.errors import HardwareError, HardwareUnavailable
+from wattwarden.hardware.errors import HardwareError, HardwareUnavailable, NotSupported
 from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml
 from wattwarden.hardware.sim.fleet import SimFleet
 from wattwarden.hardware.sim.gpu import SimProcess
@@ -228,7 +228,9 @@ class Agent:
         for device in self.opened.backend.devices():
             entry: dict[str, Any] = {"index": device.index, "uuid": device.info().uuid}
             try:
-                entry["energy_joules"] = device.read().energy_j
+                entry["energy_joules"] = device.read_energy_j()
+            except NotSupported:
+                entry["energy_joules"] = None
             except HardwareError as e:
                 entry["energy_joules"], entry["error"] = None, str(e)
             gpus.append(entry)

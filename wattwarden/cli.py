@@ -145,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the JSON state instead")
     status.set_defaults(func=cmd_status)
 
+    from wattwarden.workloads.cli import add_job_parser, add_workload_parser  # no torch import
 
+    add_job_parser(sub)
+    add_workload_parser(sub)
     return parser
 
 

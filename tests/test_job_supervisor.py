@@ -1,0 +1,225 @@
+"""`wattwarden job run`: registration, environment, signal forwarding, unregistering, migration."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import free_port, http_json, run_agent, wait_for
+
+from wattwarden.workloads.testing import FakeAgent
+
+TOKEN = "job-test-token"
+
+# A stand-in workload: records its pid and environment, then exits or waits for a signal.
+CHILD = r"""
+import json, os, signal, sys, threading, time
+out_dir, mode = sys.argv[1], sys.argv[2]
+got, received = threading.Event(), []
+def on_signal(signum, frame):
+    received.append(signum)
+    got.set()
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
+env = {k: v for k, v in os.environ.items() if k.startswith(("CUDA_VISIBLE", "WATTWARDEN_"))}
+tmp = os.path.join(out_dir, ".start.tmp%d" % os.getpid())
+with open(tmp, "w") as f:
+    json.dump({"pid": os.getpid(), "env": env, "t": time.time()}, f)
+os.replace(tmp, os.path.join(out_dir, "start-%d.json" % os.getpid()))
+if mode == "exit3":
+    sys.exit(3)
+got.wait(120)
+tmp = os.path.join(out_dir, ".sig.tmp%d" % os.getpid())
+with open(tmp, "w") as f:
+    json.dump(received, f)
+os.replace(tmp, os.path.join(out_dir, "signals-%d.json" % os.getpid()))
+sys.exit(7)
+"""
+
+
+@pytest.fixture
+def agent() -> Iterator[FakeAgent]:
+    with FakeAgent(token=TOKEN) as a:
+        yield a
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "child.py").write_text(CHILD)
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "out").mkdir()
+    return tmp_path
+
+
+def supervise(
+    workdir: Path, url: str, mode: str, *extra: str, name: str = "j1"
+) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATTWARDEN_")}
+    cmd = [
+        sys.executable, "-m", "wattwarden", "job", "run", "--name", name, "--agent", url,
+        "--token-file", str(workdir / "token"), "--poll-interval", "0.1", *extra,
+        "--", sys.executable, str(workdir / "child.py"), str(workdir / "out"), mode,
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def starts(workdir: Path) -> list[dict[str, Any]]:
+    found = [json.loads(p.read_text()) for p in (workdir / "out").glob("start-*.json")]
+    return sorted(found, key=lambda s: s["t"])
+
+
+def signals_of(workdir: Path, pid: int) -> list[int] | None:
+    path = workdir / "out" / f"signals-{pid}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def finish(proc: subprocess.Popen[str], timeout_s: float = 60) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
+def test_registers_the_child_with_its_env_and_exits_with_its_code(agent: FakeAgent, workdir: Path):
+    proc = supervise(workdir, agent.url, "exit3", "--gpu", "1", "--priority", "high")
+    code, err = finish(proc)
+    assert code == 3, err
+    (child,) = starts(workdir)
+    posts = agent.matching("POST", "/api/v1/jobs")
+    assert [p.body for p in posts] == [
+        {"name": "j1", "pid": child["pid"], "gpu": 1, "priority": "high"}
+    ]
+    assert posts[0].authorization == f"Bearer {TOKEN}"
+    assert child["env"] == {
+        "CUDA_VISIBLE_DEVICES": "1",
+        "WATTWARDEN_AGENT_URL": agent.url,
+        "WATTWARDEN_JOB_NAME": "j1",
+        "WATTWARDEN_TOKEN": TOKEN,
+    }
+    deletes = agent.matching("DELETE", "/api/v1/jobs/j1")
+    assert len(deletes) == 1 and deletes[0].time_s >= posts[0].time_s
+    assert "j1" not in agent.jobs
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_forwards_the_signal_to_the_child_once_and_unregisters(
+    agent: FakeAgent, workdir: Path, sig: signal.Signals
+):
+    proc = supervise(workdir, agent.url, "wait")
+    try:
+        (child,) = wait_for(lambda: starts(workdir), what="the child to start")
+        agent.wait_until(lambda: "j1" in agent.jobs, what="registration")
+        proc.send_signal(sig)
+    finally:
+        code, err = finish(proc)
+    assert code == 7, err  # the child's own exit code
+    assert signals_of(workdir, child["pid"]) == [sig]
+    assert agent.matching("DELETE", "/api/v1/jobs/j1")
+    assert len(starts(workdir)) == 1  # a stop is not a migration
+
+
+def test_moves_the_job_when_the_agent_sets_a_target_gpu(agent: FakeAgent, workdir: Path):
+    proc = supervise(workdir, agent.url, "wait", "--gpu", "0")
+    try:
+        (first,) = wait_for(lambda: starts(workdir), what="the first child")
+        agent.wait_until(lambda: "j1" in agent.jobs, what="registration")
+        agent.set_target_gpu("j1", 2)
+        second = wait_for(lambda: starts(workdir)[1:], what="a restart")[0]
+        agent.wait_until(
+            lambda: agent.jobs.get("j1", {}).get("pid") == second["pid"], what="re-registration"
+        )
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        code, err = finish(proc)
+    assert code == 7, err
+    assert "moving job j1 from GPU 0 to GPU 2" in err
+    assert signals_of(workdir, first["pid"]) == [signal.SIGTERM]  # stopped to checkpoint
+    assert first["env"]["CUDA_VISIBLE_DEVICES"] == "0"
+    assert second["env"]["CUDA_VISIBLE_DEVICES"] == "2"
+    assert second["env"]["WATTWARDEN_JOB_NAME"] == "j1"
+    bodies = [p.body for p in agent.matching("POST", "/api/v1/jobs")]
+    assert bodies == [
+        {"name": "j1", "pid": first["pid"], "gpu": 0, "priority": "normal"},
+        {"name": "j1", "pid": second["pid"], "gpu": 2, "priority": "normal"},
+    ]
+    assert len(starts(workdir)) == 2
+    assert agent.matching("DELETE", "/api/v1/jobs/j1")
+
+
+def test_unreachable_agent_at_start_exits_1_without_running_the_command(workdir: Path):
+    url = f"http://127.0.0.1:{free_port()}"
+    code, err = finish(supervise(workdir, url, "exit3"))
+    assert code == 1
+    assert err.strip().splitlines() == [
+        f"wattwarden job: cannot reach the agent at {url}: [Errno 111] Connection refused; "
+        "start it with `wattwarden agent`, or pass --agent URL"
+    ]
+    assert starts(workdir) == []
+
+
+def test_a_wrong_token_is_a_clear_error_and_the_child_is_stopped(workdir: Path):
+    with FakeAgent(token="another-token") as agent:
+        code, err = finish(supervise(workdir, agent.url, "wait"))
+    assert code == 1
+    assert "cannot register job j1" in err and "401" in err and "--token-file" in err
+    assert agent.jobs == {}
+    # The supervisor waited for its child: stopped by SIGTERM (here or, if it was quick, by the
+    # default action before its handler was installed, leaving no start record).
+    for child in starts(workdir):
+        assert signals_of(workdir, child["pid"]) == [signal.SIGTERM]
+
+
+def test_training_job_moves_to_another_gpu_and_resumes_from_its_checkpoint(tmp_path: Path):
+    pytest.importorskip("torch")
+    ckdir, report = tmp_path / "ck", tmp_path / "report.json"
+
+    def newest() -> int:
+        return max((int(p.stem[5:]) for p in ckdir.glob("ckpt-*.pt")), default=0)
+
+    with run_agent(tmp_path / "state", "--sim", "2") as agent:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WATTWARDEN_")}
+        cmd = [
+            sys.executable, "-m", "wattwarden", "job", "run", "--name", "lm", "--gpu", "0",
+            "--agent", agent.url, "--token-file", str(agent.state_dir / "token"),
+            "--poll-interval", "0.2", "--",
+            sys.executable, "-m", "wattwarden", "workload", "train", "--steps", "1000000",
+            "--batch-size", "2", "--seq-len", "16", "--threads", "1", "--checkpoint-every", "5",
+            "--checkpoint-dir", str(ckdir), "--energy-source", "agent", "--report", str(report),
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(newest, timeout_s=60, what="a first checkpoint")
+            status, body = http_json(
+                f"{agent.url}/api/v1/jobs/lm/migrate", {"gpu": 1}, token=agent.token
+            )
+            assert status == 200, body
+
+            def moved() -> bool:
+                status, job = http_json(f"{agent.url}/api/v1/jobs/lm")
+                return status == 200 and job["gpu"] == 1
+
+            wait_for(moved, timeout_s=60, what="the job registered on GPU 1")
+            stopped_at = newest()  # the checkpoint the first run wrote on SIGTERM
+            wait_for(lambda: newest() > stopped_at, timeout_s=60, what="progress on GPU 1")
+            proc.send_signal(signal.SIGTERM)
+        finally:
+            code, err = finish(proc, timeout_s=120)
+        assert code == 128 + signal.SIGTERM, err
+        status, _ = http_json(f"{agent.url}/api/v1/jobs/lm")
+        assert status == 404  # unregistered when it exited
+    assert "moving job lm from GPU 0 to GPU 1" in err
+    final = json.loads(report.read_text())  # written by the run on GPU 1
+    assert final["resumed_from"].endswith(f"ckpt-{stopped_at:09d}.pt")
+    assert final["start_step"] == stopped_at and final["final_step"] > stopped_at
+    assert final["gpus"] == [1] and final["energy_source"] == "agent"
+    assert final["summary"]["energy_j"] > 0

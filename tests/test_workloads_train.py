@@ -1,0 +1,208 @@
+"""The training workload: energy per step, exact resume, atomic checkpoints, SIGTERM, progress."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import wait_for
+
+torch = pytest.importorskip("torch")
+
+from wattwarden.config import ConfigError  # noqa: E402
+from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml  # noqa: E402
+from wattwarden.hardware.sim import SimFleet  # noqa: E402
+from wattwarden.workloads import checkpoint as ckpt  # noqa: E402
+from wattwarden.workloads.testing import FakeAgent  # noqa: E402
+from wattwarden.workloads.train import StepRecord, TrainConfig, run_train  # noqa: E402
+
+# Small enough for a 2-core machine: a few ms per step.
+SMALL = {"size": "tiny", "batch_size": 2, "seq_len": 16, "threads": 1, "energy_source": "none"}
+SMALL_FLAGS = ["--size", "tiny", "--batch-size", "2", "--seq-len", "16", "--threads", "1"]
+
+
+def config(**overrides: object) -> TrainConfig:
+    return TrainConfig(**{**SMALL, **overrides})  # type: ignore[arg-type]
+
+
+def quiet() -> io.StringIO:
+    return io.StringIO()
+
+
+@pytest.fixture
+def fake_nvml() -> Iterator[SimFleet]:
+    fleet = SimFleet(2)
+    install_fake_nvml(fleet)
+    yield fleet
+    uninstall_fake_nvml()
+
+
+def test_resume_reproduces_the_uninterrupted_loss_trajectory_exactly(tmp_path: Path):
+    full = run_train(config(steps=8), stream=quiet())
+    assert len(full.losses) == 8 and not full.interrupted
+
+    stop = threading.Event()
+
+    def stop_after_3(rec: StepRecord) -> None:
+        if rec.step == 3:
+            stop.set()
+
+    first = run_train(
+        config(steps=8, checkpoint_dir=tmp_path), stop=stop, stream=quiet(), on_step=stop_after_3
+    )
+    assert first.interrupted and first.final_step == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000000003.pt"]
+
+    second = run_train(config(steps=8, checkpoint_dir=tmp_path), stream=quiet())
+    assert second.start_step == 3 and second.final_step == 8
+    assert first.losses + second.losses == full.losses  # bit for bit
+    assert [r.lr for r in first.records + second.records] == [r.lr for r in full.records]
+    assert second.report["resumed_from"].endswith("ckpt-000000003.pt")
+
+
+def test_extending_a_finished_run_continues_the_same_trajectory(tmp_path: Path):
+    full = run_train(config(steps=6), stream=quiet())
+    a = run_train(config(steps=4, checkpoint_dir=tmp_path), stream=quiet())
+    b = run_train(config(steps=6, checkpoint_dir=tmp_path), stream=quiet())
+    assert a.losses + b.losses == full.losses
+    nothing = run_train(config(steps=6, checkpoint_dir=tmp_path), stream=quiet())
+    assert nothing.records == [] and nothing.start_step == 6
+
+
+def test_periodic_checkpoints_keep_the_newest(tmp_path: Path):
+    run_train(
+        config(steps=7, checkpoint_dir=tmp_path, checkpoint_every=2, keep_checkpoints=2),
+        stream=quiet(),
+    )
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [6, 7]
+
+
+def test_resume_with_other_flags_is_refused_naming_the_flag(tmp_path: Path):
+    run_train(config(steps=2, checkpoint_dir=tmp_path), stream=quiet())
+    with pytest.raises(ConfigError, match="--batch-size 2, not 4"):
+        run_train(config(steps=4, checkpoint_dir=tmp_path, batch_size=4), stream=quiet())
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    good = ckpt.save_checkpoint(tmp_path, 1, {"x": torch.ones(3)})
+
+    def torn_save(obj: object, f: io.BufferedWriter) -> None:
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", torn_save)
+    with pytest.raises(OSError, match="No space"):
+        ckpt.save_checkpoint(tmp_path, 2, {"x": torch.zeros(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
+    latest = ckpt.load_latest(tmp_path)
+    assert latest is not None and latest[1]["step"] == 1
+    assert torch.equal(latest[1]["x"], torch.ones(3))
+
+
+def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path: Path):
+    run_train(config(steps=1, checkpoint_dir=tmp_path), stream=quiet())
+    (tmp_path / ".ckpt-abc123.tmp").write_bytes(b"partial")
+    result = run_train(config(steps=2, checkpoint_dir=tmp_path), stream=quiet())
+    assert result.start_step == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000001.pt", "ckpt-000000002.pt"]
+
+
+def test_train_reports_energy_per_step_from_the_gpu_counter(fake_nvml: SimFleet, tmp_path: Path):
+    fake_nvml[1].set_load(0.8)
+    report_path = tmp_path / "report.json"
+    result = run_train(
+        config(steps=4, energy_source="nvml", gpu=1, report=report_path), stream=quiet()
+    )
+    report = json.loads(report_path.read_text())
+    assert report == json.loads(json.dumps(result.report))
+    assert report["energy_source"] == "nvml" and report["gpus"] == [1]
+    steps = report["steps"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    for s in steps:
+        assert s["energy_j"] > 0 and s["time_s"] > 0
+        assert s["tokens_per_j"] == pytest.approx(2 * 16 / s["energy_j"])
+        assert s["tokens_per_s"] == pytest.approx(2 * 16 / s["time_s"])
+    summary = report["summary"]
+    assert summary["energy_j"] == pytest.approx(sum(s["energy_j"] for s in steps))
+    assert summary["tokens"] == 4 * 2 * 16
+    assert summary["j_per_step"] == pytest.approx(summary["energy_j"] / 4)
+
+
+def test_plain_progress_lines_when_not_a_terminal():
+    out = io.StringIO()
+    run_train(config(steps=3, log_interval_s=0.0), stream=out, tty=False)
+    lines = out.getvalue().splitlines()
+    assert any(line.startswith("train: 3/3 loss") for line in lines)
+    assert "\r" not in out.getvalue()
+
+
+def test_progress_bar_on_a_terminal():
+    out = io.StringIO()
+    run_train(config(steps=3), stream=out, tty=True)
+    text = out.getvalue()
+    assert "\r" in text and "[" + "#" * 24 + "] 3/3" in text
+
+
+def test_progress_is_posted_to_the_agent_with_the_token(monkeypatch: pytest.MonkeyPatch):
+    fleet = SimFleet(2)
+    fleet[0].set_load(0.5)
+    with FakeAgent(fleet, token="s3cret") as agent:
+        agent.jobs["lm"] = {"name": "lm", "pid": os.getpid(), "gpu": 0, "priority": "normal"}
+        monkeypatch.setenv("WATTWARDEN_AGENT_URL", agent.url)
+        monkeypatch.setenv("WATTWARDEN_JOB_NAME", "lm")
+        monkeypatch.setenv("WATTWARDEN_TOKEN", "s3cret")
+        result = run_train(config(steps=3, energy_source="agent", gpu=0), stream=quiet())
+        posts = agent.matching("POST", "/api/v1/jobs/lm/progress")
+    assert posts, "no progress posted"
+    assert posts[-1].body == {"step": 3, "samples": 6, "tokens": 96}
+    assert all(p.authorization == "Bearer s3cret" for p in posts)
+    assert result.report["energy_source"] == "agent"
+    assert result.report["summary"]["energy_j"] > 0
+
+
+def _train_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "wattwarden", "workload", "train", *SMALL_FLAGS, *args]
+
+
+def test_sigterm_mid_run_checkpoints_atomically_and_the_run_resumes(tmp_path: Path):
+    ckdir = tmp_path / "ck"
+    report = tmp_path / "r.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = _train_cmd(
+        "--steps", "100000", "--checkpoint-dir", str(ckdir), "--checkpoint-every", "2",
+        "--energy-source", "none", "--report", str(report),
+    )  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: ckpt.list_checkpoints(ckdir), timeout_s=60, what="a first checkpoint")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "checkpoint written" in err
+    assert not list(ckdir.glob("*.tmp"))  # no torn or stray files
+    saved = ckpt.list_checkpoints(ckdir)
+    for _, path in saved:
+        ckpt.load_checkpoint(path)  # every file there is complete
+    stopped_at = saved[-1][0]
+    interrupted = json.loads(report.read_text())
+    assert interrupted["interrupted"] and interrupted["final_step"] == stopped_at
+
+    resumed = run_train(config(steps=stopped_at + 2, checkpoint_dir=ckdir), stream=quiet())
+    assert resumed.start_step == stopped_at
+    full = run_train(config(steps=stopped_at + 2), stream=quiet())
+    first_losses = [s["loss"] for s in interrupted["steps"]]
+    assert first_losses + resumed.losses == full.losses

@@ -1,0 +1,331 @@
+"""``wattwarden workload train|infer`` and ``wattwarden job run``.
+
+Registered into the main command tree by :func:`add_workload_parser` and :func:`add_job_parser`.
+Nothing here imports torch: the handlers import the workloads when they run, so ``--help``
+and the other commands stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from wattwarden.config import ConfigError
+from wattwarden.workloads.agent_client import (
+    DEFAULT_AGENT_URL,
+    ENV_AGENT_URL,
+    check_url,
+    resolve_token,
+)
+
+EXIT_FAILURE = 1
+SIZES = ("tiny", "small", "medium")
+ENERGY_SOURCES = ("auto", "nvml", "agent", "none")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _common_flags(p: argparse.ArgumentParser, *, steps_help: str, batch_default: int) -> None:
+    p.add_argument("--steps", type=_int, default=100, metavar="N", help=steps_help)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    p.add_argument("--size", choices=SIZES, default="tiny", help="model size (default tiny)")
+    p.add_argument(
+        "--batch-size",
+        type=_int,
+        default=batch_default,
+        metavar="B",
+        help=f"default {batch_default}",
+    )
+    p.add_argument("--seed", type=_int, default=0, metavar="S", help="data and init seed")
+    p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report here")
+    p.add_argument(
+        "--gpu",
+        type=_int,
+        metavar="I",
+        help="NVML index of the GPU to measure (default: first of CUDA_VISIBLE_DEVICES, else 0)",
+    )
+    p.add_argument(
+        "--energy-source",
+        choices=ENERGY_SOURCES,
+        default="auto",
+        help="nvml in this process, the agent's /api/v1/energy, or none (default auto: in order)",
+    )
+    p.add_argument(
+        "--agent",
+        metavar="URL",
+        help=f"agent to read energy from (default ${ENV_AGENT_URL}, else {DEFAULT_AGENT_URL})",
+    )
+    p.add_argument("--threads", type=_int, metavar="N", help="torch CPU threads")
+    p.add_argument(
+        "--log-interval",
+        type=_float,
+        default=5.0,
+        metavar="S",
+        help="seconds between progress lines when stderr is not a terminal (default 5)",
+    )
+
+
+def add_workload_parser(subparsers: Any) -> None:
+    """Register ``workload train`` and ``workload infer``."""
+    workload = subparsers.add_parser(
+        "workload",
+        help="reference PyTorch training and inference jobs, metered per step",
+        description="Reference PyTorch workloads (a small transformer LM on synthetic tokens) "
+        "that report time and energy per step from EnergyMeter windows.",
+    )
+    sub = workload.add_subparsers(dest="workload", required=True, parser_class=type(workload))
+
+    train = sub.add_parser(
+        "train",
+        help="train the LM; checkpoints, resumes exactly, J/step and tokens/J",
+        description="Train a small decoder-only transformer on synthetic tokens. Checkpoints "
+        "every N steps, at the end and on SIGTERM/SIGINT (then exits 128+signal); a run on a "
+        "directory with a checkpoint resumes from it exactly.",
+    )
+    _common_flags(
+        train, steps_help="train up to this step, counted across resumes", batch_default=8
+    )
+    train.add_argument("--seq-len", type=_int, default=64, metavar="L", help="default 64")
+    train.add_argument("--lr", type=_float, default=1e-3, help="peak learning rate (default 1e-3)")
+    train.add_argument("--warmup-steps", type=_int, default=10, metavar="N", help="default 10")
+    train.add_argument(
+        "--checkpoint-dir", type=Path, metavar="DIR", help="checkpoints (and resume)"
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=_int,
+        default=0,
+        metavar="N",
+        help="also checkpoint every N steps (default 0: only at the end and on SIGTERM)",
+    )
+    train.add_argument(
+        "--keep-checkpoints", type=_int, default=2, metavar="K", help="newest K kept (default 2)"
+    )
+    train.set_defaults(func=cmd_train)
+
+    infer = sub.add_parser(
+        "infer",
+        help="greedy generation requests; latency p50/p95/p99, J/request, tokens/J",
+        description="Serve generation requests with the LM (fresh weights, or the newest "
+        "training checkpoint in --checkpoint-dir) and report latency and energy per request.",
+    )
+    _common_flags(infer, steps_help="number of requests (default 100)", batch_default=1)
+    infer.add_argument("--prompt-len", type=_int, default=32, metavar="L", help="default 32")
+    infer.add_argument("--new-tokens", type=_int, default=16, metavar="N", help="default 16")
+    infer.add_argument("--warmup", type=_int, default=2, metavar="N", help="unmeasured requests")
+    infer.add_argument("--checkpoint-dir", type=Path, metavar="DIR", help="load trained weights")
+    infer.set_defaults(func=cmd_infer)
+
+
+def add_job_parser(subparsers: Any) -> None:
+    """Register ``job run``."""
+    job = subparsers.add_parser(
+        "job",
+        help="run a command as a supervised, migratable job",
+        description="Supervised jobs registered with the node agent.",
+    )
+    sub = job.add_subparsers(dest="job_command", required=True, parser_class=type(job))
+    run = sub.add_parser(
+        "run",
+        help="run CMD on a GPU, registered with the agent; moved when the agent asks",
+        description="Run CMD with CUDA_VISIBLE_DEVICES=I and WATTWARDEN_AGENT_URL, "
+        "WATTWARDEN_JOB_NAME, WATTWARDEN_TOKEN set; register it with the agent, forward "
+        "SIGTERM/SIGINT, unregister on exit and exit with its code. When the agent sets the "
+        "job's target_gpu, stop CMD with SIGTERM and start it again on that GPU.",
+        usage="wattwarden job run --name NAME [--gpu I] [--priority P] [--agent URL] "
+        "[--token-file F] -- CMD [ARG ...]",
+    )
+    run.add_argument("--name", required=True, help="job name (A-Z a-z 0-9 _ . : -)")
+    run.add_argument("--gpu", type=_int, default=0, metavar="I", help="GPU index (default 0)")
+    run.add_argument("--priority", choices=("high", "normal", "low"), default="normal")
+    run.add_argument(
+        "--agent", metavar="URL", help=f"agent (default ${ENV_AGENT_URL}, else {DEFAULT_AGENT_URL})"
+    )
+    run.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="F",
+        help="agent write token (default $WATTWARDEN_TOKEN, else the state dir's token)",
+    )
+    run.add_argument(
+        "--poll-interval", type=_float, default=1.0, metavar="S", help=argparse.SUPPRESS
+    )
+    run.add_argument(
+        "--stop-timeout",
+        type=_float,
+        default=120.0,
+        metavar="S",
+        help="seconds a stopped job gets to checkpoint before SIGKILL (default 120)",
+    )
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="command after --")
+    run.set_defaults(func=cmd_job_run)
+
+
+# ------------------------------------------------------------------ handlers
+def _setup_logging(level: int) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
+
+
+def _require_torch(workload: str) -> None:
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit(
+            f"wattwarden workload {workload}: needs PyTorch, which is not installed "
+            "(pip install torch)"
+        )
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
+    """An event set by SIGTERM/SIGINT (the workload checkpoints and stops), and which came."""
+    stop = threading.Event()
+    received: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop, received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run ``workload train``."""
+    _setup_logging(logging.WARNING)
+    if args.agent is not None:
+        check_url(args.agent)
+    _require_torch("train")
+    from wattwarden.workloads.checkpoint import CheckpointError  # noqa: PLC0415 - torch
+    from wattwarden.workloads.train import TrainConfig, run_train  # noqa: PLC0415 - torch
+
+    cfg = TrainConfig(
+        steps=args.steps,
+        size=args.size,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        device=args.device,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        report=args.report,
+        gpu=args.gpu,
+        energy_source=args.energy_source,
+        agent_url=args.agent,
+        threads=args.threads,
+        log_interval_s=args.log_interval,
+    )
+    cfg.validate()
+    with _stop_on_signals() as (stop, received):
+        try:
+            result = run_train(cfg, stop=stop)
+        except (CheckpointError, OSError) as e:
+            print(f"wattwarden workload train: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+    if result.interrupted and received:
+        return 128 + received[0]
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Run ``workload infer``."""
+    _setup_logging(logging.WARNING)
+    if args.agent is not None:
+        check_url(args.agent)
+    _require_torch("infer")
+    from wattwarden.workloads.checkpoint import CheckpointError  # noqa: PLC0415 - torch
+    from wattwarden.workloads.infer import InferConfig, run_infer  # noqa: PLC0415 - torch
+
+    cfg = InferConfig(
+        requests=args.steps,
+        size=args.size,
+        batch_size=args.batch_size,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        seed=args.seed,
+        device=args.device,
+        checkpoint_dir=args.checkpoint_dir,
+        warmup=args.warmup,
+        report=args.report,
+        gpu=args.gpu,
+        energy_source=args.energy_source,
+        agent_url=args.agent,
+        threads=args.threads,
+        log_interval_s=args.log_interval,
+    )
+    cfg.validate()
+    with _stop_on_signals() as (stop, received):
+        try:
+            result = run_infer(cfg, stop=stop)
+        except (CheckpointError, OSError) as e:
+            print(f"wattwarden workload infer: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+    if result.interrupted and received:
+        return 128 + received[0]
+    return 0
+
+
+def cmd_job_run(args: argparse.Namespace) -> int:
+    """Run ``job run``."""
+    from wattwarden.workloads.agent_client import AgentClient  # noqa: PLC0415
+    from wattwarden.workloads.job import NAME_PATTERN, JobSupervisor  # noqa: PLC0415
+
+    _setup_logging(logging.INFO)
+    command = list(args.cmd)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ConfigError("no command to run; put it after --, e.g. `-- python train.py`")
+    if not NAME_PATTERN.match(args.name):
+        raise ConfigError(
+            f"--name must be 1-64 of A-Z a-z 0-9 _ . : - (a letter or digit first), "
+            f"got {args.name!r}"
+        )
+    if args.gpu < 0:
+        raise ConfigError(f"--gpu must be a GPU index (0 or more), got {args.gpu}")
+    if args.poll_interval <= 0:
+        raise ConfigError(f"--poll-interval must be positive, got {args.poll_interval}")
+    if args.stop_timeout <= 0:
+        raise ConfigError(f"--stop-timeout must be positive, got {args.stop_timeout}")
+    url = check_url(args.agent or os.environ.get(ENV_AGENT_URL) or DEFAULT_AGENT_URL)
+    token = resolve_token(args.token_file)
+    supervisor = JobSupervisor(
+        args.name,
+        command,
+        client=AgentClient(url, token=token),
+        gpu=args.gpu,
+        priority=args.priority,
+        poll_interval_s=args.poll_interval,
+        stop_timeout_s=args.stop_timeout,
+    )
+    return supervisor.run()

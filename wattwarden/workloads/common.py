@@ -1,0 +1,87 @@
+"""Pieces the training and inference workloads share: device, precision, RNG state, the meter."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from wattwarden.config import ConfigError
+from wattwarden.workloads.meter import SOURCES, EnergyMeter, EnergySourceError, visible_gpu
+
+DEVICES = ("cpu", "cuda")
+
+
+def check_positive(flag: str, value: int, *, zero_ok: bool = False) -> None:
+    """Raise ConfigError naming ``flag`` unless ``value`` is positive (or zero when allowed)."""
+    lo = 0 if zero_ok else 1
+    if value < lo:
+        need = "zero or more" if zero_ok else "at least 1"
+        raise ConfigError(f"{flag} must be {need}, got {value}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu`` or ``cuda`` (the first visible GPU); ConfigError when CUDA is not there."""
+    if name not in DEVICES:
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device cuda: torch {torch.__version__} sees no CUDA GPU here; use --device cpu"
+            )
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@contextmanager
+def autocast(device: torch.device) -> Iterator[None]:
+    """bf16 mixed precision on CUDA; full precision on the CPU."""
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def open_meter(
+    *, gpu: int | None, source: str, agent_url: str | None, device: torch.device
+) -> EnergyMeter:
+    """An EnergyMeter on the workload's GPU (``--gpu``, else ``CUDA_VISIBLE_DEVICES``)."""
+    if source not in SOURCES:
+        raise ConfigError(f"--energy-source must be one of {', '.join(SOURCES)}, got {source!r}")
+    index = visible_gpu() if gpu is None else gpu
+    if index < 0:
+        raise ConfigError(f"--gpu must be a GPU index (0 or more), got {index}")
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    try:
+        return EnergyMeter(gpus=[index], source=source, agent_url=agent_url, sync=sync)
+    except EnergySourceError as e:
+        raise ConfigError(f"--energy-source {source}: {e}") from e
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every random state a step can consume (dropout, init): torch CPU and CUDA, Python."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore :func:`rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        with contextlib.suppress(RuntimeError, IndexError):
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (all devices) and Python's ``random``."""
+    random.seed(seed)
+    torch.manual_seed(seed)

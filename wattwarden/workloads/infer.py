@@ -1,0 +1,258 @@
+"""The reference inference workload: greedy generation requests, latency and energy per request.
+
+Each request (a batch of prompts, ``new_tokens`` generated greedily) is one EnergyMeter window.
+The report has latency p50/p95/p99, J per request and generated tokens per J. The model is freshly
+initialised from the seed, or loaded from the newest training checkpoint in ``checkpoint_dir``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from wattwarden import __version__
+from wattwarden.config import ConfigError
+from wattwarden.workloads.checkpoint import CheckpointError, load_latest
+from wattwarden.workloads.common import (
+    autocast,
+    check_positive,
+    open_meter,
+    resolve_device,
+    seed_everything,
+)
+from wattwarden.workloads.meter import EnergyMeter
+from wattwarden.workloads.model import SIZES, SyntheticTokens, TinyLM
+from wattwarden.workloads.report import (
+    ProgressDisplay,
+    ProgressReporter,
+    fmt,
+    percentile,
+    ratio,
+    write_json_atomic,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class InferConfig:
+    """Everything ``wattwarden workload infer`` runs with."""
+
+    requests: int = 100
+    size: str = "tiny"
+    batch_size: int = 1
+    prompt_len: int = 32
+    new_tokens: int = 16
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint_dir: Path | None = None
+    warmup: int = 2
+    report: Path | None = None
+    gpu: int | None = None
+    energy_source: str = "auto"
+    agent_url: str | None = None
+    threads: int | None = None
+    log_interval_s: float = 5.0
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad flag."""
+        check_positive("--steps", self.requests)
+        check_positive("--batch-size", self.batch_size)
+        check_positive("--prompt-len", self.prompt_len)
+        check_positive("--new-tokens", self.new_tokens)
+        check_positive("--warmup", self.warmup, zero_ok=True)
+        if self.threads is not None:
+            check_positive("--threads", self.threads)
+        if self.size not in SIZES:
+            raise ConfigError(f"--size must be one of {', '.join(SIZES)}, got {self.size!r}")
+        limit = SIZES[self.size].max_seq_len
+        if self.prompt_len + self.new_tokens > limit:
+            raise ConfigError(
+                f"--prompt-len + --new-tokens must be at most {limit} for --size {self.size}"
+            )
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be zero or more, got {self.seed}")
+
+    def as_json(self) -> dict[str, Any]:
+        """The config as JSON-able values."""
+        out = asdict(self)
+        for key in ("checkpoint_dir", "report"):
+            out[key] = None if out[key] is None else str(out[key])
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One request."""
+
+    request: int
+    latency_s: float
+    tokens: int
+    energy_j: float | None
+    host_energy_j: float | None
+
+
+@dataclass(slots=True)
+class InferResult:
+    """What a run did; ``report`` is what ``--report`` writes."""
+
+    records: list[RequestRecord]
+    interrupted: bool
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.inference_mode()
+def generate(model: TinyLM, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding of ``new_tokens`` tokens after each prompt (full recompute per token)."""
+    tokens = prompts
+    for _ in range(new_tokens):
+        logits = model(tokens)[:, -1, :]
+        tokens = torch.cat([tokens, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    return tokens[:, prompts.shape[1] :]
+
+
+def _load_weights(model: TinyLM, cfg: InferConfig, device: torch.device) -> str | None:
+    if cfg.checkpoint_dir is None:
+        return None
+    latest = load_latest(cfg.checkpoint_dir, map_location=device)
+    if latest is None:
+        raise ConfigError(f"--checkpoint-dir: no checkpoint in {cfg.checkpoint_dir}")
+    path, state = latest
+    trained = state.get("config", {}).get("size")
+    if trained != cfg.size:
+        raise ConfigError(f"--size {cfg.size}: {path.name} holds a {trained} model")
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {e}") from e
+    return str(path)
+
+
+def run_infer(
+    cfg: InferConfig,
+    *,
+    stop: threading.Event | None = None,
+    stream: TextIO | None = None,
+    tty: bool | None = None,
+    meter: EnergyMeter | None = None,
+    on_request: Callable[[RequestRecord], None] | None = None,
+) -> InferResult:
+    """Serve ``cfg.requests`` requests, or fewer if ``stop`` is set."""
+    cfg.validate()
+    stop = stop or threading.Event()
+    out = sys.stderr if stream is None else stream
+    device = resolve_device(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    size = SIZES[cfg.size]
+    seed_everything(cfg.seed)
+    model = TinyLM(size).to(device)
+    loaded_from = _load_weights(model, cfg, device)
+    model.eval()
+    prompts = SyntheticTokens(size.vocab_size, cfg.prompt_len - 1, cfg.batch_size, cfg.seed)
+    tokens_per_request = cfg.batch_size * cfg.new_tokens
+
+    own_meter = meter is None
+    meter = meter or open_meter(
+        gpu=cfg.gpu, source=cfg.energy_source, agent_url=cfg.agent_url, device=device
+    )
+    reporter = ProgressReporter.from_env()
+    display = ProgressDisplay(
+        cfg.requests, label="infer", stream=out, tty=tty, interval_s=cfg.log_interval_s
+    )
+    records: list[RequestRecord] = []
+    wall_start = time.time()
+    try:
+        for _ in range(cfg.warmup):
+            with autocast(device):
+                generate(model, prompts.next_batch().to(device), cfg.new_tokens)
+        meter.begin_window("run")
+        meter.begin_window("request")
+        while len(records) < cfg.requests and not stop.is_set():
+            batch = prompts.next_batch().to(device, non_blocking=True)
+            with autocast(device):
+                generate(model, batch, cfg.new_tokens)
+            m = meter.lap("request")
+            n = len(records) + 1
+            rec = RequestRecord(n, m.elapsed_s, tokens_per_request, m.gpu_total_j, m.host_total_j)
+            records.append(rec)
+            if on_request is not None:
+                on_request(rec)
+            if reporter is not None:
+                reporter.update(n, n * cfg.batch_size, n * tokens_per_request)
+            display.update(
+                n,
+                f"{rec.latency_s * 1000:.1f} ms  {fmt(rec.energy_j, ' J/req', 3)}  "
+                f"{fmt(ratio(rec.tokens, rec.energy_j), ' tok/J', 1)}",
+            )
+        run = meter.end_window("run")
+        meter.cancel_window("request")
+    finally:
+        display.close()
+        if reporter is not None:
+            reporter.close()
+        if own_meter:
+            meter.close()
+
+    interrupted = len(records) < cfg.requests
+    latencies = [r.latency_s for r in records]
+    n = len(records)
+    busy = sum(latencies)
+    energies = [r.energy_j for r in records]
+    energy = sum(e for e in energies if e is not None) if n and None not in energies else None
+    hosts = [r.host_energy_j for r in records]
+    host = sum(h for h in hosts if h is not None) if n and None not in hosts else None
+
+    def ms(q: float) -> float | None:
+        p = percentile(latencies, q)
+        return None if p is None else p * 1000.0
+
+    summary = {
+        "requests": n,
+        "time_s": busy,
+        "wall_time_s": run.elapsed_s,
+        "latency_ms_p50": ms(50),
+        "latency_ms_p95": ms(95),
+        "latency_ms_p99": ms(99),
+        "latency_ms_mean": busy / n * 1000.0 if n else None,
+        "latency_ms_max": max(latencies) * 1000.0 if latencies else None,
+        "requests_per_s": n / busy if busy > 0 else 0.0,
+        "tokens": n * tokens_per_request,
+        "tokens_per_s": n * tokens_per_request / busy if busy > 0 else 0.0,
+        "energy_j": energy,
+        "j_per_request": ratio(energy, n),
+        "tokens_per_j": ratio(n * tokens_per_request, energy),
+        "host_energy_j": host,
+    }
+    report = {
+        "workload": "infer",
+        "wattwarden_version": __version__,
+        "torch_version": torch.__version__,
+        "started_at": wall_start,
+        "config": cfg.as_json(),
+        "device": str(device),
+        "precision": "bf16-autocast" if device.type == "cuda" else "fp32",
+        "model": {**size.as_dict(), "size": cfg.size, "parameters": model.parameter_count()},
+        "weights_from": loaded_from,
+        "energy_source": meter.source,
+        "gpus": list(meter.gpus),
+        "polled_gpus": list(meter.polled_gpus),
+        "interrupted": interrupted,
+        "requests": [asdict(r) for r in records],
+        "summary": summary,
+    }
+    if cfg.report is not None:
+        write_json_atomic(cfg.report, report)
+    display.message(
+        f"{n} requests: p50 {fmt(summary['latency_ms_p50'], ' ms')}, "
+        f"p95 {fmt(summary['latency_ms_p95'], ' ms')}, "
+        f"p99 {fmt(summary['latency_ms_p99'], ' ms')}; "
+        f"{fmt(summary['j_per_request'], ' J/request', 3)}, "
+        f"{fmt(summary['tokens_per_j'], ' tok/J', 1)} ({meter.source})"
+    )
+    return InferResult(records, interrupted, report)

@@ -1,0 +1,245 @@
+"""``wattwarden job run``: supervise one workload process on one GPU, and move it when told to.
+
+The supervisor starts the command with ``CUDA_VISIBLE_DEVICES`` set to its GPU and the
+``WATTWARDEN_*`` variables the workloads read, registers it with the agent (``POST
+/api/v1/jobs``), forwards SIGTERM and SIGINT to it, and unregisters it (``DELETE
+/api/v1/jobs/{name}``) when it exits, exiting with its code.
+
+Migration: about once a second it asks the agent about the job (``GET /api/v1/jobs/{name}``).
+When the answer's ``target_gpu`` differs from the job's GPU, it stops the process with SIGTERM
+(the reference workloads checkpoint on SIGTERM), waits for it, and starts the same command again
+with ``CUDA_VISIBLE_DEVICES`` set to the new GPU (the workload resumes from its checkpoint),
+registering it again with the new GPU and process id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from types import FrameType
+from typing import Any, TextIO
+
+from wattwarden.workloads.agent_client import (
+    ENV_AGENT_URL,
+    ENV_JOB_NAME,
+    ENV_TOKEN,
+    AgentClient,
+    AgentError,
+    AgentUnreachable,
+)
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")  # as the agent checks it
+PRIORITIES = ("high", "normal", "low")
+EXIT_FAILURE = 1
+EXIT_CANNOT_RUN = 127
+_FORWARDED = (signal.SIGTERM, signal.SIGINT)
+
+
+def exit_code(returncode: int) -> int:
+    """A child's status as a shell reports it: its code, or 128 + N when signal N killed it."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class JobSupervisor:
+    """Runs ``command`` as a registered, migratable job. :meth:`run` returns the exit code."""
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        *,
+        client: AgentClient,
+        gpu: int = 0,
+        priority: str = "normal",
+        poll_interval_s: float = 1.0,
+        stop_timeout_s: float = 120.0,
+        environ: Mapping[str, str] | None = None,
+        stream: TextIO | None = None,
+    ) -> None:
+        if not NAME_PATTERN.match(name):
+            raise ValueError(f"bad job name {name!r}")
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}")
+        if not command:
+            raise ValueError("no command to run")
+        self.name = name
+        self.command = list(command)
+        self.client = client
+        self.gpu = gpu
+        self.priority = priority
+        self.poll_interval_s = poll_interval_s
+        self.stop_timeout_s = stop_timeout_s
+        self._environ = dict(os.environ if environ is None else environ)
+        self._stream = sys.stderr if stream is None else stream
+        self._child: subprocess.Popen[bytes] | None = None
+        self._registered = False
+        self._stopping = threading.Event()
+        self._poll_failed = False
+        self.restarts = 0
+
+    # ---------------------------------------------------------------- output
+    def _say(self, text: str) -> None:
+        self._stream.write(f"wattwarden job: {text}\n")
+        self._stream.flush()
+
+    # ----------------------------------------------------------------- child
+    def child_env(self, gpu: int) -> dict[str, str]:
+        """The environment the command runs with on ``gpu``."""
+        env = dict(self._environ)
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        env[ENV_AGENT_URL] = self.client.url
+        env[ENV_JOB_NAME] = self.name
+        if self.client.token:
+            env[ENV_TOKEN] = self.client.token
+        else:
+            env.pop(ENV_TOKEN, None)
+        return env
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        # Its own process group: a terminal's Ctrl-C reaches the supervisor only, which
+        # forwards it once, instead of the child getting it twice.
+        child = subprocess.Popen(self.command, env=self.child_env(self.gpu), process_group=0)
+        self._child = child
+        return child
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._stopping.set()
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    def _stop_child(self, child: subprocess.Popen[bytes]) -> int:
+        """SIGTERM, then SIGKILL after ``stop_timeout_s``; the child's return code."""
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+        try:
+            return child.wait(timeout=self.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            self._say(
+                f"job {self.name} did not stop within {self.stop_timeout_s:.0f} s of SIGTERM; "
+                "killing it"
+            )
+            child.kill()
+            return child.wait()
+
+    # ----------------------------------------------------------------- agent
+    def _register(self, pid: int) -> None:
+        try:
+            self.client.register_job(self.name, pid, self.gpu, self.priority)
+        except AgentError as e:
+            if e.status != 409:
+                raise
+            # The agent still holds an older registration of this name: replace it.
+            self.client.unregister_job(self.name)
+            self.client.register_job(self.name, pid, self.gpu, self.priority)
+        self._registered = True
+
+    def _unregister(self) -> None:
+        if not self._registered:
+            return
+        try:
+            self.client.unregister_job(self.name)
+        except AgentError as e:
+            self._say(f"could not unregister job {self.name}: {e}")
+        self._registered = False
+
+    def _target_gpu(self, pid: int) -> int | None:
+        """The GPU the agent wants the job on, or None (no wish, or no answer)."""
+        try:
+            job = self.client.job(self.name)
+            if job is None:
+                log.warning("the agent forgot job %s (restarted?); registering it again", self.name)
+                self._register(pid)
+                return None
+        except AgentError as e:
+            if not self._poll_failed:
+                self._say(f"{e}; job {self.name} keeps running, retrying every second")
+                self._poll_failed = True
+            return None
+        if self._poll_failed:
+            self._say(f"the agent at {self.client.url} answers again")
+            self._poll_failed = False
+        target = job.get("target_gpu")
+        if isinstance(target, int) and not isinstance(target, bool) and target >= 0:
+            return target
+        return None
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> int:
+        """Supervise until the command exits (for good); returns the exit code to use."""
+        try:
+            self.client.healthz()
+        except AgentUnreachable as e:
+            self._say(f"{e}; start it with `wattwarden agent`, or pass --agent URL")
+            return EXIT_FAILURE
+        except AgentError as e:
+            self._say(str(e))
+            return EXIT_FAILURE
+        previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, self._on_signal) for s in _FORWARDED}
+        try:
+            return self._loop()
+        finally:
+            child = self._child
+            if (
+                child is not None and child.poll() is None
+            ):  # only on our own bug or KeyboardInterrupt
+                self._stop_child(child)
+            self._unregister()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.client.close()
+
+    def _loop(self) -> int:
+        while True:
+            try:
+                child = self._start()
+            except OSError as e:
+                self._say(f"cannot run {self.command[0]!r}: {e.strerror or e}")
+                return EXIT_CANNOT_RUN
+            try:
+                self._register(child.pid)
+            except AgentError as e:
+                self._say(f"cannot register job {self.name}: {e}")
+                self._stop_child(child)
+                return EXIT_FAILURE
+            log.info("job %s: pid %d on GPU %d", self.name, child.pid, self.gpu)
+            target = self._supervise(child)
+            if target is None:
+                return exit_code(child.wait())
+            self.gpu = target
+            self.restarts += 1
+            if self._stopping.is_set():  # a signal came between the stop and the restart
+                return exit_code(child.returncode)
+
+    def _supervise(self, child: subprocess.Popen[bytes]) -> int | None:
+        """Wait for the child; a GPU index when it was stopped to move there, else None."""
+        next_poll = time.monotonic() + self.poll_interval_s
+        while True:
+            try:
+                child.wait(timeout=max(next_poll - time.monotonic(), 0.0))
+                return None
+            except subprocess.TimeoutExpired:
+                pass
+            next_poll = time.monotonic() + self.poll_interval_s
+            if self._stopping.is_set():
+                continue  # the signal was forwarded; wait for the child to act on it
+            target = self._target_gpu(child.pid)
+            if target is None or target == self.gpu or child.poll() is not None:
+                continue
+            self._say(f"moving job {self.name} from GPU {self.gpu} to GPU {target}")
+            code = self._stop_child(child)
+            if self._stopping.is_set():
+                return None  # told to stop while moving: do not start it again
+            log.info("job %s stopped for the move (exit %d)", self.name, exit_code(code))
+            return target

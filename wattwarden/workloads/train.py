@@ -1,0 +1,410 @@
+"""The reference training workload: a small transformer LM on synthetic tokens, energy per step.
+
+Each step is one EnergyMeter window (a ``lap``: one counter read per step), so the report has
+time, samples/s, tokens/s, J/step and tokens/J for every step. Checkpoints are written every
+``checkpoint_every`` steps, at the end, and when ``stop`` is set (the CLI sets it on SIGTERM or
+SIGINT); a run started on a directory that holds a checkpoint resumes from it exactly: model,
+optimizer, random states and the data stream's position are all restored, so the loss trajectory
+is the one the uninterrupted run would have had (bit for bit on the CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from wattwarden import __version__
+from wattwarden.config import ConfigError
+from wattwarden.workloads.checkpoint import (
+    CheckpointError,
+    load_latest,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
+from wattwarden.workloads.common import (
+    autocast,
+    check_positive,
+    open_meter,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from wattwarden.workloads.meter import EnergyMeter, Measurement
+from wattwarden.workloads.model import SIZES, SyntheticTokens, TinyLM, lr_at
+from wattwarden.workloads.report import (
+    ProgressDisplay,
+    ProgressReporter,
+    fmt,
+    ratio,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+#: Settings a checkpoint must share with the run that resumes it.
+_RESUME_KEYS = ("size", "batch_size", "seq_len", "seed", "lr", "warmup_steps")
+_FLAGS = {k: "--" + k.replace("_", "-") for k in _RESUME_KEYS}
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    """Everything ``wattwarden workload train`` runs with."""
+
+    steps: int = 100
+    size: str = "tiny"
+    batch_size: int = 8
+    seq_len: int = 64
+    seed: int = 0
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    device: str = "cpu"
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    report: Path | None = None
+    gpu: int | None = None
+    energy_source: str = "auto"
+    agent_url: str | None = None
+    threads: int | None = None
+    log_interval_s: float = 5.0
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad flag."""
+        check_positive("--steps", self.steps)
+        check_positive("--batch-size", self.batch_size)
+        check_positive("--seq-len", self.seq_len)
+        check_positive("--warmup-steps", self.warmup_steps)
+        check_positive("--checkpoint-every", self.checkpoint_every, zero_ok=True)
+        check_positive("--keep-checkpoints", self.keep_checkpoints)
+        if self.threads is not None:
+            check_positive("--threads", self.threads)
+        if self.size not in SIZES:
+            raise ConfigError(f"--size must be one of {', '.join(SIZES)}, got {self.size!r}")
+        limit = SIZES[self.size].max_seq_len
+        if self.seq_len > limit:
+            raise ConfigError(f"--seq-len must be at most {limit} for --size {self.size}")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"--lr must be within (0, 1), got {self.lr}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be zero or more, got {self.seed}")
+
+    def as_json(self) -> dict[str, Any]:
+        """The config as JSON-able values."""
+        out = asdict(self)
+        for key in ("checkpoint_dir", "report"):
+            out[key] = None if out[key] is None else str(out[key])
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One training step."""
+
+    step: int
+    loss: float
+    lr: float
+    time_s: float
+    samples_per_s: float
+    tokens_per_s: float
+    energy_j: float | None
+    """GPU energy of the step (all measured GPUs)."""
+    host_energy_j: float | None
+    tokens_per_j: float | None
+    """Tokens per joule of GPU energy."""
+
+
+@dataclass(slots=True)
+class TrainResult:
+    """What a run did; ``report`` is what ``--report`` writes."""
+
+    start_step: int
+    final_step: int
+    interrupted: bool
+    records: list[StepRecord]
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def losses(self) -> list[float]:
+        """Loss per step run in this process."""
+        return [r.loss for r in self.records]
+
+
+@dataclass(slots=True)
+class _Totals:
+    time_s: float = 0.0
+    energy_j: float | None = None
+    host_energy_j: float | None = None
+
+    def add(self, m: Measurement) -> None:
+        self.time_s += m.elapsed_s
+        if m.gpu_total_j is not None:
+            self.energy_j = (self.energy_j or 0.0) + m.gpu_total_j
+        if m.host_total_j is not None:
+            self.host_energy_j = (self.host_energy_j or 0.0) + m.host_total_j
+
+
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    for key in _RESUME_KEYS:
+        theirs, ours = saved.get(key), getattr(cfg, key)
+        if theirs != ours:
+            raise ConfigError(
+                f"--checkpoint-dir: {path.name} was made with {_FLAGS[key]} {theirs}, "
+                f"not {ours}; pass the same flags or use another --checkpoint-dir"
+            )
+
+
+def run_train(
+    cfg: TrainConfig,
+    *,
+    stop: threading.Event | None = None,
+    stream: TextIO | None = None,
+    tty: bool | None = None,
+    meter: EnergyMeter | None = None,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> TrainResult:
+    """Train until ``cfg.steps`` (counted from step 0, across resumes) or until ``stop`` is set.
+
+    ``on_step`` is called after every step (before any checkpoint of that step).
+    """
+    cfg.validate()
+    stop = stop or threading.Event()
+    out = sys.stderr if stream is None else stream
+    device = resolve_device(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    size = SIZES[cfg.size]
+
+    seed_everything(cfg.seed)
+    model = TinyLM(size).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1
+    )
+    data = SyntheticTokens(size.vocab_size, cfg.seq_len, cfg.batch_size, cfg.seed)
+    totals = _Totals()
+    start_step = 0
+    resumed_from: str | None = None
+    if cfg.checkpoint_dir is not None:
+        if remove_stale_temp_files(cfg.checkpoint_dir):
+            log.info("removed a partial checkpoint a killed run left in %s", cfg.checkpoint_dir)
+        latest = load_latest(cfg.checkpoint_dir, map_location=device)
+        if latest is not None:
+            path, state = latest
+            _check_resumable(state["config"], cfg, path)
+            try:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                data.load_state_dict(state["data"])
+                set_rng_state(state["rng"], device)
+            except (KeyError, RuntimeError, ValueError) as e:
+                raise CheckpointError(f"checkpoint {path} does not fit this model: {e}") from e
+            start_step = int(state["step"])
+            saved_totals = state.get("totals", {})
+            totals = _Totals(
+                float(saved_totals.get("time_s", 0.0)),
+                saved_totals.get("energy_j"),
+                saved_totals.get("host_energy_j"),
+            )
+            resumed_from = str(path)
+    model.train()
+
+    own_meter = meter is None
+    meter = meter or open_meter(
+        gpu=cfg.gpu, source=cfg.energy_source, agent_url=cfg.agent_url, device=device
+    )
+    reporter = ProgressReporter.from_env()
+    display = ProgressDisplay(
+        cfg.steps, label="train", stream=out, tty=tty, interval_s=cfg.log_interval_s
+    )
+    if resumed_from is not None:
+        display.message(f"resumed from {resumed_from} at step {start_step}")
+    records: list[StepRecord] = []
+    checkpoints: list[dict[str, Any]] = []
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+
+    def checkpoint(step: int) -> None:
+        assert cfg.checkpoint_dir is not None
+        state = {
+            "config": {k: getattr(cfg, k) for k in _RESUME_KEYS},
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "data": data.state_dict(),
+            "rng": rng_state(device),
+            "totals": {
+                "time_s": totals.time_s,
+                "energy_j": totals.energy_j,
+                "host_energy_j": totals.host_energy_j,
+            },
+        }
+        path = save_checkpoint(cfg.checkpoint_dir, step, state, keep=cfg.keep_checkpoints)
+        m = meter.lap("step")  # the write is not part of the next step
+        checkpoints.append(
+            {"step": step, "path": str(path), "time_s": m.elapsed_s, "energy_j": m.gpu_total_j}
+        )
+
+    step = start_step
+    wall_start = time.time()
+    try:
+        meter.begin_window("run")
+        meter.begin_window("step")
+        while step < cfg.steps and not stop.is_set():
+            lr = lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = data.next_batch().to(device, non_blocking=True)
+            with autocast(device):
+                loss = model.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(loss)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            loss_value = float(loss.item())
+            m = meter.lap("step")
+            step += 1
+            totals.add(m)
+            rec = StepRecord(
+                step=step,
+                loss=loss_value,
+                lr=lr,
+                time_s=m.elapsed_s,
+                samples_per_s=cfg.batch_size / m.elapsed_s if m.elapsed_s > 0 else 0.0,
+                tokens_per_s=tokens_per_step / m.elapsed_s if m.elapsed_s > 0 else 0.0,
+                energy_j=m.gpu_total_j,
+                host_energy_j=m.host_total_j,
+                tokens_per_j=ratio(tokens_per_step, m.gpu_total_j),
+            )
+            records.append(rec)
+            if on_step is not None:
+                on_step(rec)
+            if reporter is not None:
+                reporter.update(step, step * cfg.batch_size, step * tokens_per_step)
+            display.update(
+                step,
+                f"loss {rec.loss:.3f}  {rec.time_s * 1000:.1f} ms  {rec.tokens_per_s:.0f} tok/s  "
+                f"{fmt(rec.energy_j, ' J', 2)}  {fmt(rec.tokens_per_j, ' tok/J', 1)}",
+            )
+            if (
+                cfg.checkpoint_dir is not None
+                and cfg.checkpoint_every
+                and step % cfg.checkpoint_every == 0
+                and step < cfg.steps
+            ):
+                checkpoint(step)
+        interrupted = step < cfg.steps
+        if cfg.checkpoint_dir is not None and step > start_step:
+            checkpoint(step)
+        display.close()
+        run = meter.end_window("run")
+        meter.cancel_window("step")
+    finally:
+        display.close()
+        if reporter is not None:
+            reporter.close()
+        if own_meter:
+            meter.close()
+
+    if interrupted:
+        display.message(f"stopped at step {step} of {cfg.steps}; checkpoint written")
+    report = _report(
+        cfg,
+        model,
+        device,
+        meter,
+        records=records,
+        checkpoints=checkpoints,
+        run=run,
+        totals=totals,
+        start_step=start_step,
+        step=step,
+        interrupted=interrupted,
+        resumed_from=resumed_from,
+        wall_start=wall_start,
+    )
+    if cfg.report is not None:
+        write_json_atomic(cfg.report, report)
+    s = report["summary"]
+    display.message(
+        f"{len(records)} steps in {s['time_s']:.2f} s, {s['tokens_per_s']:.0f} tok/s, "
+        f"{fmt(s['energy_j'], ' J', 1)} GPU energy ({meter.source}), "
+        f"{fmt(s['tokens_per_j'], ' tok/J', 1)}, final loss {fmt(s['final_loss'], '', 4)}"
+    )
+    return TrainResult(start_step, step, interrupted, records, report)
+
+
+def _report(
+    cfg: TrainConfig,
+    model: TinyLM,
+    device: torch.device,
+    meter: EnergyMeter,
+    *,
+    records: list[StepRecord],
+    checkpoints: list[dict[str, Any]],
+    run: Measurement,
+    totals: _Totals,
+    start_step: int,
+    step: int,
+    interrupted: bool,
+    resumed_from: str | None,
+    wall_start: float,
+) -> dict[str, Any]:
+    n = len(records)
+    step_time = sum(r.time_s for r in records)
+    samples, tokens = n * cfg.batch_size, n * cfg.batch_size * cfg.seq_len
+    energies = [r.energy_j for r in records]
+    energy = (
+        sum(e for e in energies if e is not None)
+        if all(e is not None for e in energies) and n
+        else None
+    )
+    host = [r.host_energy_j for r in records]
+    host_energy = (
+        sum(h for h in host if h is not None) if n and all(h is not None for h in host) else None
+    )
+    return {
+        "workload": "train",
+        "wattwarden_version": __version__,
+        "torch_version": torch.__version__,
+        "started_at": wall_start,
+        "config": cfg.as_json(),
+        "device": str(device),
+        "precision": "bf16-autocast" if device.type == "cuda" else "fp32",
+        "model": {**model.size.as_dict(), "size": cfg.size, "parameters": model.parameter_count()},
+        "energy_source": meter.source,
+        "gpus": list(meter.gpus),
+        "polled_gpus": list(meter.polled_gpus),
+        "resumed_from": resumed_from,
+        "start_step": start_step,
+        "final_step": step,
+        "interrupted": interrupted,
+        "steps": [asdict(r) for r in records],
+        "checkpoints": checkpoints,
+        "summary": {
+            "steps": n,
+            "time_s": step_time,
+            "wall_time_s": run.elapsed_s,
+            "samples": samples,
+            "tokens": tokens,
+            "samples_per_s": samples / step_time if step_time > 0 else 0.0,
+            "tokens_per_s": tokens / step_time if step_time > 0 else 0.0,
+            "energy_j": energy,
+            "j_per_step": ratio(energy, n),
+            "tokens_per_j": ratio(tokens, energy),
+            "host_energy_j": host_energy,
+            "run_energy_j": run.gpu_total_j,
+            "final_loss": records[-1].loss if records else None,
+        },
+        "total_since_step_0": {
+            "steps": step,
+            "time_s": totals.time_s,
+            "energy_j": totals.energy_j,
+            "host_energy_j": totals.host_energy_j,
+        },
+    }
