@@ -6,12 +6,14 @@ import contextlib
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from wattwarden.config import ConfigError
 from wattwarden.workloads.meter import SOURCES, EnergyMeter, EnergySourceError, visible_gpu
+from wattwarden.workloads.model import SIZES
 
 DEVICES = ("cpu", "cuda")
 
@@ -22,6 +24,25 @@ def check_positive(flag: str, value: int, *, zero_ok: bool = False) -> None:
     if value < lo:
         need = "zero or more" if zero_ok else "at least 1"
         raise ConfigError(f"{flag} must be {need}, got {value}")
+
+
+def check_model_flags(size: str, seed: int, threads: int | None) -> int:
+    """Flags both workloads take; returns the model size's longest sequence."""
+    if threads is not None:
+        check_positive("--threads", threads)
+    if size not in SIZES:
+        raise ConfigError(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
+    if seed < 0:
+        raise ConfigError(f"--seed must be zero or more, got {seed}")
+    return SIZES[size].max_seq_len
+
+
+def config_json(config: Any) -> dict[str, Any]:
+    """A workload config (a dataclass) as JSON-able values, for reports."""
+    out: dict[str, Any] = asdict(config)
+    for key in ("checkpoint_dir", "report"):
+        out[key] = None if out[key] is None else str(out[key])
+    return out
 
 
 def resolve_device(name: str) -> torch.device:

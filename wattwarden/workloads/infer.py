@@ -22,7 +22,9 @@ from wattwarden.config import ConfigError
 from wattwarden.workloads.checkpoint import CheckpointError, load_latest
 from wattwarden.workloads.common import (
     autocast,
+    check_model_flags,
     check_positive,
+    config_json,
     open_meter,
     resolve_device,
     seed_everything,
@@ -66,24 +68,15 @@ class InferConfig:
         check_positive("--prompt-len", self.prompt_len)
         check_positive("--new-tokens", self.new_tokens)
         check_positive("--warmup", self.warmup, zero_ok=True)
-        if self.threads is not None:
-            check_positive("--threads", self.threads)
-        if self.size not in SIZES:
-            raise ConfigError(f"--size must be one of {', '.join(SIZES)}, got {self.size!r}")
-        limit = SIZES[self.size].max_seq_len
+        limit = check_model_flags(self.size, self.seed, self.threads)
         if self.prompt_len + self.new_tokens > limit:
             raise ConfigError(
                 f"--prompt-len + --new-tokens must be at most {limit} for --size {self.size}"
             )
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be zero or more, got {self.seed}")
 
     def as_json(self) -> dict[str, Any]:
         """The config as JSON-able values."""
-        out = asdict(self)
-        for key in ("checkpoint_dir", "report"):
-            out[key] = None if out[key] is None else str(out[key])
-        return out
+        return config_json(self)
 
 
 @dataclass(frozen=True, slots=True)

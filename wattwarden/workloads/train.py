@@ -31,7 +31,9 @@ from wattwarden.workloads.checkpoint import (
 )
 from wattwarden.workloads.common import (
     autocast,
+    check_model_flags,
     check_positive,
+    config_json,
     open_meter,
     resolve_device,
     rng_state,
@@ -85,24 +87,15 @@ class TrainConfig:
         check_positive("--warmup-steps", self.warmup_steps)
         check_positive("--checkpoint-every", self.checkpoint_every, zero_ok=True)
         check_positive("--keep-checkpoints", self.keep_checkpoints)
-        if self.threads is not None:
-            check_positive("--threads", self.threads)
-        if self.size not in SIZES:
-            raise ConfigError(f"--size must be one of {', '.join(SIZES)}, got {self.size!r}")
-        limit = SIZES[self.size].max_seq_len
+        limit = check_model_flags(self.size, self.seed, self.threads)
         if self.seq_len > limit:
             raise ConfigError(f"--seq-len must be at most {limit} for --size {self.size}")
         if not 0 < self.lr < 1:
             raise ConfigError(f"--lr must be within (0, 1), got {self.lr}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be zero or more, got {self.seed}")
 
     def as_json(self) -> dict[str, Any]:
         """The config as JSON-able values."""
-        out = asdict(self)
-        for key in ("checkpoint_dir", "report"):
-            out[key] = None if out[key] is None else str(out[key])
-        return out
+        return config_json(self)
 
 
 @dataclass(frozen=True, slots=True)
