@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_port, http_json, run_agent, wait_for
+from helpers import free_port, http_get, http_json, parse_metrics, run_agent, wait_for
 
 from wattwarden.workloads.testing import FakeAgent
 
@@ -211,6 +211,19 @@ def test_training_job_moves_to_another_gpu_and_resumes_from_its_checkpoint(tmp_p
             wait_for(moved, timeout_s=60, what="the job registered on GPU 1")
             stopped_at = newest()  # the checkpoint the first run wrote on SIGTERM
             wait_for(lambda: newest() > stopped_at, timeout_s=60, what="progress on GPU 1")
+
+            def job_in_metrics() -> dict[str, float] | None:
+                m = parse_metrics(http_get(agent.url + "/metrics")[1].decode())
+                energy = {lab["gpu"]: v for lab, v in m.get("gpu_job_energy_joules_total", [])
+                          if lab["job"] == "lm"}  # fmt: skip
+                power = {lab["gpu"]: v for lab, v in m["gpu_power_watts"]}
+                efficiency = [v for lab, v in m.get("wattwarden_job_tokens_per_joule", [])
+                              if lab["job"] == "lm"]  # fmt: skip
+                done = energy.get("0", 0) > 0 and energy.get("1", 0) > 0 and efficiency
+                return power if done and power["1"] > power["0"] else None
+
+            # its energy shows up in /metrics on both GPUs, and its power now draws on GPU 1
+            wait_for(job_in_metrics, timeout_s=30, what="the job's energy and power in /metrics")
             proc.send_signal(signal.SIGTERM)
         finally:
             code, err = finish(proc, timeout_s=120)
