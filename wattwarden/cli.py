@@ -105,14 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="powercap sysfs root (default /sys/class/powercap)",
     )
-    agent.add_argument("--power-budget-watts", type=_number, metavar="W", help="node power budget")
+    agent.add_argument(
+        "--power-budget-watts",
+        type=_number,
+        metavar="W",
+        help="node power budget, exported for the over-budget alert",
+    )
     agent.add_argument(
         "--apply",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="act on power limits (default: dry-run); --no-apply forces dry-run",
     )
-    agent.add_argument("--policy", type=Path, metavar="FILE", help="policy file")
     agent.add_argument(
         "--otlp-endpoint",
         metavar="URL",
@@ -174,7 +178,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "rapl_root": str(args.rapl_root) if args.rapl_root else None,
         "power_budget_watts": args.power_budget_watts,
         "apply": args.apply,
-        "policy": str(args.policy) if args.policy else None,
         "otlp_endpoint": args.otlp_endpoint,
         "otlp_headers": args.otlp_headers,
         "otlp_interval_s": args.otlp_interval_s,

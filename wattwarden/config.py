@@ -50,7 +50,6 @@ class AgentConfig:
     rapl_root: Path = Path("/sys/class/powercap")
     power_budget_watts: float | None = None
     apply: bool = False
-    policy: Path | None = None
     otlp_endpoint: str | None = None
     otlp_headers: str | None = None
     """``k=v,k2=v2`` (e.g. an Authorization header); OTEL_EXPORTER_OTLP_HEADERS is added too."""
@@ -168,7 +167,6 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "rapl_root": _path,
     "power_budget_watts": _float_in(1.0, 1e6),
     "apply": _bool,
-    "policy": _path,
     "otlp_endpoint": _url,
     "otlp_headers": _string,
     "otlp_interval_s": _float_in(1.0, 3600.0),
