@@ -142,3 +142,23 @@ def test_openmetrics_is_served_when_asked_for(rig: Rig) -> None:
     body, content_type = render(rig.registry, "application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text")
     assert body.rstrip().endswith(b"# EOF")
+
+
+def test_a_failing_after_pass_hook_is_logged_and_sampling_goes_on(fake_nvml: FakeNvml) -> None:
+    store = MetricStore(monotonic=fake_nvml.clock)
+    calls = []
+
+    def hook() -> None:
+        calls.append(1)
+        raise OSError(28, "No space left on device")
+
+    sampler = Sampler(store, [GpuCollector(NvmlBackend(), monotonic=fake_nvml.clock)], on_pass=hook)
+    try:
+        for _ in range(3):
+            fake_nvml.clock.advance(0.1)
+            sampler.run_once()
+        assert len(calls) == 3
+        assert sampler.passes == 3
+        assert store.snapshot().collectors["gpu"].up
+    finally:
+        sampler.close()

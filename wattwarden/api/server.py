@@ -103,6 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     # keep-alive clients (EnergyMeter) would otherwise wait out delayed ACKs: ~40 ms a request
     disable_nagle_algorithm = True
+    timeout = 60  # seconds a connection may sit idle or half-sent before its thread gives up
     ctx: AgentContext
 
     def log_message(self, format: str, *args: Any) -> None:

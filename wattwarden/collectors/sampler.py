@@ -57,7 +57,13 @@ class Sampler:
         self.store.mark_pass(self._wall())
         self.passes += 1
         if self._on_pass is not None:
-            self._on_pass()
+            try:
+                self._on_pass()
+            except Exception as e:  # a failing hook must not stop sampling
+                message = f"{type(e).__name__}: {e}"
+                if self._last_error.get("on_pass") != message:
+                    self._last_error["on_pass"] = message
+                    log.exception("after-pass hook failed")
 
     def _collect(self, c: Collector) -> None:
         start = time.perf_counter()
