@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -51,10 +52,17 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what or probe}: {last_error}")
 
 
-def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
+def http_get(
+    url: str,
+    timeout_s: float = 5.0,
+    *,
+    context: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
     """GET, returning (status, body) for any status."""
+    req = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(req, timeout=timeout_s, context=context) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -106,8 +114,14 @@ class AgentProcess:
 
 
 @contextmanager
-def run_agent(state_dir: Path, *args: str, port: int | None = None) -> Iterator[AgentProcess]:
-    """Start the agent on loopback and wait until /healthz answers; stop it afterwards."""
+def run_agent(
+    state_dir: Path, *args: str, port: int | None = None, tls: ssl.SSLContext | None = None
+) -> Iterator[AgentProcess]:
+    """Start the agent on loopback and wait until /healthz answers; stop it afterwards.
+
+    With ``tls`` (a client context trusting the agent's certificate) the agent is reached over
+    https; its web config comes in ``args``.
+    """
     port = port or free_port()
     cmd = [
         sys.executable,
@@ -124,13 +138,14 @@ def run_agent(state_dir: Path, *args: str, port: int | None = None) -> Iterator[
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-        agent = AgentProcess(proc, f"http://127.0.0.1:{port}", state_dir, port)
+        scheme = "https" if tls is not None else "http"
+        agent = AgentProcess(proc, f"{scheme}://127.0.0.1:{port}", state_dir, port)
         try:
 
             def healthy() -> bool:
                 if proc.poll() is not None:
                     raise AssertionError(f"agent exited {proc.returncode}: {log_path.read_text()}")
-                return http_get(agent.url + "/healthz", timeout_s=1)[0] == 200
+                return http_get(agent.url + "/healthz", timeout_s=1, context=tls)[0] == 200
 
             wait_for(healthy, timeout_s=30, what="agent /healthz")
             yield agent

@@ -15,6 +15,7 @@ from typing import Any
 from prometheus_client.core import Metric
 
 from wattwarden.api.server import AgentContext, ApiServer, ensure_token
+from wattwarden.api.webconfig import load_web_config
 from wattwarden.collectors.base import Collector
 from wattwarden.collectors.gpu import GpuCollector
 from wattwarden.collectors.host import HostCollector
@@ -128,9 +129,15 @@ class Agent:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as e:
             raise ConfigError(f"state dir {state_dir}: {e.strerror or e}") from e
+        web = None
+        if cfg.web_config is not None:
+            try:
+                web = load_web_config(cfg.web_config)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
         host, port = cfg.host_port
         try:  # bind first: a taken port is a usage error, found before touching any GPU
-            self.server = ApiServer(host, port)
+            self.server = ApiServer(host, port, None if web is None else web.ssl_context)
         except OSError as e:
             raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
         self.opened = open_backend(cfg)
@@ -179,6 +186,7 @@ class Agent:
             mode="apply" if cfg.apply else "dry_run",
             jobs=self.jobs,
             energy=self._read_energy,
+            web=web,
         )
         self._closed = threading.Event()
 
@@ -245,7 +253,9 @@ class Agent:
     def url(self) -> str:
         """Base URL the API listens on."""
         host, port = self.server.address
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        web = self.context.web
+        scheme = "https" if web is not None and web.ssl_context is not None else "http"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     def start(self) -> None:
         """Take a first sample (so the first scrape has data), then serve."""

@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--otlp-interval-s", type=_number, metavar="S", help="OTLP export interval (default 60)"
     )
     agent.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    agent.add_argument(
+        "--web-config",
+        type=Path,
+        metavar="FILE",
+        help="TLS and basic auth (Prometheus exporter-toolkit web-config YAML)",
+    )
     agent.set_defaults(func=cmd_agent)
 
     status = sub.add_parser(
@@ -182,6 +188,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "otlp_headers": args.otlp_headers,
         "otlp_interval_s": args.otlp_interval_s,
         "log_level": args.log_level,
+        "web_config": str(args.web_config) if args.web_config else None,
     }
     cfg = build_config(args.config, flags)
     _setup_logging(cfg.log_level)

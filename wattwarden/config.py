@@ -55,6 +55,8 @@ class AgentConfig:
     """``k=v,k2=v2`` (e.g. an Authorization header); OTEL_EXPORTER_OTLP_HEADERS is added too."""
     otlp_interval_s: float | None = None
     log_level: str = "info"
+    web_config: Path | None = None
+    """TLS and basic auth, in the exporter-toolkit web-config format."""
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -171,6 +173,7 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "otlp_headers": _string,
     "otlp_interval_s": _float_in(1.0, 3600.0),
     "log_level": _log_level,
+    "web_config": _path,
 }
 assert set(VALIDATORS) == {f.name for f in fields(AgentConfig)}
 

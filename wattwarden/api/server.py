@@ -7,12 +7,14 @@ constant time.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import logging
 import os
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from prometheus_client import CollectorRegistry
 
 from wattwarden.api.state import history_json, state_json
+from wattwarden.api.webconfig import WebConfig
 from wattwarden.collectors.jobs import JobError, JobRegistry, JobView
 from wattwarden.collectors.store import MetricStore
 from wattwarden.exporters.prometheus import render
@@ -59,9 +62,10 @@ def ensure_token(state_dir: Path) -> str:
 class ApiError(Exception):
     """An error with an HTTP status, sent as ``{"error": message}``."""
 
-    def __init__(self, status: HTTPStatus, message: str) -> None:
+    def __init__(self, status: HTTPStatus, message: str, *, challenge: str = "Bearer") -> None:
         super().__init__(message)
         self.status = status
+        self.challenge = challenge
 
 
 @dataclass
@@ -78,6 +82,7 @@ class AgentContext:
     fleet: SimFleet | None = None
     mode: str = "dry_run"
     jobs: JobRegistry = field(default_factory=JobRegistry)
+    web: WebConfig | None = None
     energy: Callable[[], dict[str, Any]] | None = None
     """Reads the GPU energy counters now, for ``GET /api/v1/energy``."""
 
@@ -110,13 +115,22 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
     # ------------------------------------------------------------ plumbing
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
+    def handle(self) -> None:
+        """Serve the connection; with TLS, shake hands first, here on its own thread."""
+        try:
+            if isinstance(self.request, ssl.SSLSocket):
+                self.request.do_handshake()
+            super().handle()
+        except (ssl.SSLError, ConnectionError, TimeoutError) as e:
+            log.debug("connection from %s dropped: %s", self.client_address[0], e)
+
+    def _send(self, status: int, body: bytes, content_type: str, challenge: str = "Bearer") -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         if status == HTTPStatus.UNAUTHORIZED:
-            self.send_header("WWW-Authenticate", 'Bearer realm="wattwarden"')
+            self.send_header("WWW-Authenticate", f'{challenge} realm="wattwarden"')
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -162,24 +176,44 @@ class _Handler(BaseHTTPRequestHandler):
                 HTTPStatus.NOT_FOUND if missing else HTTPStatus.BAD_REQUEST, {"error": str(e)}
             )
         except ApiError as e:
-            self._json(e.status, {"error": str(e)})
+            body = json.dumps({"error": str(e)}).encode()
+            self._send(e.status, body, "application/json", e.challenge)
         except Exception:
             log.exception("handling %s %s", self.command, self.path)
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see agent log"})
 
     # --------------------------------------------------------------- reads
+    def _authorize_read(self, route: Callable[[], None]) -> Callable[[], None]:
+        """Basic auth for reads, where the web config names users."""
+        web = self.ctx.web
+        if web is None or not web.users:
+            return route
+
+        def guarded() -> None:
+            scheme, _, encoded = self.headers.get("Authorization", "").partition(" ")
+            try:
+                user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                user, password = "", ""
+            if scheme.lower() != "basic" or not web.check_basic(user, password):
+                raise ApiError(HTTPStatus.UNAUTHORIZED, "basic auth required", challenge="Basic")
+            route()
+
+        return guarded
+
     def do_GET(self) -> None:
-        """Read endpoints."""
+        """Read endpoints (all but /healthz behind basic auth where configured)."""
+        read = self._authorize_read
         self._dispatch(
             {
-                "/metrics": self._metrics,
+                "/metrics": read(self._metrics),
                 "/healthz": self._healthz,
-                "/api/v1/state": self._state,
-                "/api/v1/history": self._history,
-                "/api/v1/energy": self._energy,
-                "/api/v1/jobs": self._jobs,
-                JOBS_PREFIX + "{name}": self._job,
-                "/": self._index,
+                "/api/v1/state": read(self._state),
+                "/api/v1/history": read(self._history),
+                "/api/v1/energy": read(self._energy),
+                "/api/v1/jobs": read(self._jobs),
+                JOBS_PREFIX + "{name}": read(self._job),
+                "/": read(self._index),
             }
         )
 
@@ -401,7 +435,7 @@ def job_json(job: JobView) -> dict[str, Any]:
 class ApiServer:
     """The HTTP server on its own thread."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         """Bind now (so a taken port fails early); serve from :meth:`start`."""
         self._handler: type[_Handler] = type("Handler", (_Handler,), {})
         handler = self._handler
@@ -409,6 +443,10 @@ class ApiServer:
         server_cls = type("Server", (ThreadingHTTPServer,), {"address_family": family})
         self._server = server_cls((host, port), handler)
         self._server.daemon_threads = True
+        if ssl_context is not None:
+            self._server.socket = ssl_context.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._thread: threading.Thread | None = None
 
     @property

@@ -1,0 +1,153 @@
+"""TLS and basic auth for reads, configured like Prometheus exporters (exporter-toolkit format)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+
+import bcrypt
+import pytest
+from helpers import free_port, http_get, require_binary, run_agent, wait_for
+
+PASSWORD = "s3cret-scraper"
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
+    openssl = require_binary("openssl")
+    d = tmp_path / "pki"
+    d.mkdir()
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+        "-subj", "/CN=wattwarden test CA")  # fmt: skip
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "san.ext")  # fmt: skip
+    return d
+
+
+def web_config(pki: Path, users: bool = True) -> Path:
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    text = "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+    if users:
+        text += f"basic_auth_users:\n  prometheus: '{hashed}'\n"
+    path = pki / "web.yml"
+    path.write_text(text)
+    return path
+
+
+def client_context(pki: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(pki / "ca.crt"))
+
+
+def test_reads_need_basic_auth_over_tls_and_healthz_stays_open(tmp_path: Path, pki: Path) -> None:
+    tls = client_context(pki)
+    cfg = str(web_config(pki))
+    with run_agent(tmp_path / "state", "--sim", "2", "--web-config", cfg, tls=tls) as agent:
+        assert agent.url.startswith("https://")
+        assert http_get(agent.url + "/healthz", context=tls)[0] == 200
+        status, _ = http_get(agent.url + "/metrics", context=tls)
+        assert status == 401
+        wrong = basic("prometheus", "guess")
+        assert http_get(agent.url + "/metrics", context=tls, headers=wrong)[0] == 401
+        good = basic("prometheus", PASSWORD)
+        status, body = http_get(agent.url + "/metrics", context=tls, headers=good)
+        assert status == 200 and b"gpu_power_watts" in body
+        status, body = http_get(agent.url + "/api/v1/state", context=tls, headers=good)
+        assert status == 200 and len(json.loads(body)["gpus"]) == 2
+        # plain HTTP on the TLS port gets no metrics
+        with pytest.raises(OSError):
+            http_get(agent.url.replace("https://", "http://") + "/metrics", timeout_s=3)
+
+
+def test_writes_still_need_the_bearer_token_under_basic_auth(tmp_path: Path, pki: Path) -> None:
+    import urllib.request
+
+    tls = client_context(pki)
+    cfg = str(web_config(pki))
+    with run_agent(tmp_path / "state", "--sim", "2", "--web-config", cfg, tls=tls) as agent:
+        req = urllib.request.Request(
+            agent.url + "/api/v1/sim/load",
+            data=json.dumps({"gpu": 0, "utilization": 0.5}).encode(),
+            headers={"Authorization": f"Bearer {agent.token}"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=5, context=tls) as resp:
+            assert resp.status == 200
+
+
+@pytest.mark.slow
+def test_real_prometheus_scrapes_the_agent_over_tls_with_basic_auth(
+    tmp_path: Path, pki: Path
+) -> None:
+    prometheus = require_binary("prometheus")
+    tls = client_context(pki)
+    cfg = str(web_config(pki))
+    with run_agent(tmp_path / "state", "--sim", "8", "--web-config", cfg, tls=tls) as agent:
+        prom_port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n"
+            "scrape_configs:\n  - job_name: wattwarden\n    scheme: https\n"
+            f"    tls_config:\n      ca_file: {pki / 'ca.crt'}\n"
+            f"    basic_auth:\n      username: prometheus\n      password: {PASSWORD}\n"
+            f"    static_configs:\n      - targets: ['127.0.0.1:{agent.port}']\n"
+        )
+        with open(tmp_path / "prometheus.log", "w") as log:
+            proc = subprocess.Popen(
+                [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{prom_port}"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            try:
+                expr = urllib.parse.quote("count(gpu_power_watts)")
+                url = f"http://127.0.0.1:{prom_port}/api/v1/query?query={expr}"
+
+                def eight() -> bool:
+                    status, body = http_get(url, timeout_s=2)
+                    result = json.loads(body)["data"]["result"] if status == 200 else []
+                    return bool(result) and result[0]["value"][1] == "8"
+
+                wait_for(eight, timeout_s=60, what="Prometheus to scrape 8 GPUs over TLS")
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n", "cannot load"),
+        ("tls_server_config:\n  cert_file: a\n", "tls_server_config.key_file is required"),
+        ("basic_auth_users:\n  alice: plaintext\n", "basic_auth_users.alice must be a bcrypt"),
+        ("listen: 1\n", "unknown key 'listen'"),
+        ("tls_server_config: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_web_config_is_a_one_line_usage_error(tmp_path: Path, text: str, expected: str) -> None:
+    cfg = tmp_path / "web.yml"
+    cfg.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "wattwarden", "agent", "--sim", "1", "--state-dir",
+         str(tmp_path / "s"), "--listen", f"127.0.0.1:{free_port()}", "--web-config", str(cfg)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0] and str(cfg) in lines[0]
