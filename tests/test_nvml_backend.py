@@ -166,3 +166,27 @@ def test_hardware_errors_other_than_lost_are_raised_with_the_samples(fake_nvml: 
         assert "event set broke" in str(info.value)
     finally:
         collector.close()
+
+
+def test_fast_passes_refresh_power_and_energy_and_full_reads_come_once_a_second(
+    fake_nvml: FakeNvml,
+) -> None:
+    fleet, clock = fake_nvml.fleet, fake_nvml.clock
+    collector = GpuCollector(NvmlBackend(), monotonic=clock)
+    try:
+        first = collector.collect()[0].reading
+        assert first is not None and first.utilization_gpu_ratio == 0.0
+        fleet[0].set_load(1.0)
+        clock.advance(0.1)
+        fast = collector.collect()[0].reading
+        assert fast is not None
+        assert fast.power_instant_w == pytest.approx(700, rel=0.02)  # fresh
+        assert fast.energy_j is not None and first.energy_j is not None
+        assert fast.energy_j > first.energy_j
+        assert fast.utilization_gpu_ratio == 0.0  # kept from the last full read
+        assert fast.temperature_gpu_c == first.temperature_gpu_c
+        clock.advance(1.0)
+        full = collector.collect()[0].reading
+        assert full is not None and full.utilization_gpu_ratio == 1.0
+    finally:
+        collector.close()

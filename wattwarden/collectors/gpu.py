@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from wattwarden.collectors.samples import GpuSample
 from wattwarden.hardware.device import (
@@ -14,6 +14,7 @@ from wattwarden.hardware.device import (
     GpuDevice,
     GpuInfo,
     GpuReading,
+    PowerReading,
 )
 from wattwarden.hardware.errors import GpuLost, HardwareError
 
@@ -53,6 +54,30 @@ class _Track:
         default_factory=lambda: {n: 0.0 for _, n in CLOCK_EVENT_LABELS}
     )
     xids: dict[int, int] = field(default_factory=dict)
+
+
+def _with_power(prev: GpuReading, fast: PowerReading) -> GpuReading:
+    """The last full reading with fresh power and energy.
+
+    Built field by field: this runs for every GPU on every pass, and ``dataclasses.replace``
+    cost more than the NVML call itself.
+    """
+    return GpuReading(
+        power_w=prev.power_w if fast.power_w is None else fast.power_w,
+        power_instant_w=fast.power_instant_w,
+        energy_j=fast.energy_j,
+        power_limit_w=prev.power_limit_w,
+        temperature_gpu_c=prev.temperature_gpu_c,
+        temperature_memory_c=prev.temperature_memory_c,
+        utilization_gpu_ratio=prev.utilization_gpu_ratio,
+        utilization_memory_ratio=prev.utilization_memory_ratio,
+        memory_used_bytes=prev.memory_used_bytes,
+        memory_total_bytes=prev.memory_total_bytes,
+        clock_sm_hz=prev.clock_sm_hz,
+        clock_memory_hz=prev.clock_memory_hz,
+        clock_event_mask=prev.clock_event_mask,
+        processes=prev.processes,
+    )
 
 
 def _placeholder_info(index: int) -> GpuInfo:
@@ -150,14 +175,7 @@ class GpuCollector:
             reading = track.device.read()
             track.full_due_s = now + self._full_interval_s
         else:  # fast tier: power and energy only; the rest changes slowly and keeps its value
-            fast = track.device.read_power()
-            prev = track.reading
-            reading = replace(
-                prev,
-                power_instant_w=fast.power_instant_w,
-                energy_j=fast.energy_j,
-                power_w=fast.power_w if fast.power_w is not None else prev.power_w,
-            )
+            reading = _with_power(track.reading, track.device.read_power())
         if not track.up:
             log.warning("GPU %d (%s) is back", track.info.index, track.info.uuid)
         track.up = True
