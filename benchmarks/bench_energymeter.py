@@ -238,7 +238,6 @@ def run(windows: int, rounds: int, agent_windows: int) -> dict[str, Any]:
             agent_fn: Window = lambda: (meter.begin_window("w"), meter.end_window("w"))  # noqa: E731
             time_windows(agent_fn, 20)
             samples["wattwarden agent (1 GPU, HTTP)"] = time_windows(agent_fn, agent_windows)
-            calls["wattwarden agent (1 GPU, HTTP)"] = float("nan")
             energy_get = time_windows(client.energy, agent_windows)
         finally:
             meter.close()

@@ -151,3 +151,24 @@ def test_bad_web_config_is_a_one_line_usage_error(tmp_path: Path, text: str, exp
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert expected in lines[0] and str(cfg) in lines[0]
+
+
+def test_workload_client_reads_through_basic_auth_over_tls(
+    tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wattwarden.workloads.agent_client import AgentClient
+
+    tls = client_context(pki)
+    cfg = str(web_config(pki))
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki / "ca.crt"))
+    with run_agent(tmp_path / "state", "--sim", "2", "--web-config", cfg, tls=tls) as agent:
+        host = agent.url.removeprefix("https://")
+        client = AgentClient(f"https://prometheus:{PASSWORD}@{host}", token=agent.token)
+        try:
+            assert client.url == agent.url  # the password is not kept in the URL
+            status, energy = client.request("GET", "/api/v1/energy")
+            assert status == 200 and len(energy["gpus"]) == 2
+            body = {"gpu": 1, "utilization": 0.3}
+            assert client.request("POST", "/api/v1/sim/load", body, auth=True)[0] == 200
+        finally:
+            client.close()

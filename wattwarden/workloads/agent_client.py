@@ -1,14 +1,16 @@
 """A small client for the agent's HTTP API, for workloads and the job supervisor.
 
-Workloads talk to the agent over HTTP only. By default each request has a connection of its own
-(about 1 ms on loopback). ``keep_alive=True`` reuses one connection (about 0.5 ms), but only pays
-off against a server that disables Nagle's algorithm: a Python ``http.server`` that does not
-writes headers and body as two segments, and the second waits for the client's delayed ACK
-(40 ms). Errors are :class:`AgentError` with a one-line message naming the agent and the problem.
+Workloads talk to the agent over HTTP(S) only. By default each request has a connection of its
+own (about 1 ms on loopback). ``keep_alive=True`` reuses one connection (about 0.5 ms); the agent
+disables Nagle's algorithm so that a kept connection does not wait out the client's delayed ACK
+(40 ms) between headers and body. An agent behind a web config takes ``https://user:pass@host``
+(basic auth for reads; writes send the bearer token) and the CA in ``$SSL_CERT_FILE``.
+Errors are :class:`AgentError` with a one-line message naming the agent and the problem.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -17,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from wattwarden.config import DEFAULT_LISTEN, ConfigError, default_state_dir
 
@@ -120,6 +122,15 @@ class AgentClient:
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port
         self._prefix = parts.path.rstrip("/")
+        # an agent with a web config wants basic auth for reads: https://user:password@host:port
+        self._basic = None
+        if parts.username is not None:
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            self._basic = "Basic " + base64.b64encode(pair.encode()).decode()
+            netloc = parts.hostname or ""
+            if parts.port is not None:
+                netloc += f":{parts.port}"
+            self.url = urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
         self.keep_alive = keep_alive
@@ -152,6 +163,8 @@ class AgentClient:
             headers["Content-Type"] = "application/json"
         if auth and self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        elif self._basic is not None:
+            headers["Authorization"] = self._basic
         with self._lock:
             for attempt in (0, 1):
                 conn = self._connect()

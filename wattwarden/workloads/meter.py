@@ -451,7 +451,7 @@ class EnergyMeter:
                     raise
         url = agent_url or os.environ.get(ENV_AGENT_URL) or DEFAULT_AGENT_URL
         try:
-            return _AgentSource(AgentClient(url, timeout_s=timeout_s), gpus)
+            return _AgentSource(AgentClient(url, timeout_s=timeout_s, keep_alive=True), gpus)
         except EnergySourceError as e:
             if source == "agent":
                 raise
