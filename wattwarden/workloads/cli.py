@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -246,14 +246,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         log_interval_s=args.log_interval,
     )
     cfg.validate()
+    return _run_until_signalled("train", lambda stop: run_train(cfg, stop=stop), CheckpointError)
+
+
+def _run_until_signalled(
+    name: str,
+    run: Callable[[threading.Event], Any],
+    checkpoint_error: type[Exception],
+) -> int:
+    """Run a workload that stops at a checkpoint on SIGTERM/SIGINT; exit 128+N when signalled."""
     with _stop_on_signals() as (stop, received):
         try:
-            result = run_train(cfg, stop=stop)
-        except (CheckpointError, OSError) as e:
-            print(f"wattwarden workload train: {e}", file=sys.stderr)
+            result = run(stop)
+        except (checkpoint_error, OSError) as e:
+            print(f"wattwarden workload {name}: {e}", file=sys.stderr)
             return EXIT_FAILURE
     if result.interrupted and received:
-        return 128 + received[0]
+        return 128 + int(received[0])
     return 0
 
 
@@ -284,15 +293,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         log_interval_s=args.log_interval,
     )
     cfg.validate()
-    with _stop_on_signals() as (stop, received):
-        try:
-            result = run_infer(cfg, stop=stop)
-        except (CheckpointError, OSError) as e:
-            print(f"wattwarden workload infer: {e}", file=sys.stderr)
-            return EXIT_FAILURE
-    if result.interrupted and received:
-        return 128 + received[0]
-    return 0
+    return _run_until_signalled("infer", lambda stop: run_infer(cfg, stop=stop), CheckpointError)
 
 
 def cmd_job_run(args: argparse.Namespace) -> int:
