@@ -3,36 +3,31 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import urllib.parse
 from pathlib import Path
 
 import pytest
-from helpers import free_port, http_get, require_binary, run_agent, wait_for
+from helpers import http_get, require_binary, run_agent, wait_for
+from promstack import run_prometheus
 
 
 @pytest.mark.slow
 def test_real_prometheus_scrapes_eight_gpus_power_from_the_agent(tmp_path: Path) -> None:
     prometheus = require_binary("prometheus")
     with run_agent(tmp_path / "state", "--sim", "8") as agent:
-        prom_port = free_port()
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: wattwarden\n"
-            f"    static_configs:\n      - targets: ['127.0.0.1:{agent.port}']\n"
-        )
-        log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            base = f"http://127.0.0.1:{prom_port}"
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [
+                {
+                    "job_name": "wattwarden",
+                    "static_configs": [{"targets": [f"127.0.0.1:{agent.port}"]}],
+                }
+            ],
+        }
+        with run_prometheus(prometheus, config, tmp_path / "prom") as prom:
 
             def query(expr: str) -> list[dict[str, object]] | None:
-                url = f"{base}/api/v1/query?query={urllib.parse.quote(expr)}"
+                url = f"{prom.url}/api/v1/query?query={urllib.parse.quote(expr)}"
                 status, body = http_get(url, timeout_s=2)
                 if status != 200:
                     return None
@@ -48,7 +43,3 @@ def test_real_prometheus_scrapes_eight_gpus_power_from_the_agent(tmp_path: Path)
             assert all(60 < float(s["value"][1]) < 80 for s in result)  # type: ignore[index]
             up = query('up{job="wattwarden"}')
             assert up and up[0]["value"][1] == "1"  # type: ignore[index]
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-            log.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 from helpers import free_port, http_get, require_binary, run_agent, wait_for
+from promstack import run_prometheus
 
 PASSWORD = "s3cret-scraper"
 
@@ -99,34 +100,28 @@ def test_real_prometheus_scrapes_the_agent_over_tls_with_basic_auth(
     tls = client_context(pki)
     cfg = str(web_config(pki))
     with run_agent(tmp_path / "state", "--sim", "8", "--web-config", cfg, tls=tls) as agent:
-        prom_port = free_port()
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n"
-            "scrape_configs:\n  - job_name: wattwarden\n    scheme: https\n"
-            f"    tls_config:\n      ca_file: {pki / 'ca.crt'}\n"
-            f"    basic_auth:\n      username: prometheus\n      password: {PASSWORD}\n"
-            f"    static_configs:\n      - targets: ['127.0.0.1:{agent.port}']\n"
-        )
-        with open(tmp_path / "prometheus.log", "w") as log:
-            proc = subprocess.Popen(
-                [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{prom_port}"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-            try:
-                expr = urllib.parse.quote("count(gpu_power_watts)")
-                url = f"http://127.0.0.1:{prom_port}/api/v1/query?query={expr}"
+        config = {
+            "global": {"scrape_interval": "1s"},
+            "scrape_configs": [
+                {
+                    "job_name": "wattwarden",
+                    "scheme": "https",
+                    "tls_config": {"ca_file": str(pki / "ca.crt")},
+                    "basic_auth": {"username": "prometheus", "password": PASSWORD},
+                    "static_configs": [{"targets": [f"127.0.0.1:{agent.port}"]}],
+                }
+            ],
+        }
+        with run_prometheus(prometheus, config, tmp_path / "prom") as prom:
+            expr = urllib.parse.quote("count(gpu_power_watts)")
+            url = f"{prom.url}/api/v1/query?query={expr}"
 
-                def eight() -> bool:
-                    status, body = http_get(url, timeout_s=2)
-                    result = json.loads(body)["data"]["result"] if status == 200 else []
-                    return bool(result) and result[0]["value"][1] == "8"
+            def eight() -> bool:
+                status, body = http_get(url, timeout_s=2)
+                result = json.loads(body)["data"]["result"] if status == 200 else []
+                return bool(result) and result[0]["value"][1] == "8"
 
-                wait_for(eight, timeout_s=60, what="Prometheus to scrape 8 GPUs over TLS")
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+            wait_for(eight, timeout_s=60, what="Prometheus to scrape 8 GPUs over TLS")
 
 
 @pytest.mark.parametrize(
