@@ -217,6 +217,21 @@ def _stop_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
             signal.signal(s, h)
 
 
+def _shared_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags train and infer share, as WorkloadConfig fields."""
+    return {
+        "size": args.size,
+        "seed": args.seed,
+        "device": args.device,
+        "report": args.report,
+        "gpu": args.gpu,
+        "energy_source": args.energy_source,
+        "agent_url": args.agent,
+        "threads": args.threads,
+        "log_interval_s": args.log_interval,
+    }
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Run ``workload train``."""
     _setup_logging(logging.WARNING)
@@ -228,22 +243,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         steps=args.steps,
-        size=args.size,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
-        seed=args.seed,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
-        device=args.device,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
-        report=args.report,
-        gpu=args.gpu,
-        energy_source=args.energy_source,
-        agent_url=args.agent,
-        threads=args.threads,
-        log_interval_s=args.log_interval,
+        **_shared_settings(args),
     )
     cfg.validate()
     return _run_until_signalled("train", lambda stop: run_train(cfg, stop=stop), CheckpointError)
@@ -277,20 +284,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     cfg = InferConfig(
         requests=args.steps,
-        size=args.size,
         batch_size=args.batch_size,
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
-        seed=args.seed,
-        device=args.device,
         checkpoint_dir=args.checkpoint_dir,
         warmup=args.warmup,
-        report=args.report,
-        gpu=args.gpu,
-        energy_source=args.energy_source,
-        agent_url=args.agent,
-        threads=args.threads,
-        log_interval_s=args.log_interval,
+        **_shared_settings(args),
     )
     cfg.validate()
     return _run_until_signalled("infer", lambda stop: run_infer(cfg, stop=stop), CheckpointError)

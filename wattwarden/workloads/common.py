@@ -6,7 +6,8 @@ import contextlib
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,29 @@ def check_positive(flag: str, value: int, *, zero_ok: bool = False) -> None:
     if value < lo:
         need = "zero or more" if zero_ok else "at least 1"
         raise ConfigError(f"{flag} must be {need}, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadConfig:
+    """Settings train and infer share (each adds its own)."""
+
+    size: str = "tiny"
+    seed: int = 0
+    device: str = "cpu"
+    report: Path | None = None
+    gpu: int | None = None
+    energy_source: str = "auto"
+    agent_url: str | None = None
+    threads: int | None = None
+    log_interval_s: float = 5.0
+
+    def check_model_flags(self) -> int:
+        """Check the shared flags; returns the model size's longest sequence."""
+        return check_model_flags(self.size, self.seed, self.threads)
+
+    def as_json(self) -> dict[str, Any]:
+        """The config as JSON-able values."""
+        return config_json(self)
 
 
 def check_model_flags(size: str, seed: int, threads: int | None) -> int:

@@ -21,10 +21,9 @@ from wattwarden import __version__
 from wattwarden.config import ConfigError
 from wattwarden.workloads.checkpoint import CheckpointError, load_latest
 from wattwarden.workloads.common import (
+    WorkloadConfig,
     autocast,
-    check_model_flags,
     check_positive,
-    config_json,
     open_meter,
     resolve_device,
     seed_everything,
@@ -42,24 +41,15 @@ from wattwarden.workloads.report import (
 
 
 @dataclass(frozen=True, slots=True)
-class InferConfig:
+class InferConfig(WorkloadConfig):
     """Everything ``wattwarden workload infer`` runs with."""
 
     requests: int = 100
-    size: str = "tiny"
     batch_size: int = 1
     prompt_len: int = 32
     new_tokens: int = 16
-    seed: int = 0
-    device: str = "cpu"
     checkpoint_dir: Path | None = None
     warmup: int = 2
-    report: Path | None = None
-    gpu: int | None = None
-    energy_source: str = "auto"
-    agent_url: str | None = None
-    threads: int | None = None
-    log_interval_s: float = 5.0
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad flag."""
@@ -68,15 +58,11 @@ class InferConfig:
         check_positive("--prompt-len", self.prompt_len)
         check_positive("--new-tokens", self.new_tokens)
         check_positive("--warmup", self.warmup, zero_ok=True)
-        limit = check_model_flags(self.size, self.seed, self.threads)
+        limit = self.check_model_flags()
         if self.prompt_len + self.new_tokens > limit:
             raise ConfigError(
                 f"--prompt-len + --new-tokens must be at most {limit} for --size {self.size}"
             )
-
-    def as_json(self) -> dict[str, Any]:
-        """The config as JSON-able values."""
-        return config_json(self)
 
 
 @dataclass(frozen=True, slots=True)

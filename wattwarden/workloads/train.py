@@ -30,10 +30,9 @@ from wattwarden.workloads.checkpoint import (
     save_checkpoint,
 )
 from wattwarden.workloads.common import (
+    WorkloadConfig,
     autocast,
-    check_model_flags,
     check_positive,
-    config_json,
     open_meter,
     resolve_device,
     rng_state,
@@ -58,26 +57,17 @@ _FLAGS = {k: "--" + k.replace("_", "-") for k in _RESUME_KEYS}
 
 
 @dataclass(frozen=True, slots=True)
-class TrainConfig:
+class TrainConfig(WorkloadConfig):
     """Everything ``wattwarden workload train`` runs with."""
 
     steps: int = 100
-    size: str = "tiny"
     batch_size: int = 8
     seq_len: int = 64
-    seed: int = 0
     lr: float = 1e-3
     warmup_steps: int = 10
-    device: str = "cpu"
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
-    report: Path | None = None
-    gpu: int | None = None
-    energy_source: str = "auto"
-    agent_url: str | None = None
-    threads: int | None = None
-    log_interval_s: float = 5.0
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad flag."""
@@ -87,15 +77,11 @@ class TrainConfig:
         check_positive("--warmup-steps", self.warmup_steps)
         check_positive("--checkpoint-every", self.checkpoint_every, zero_ok=True)
         check_positive("--keep-checkpoints", self.keep_checkpoints)
-        limit = check_model_flags(self.size, self.seed, self.threads)
+        limit = self.check_model_flags()
         if self.seq_len > limit:
             raise ConfigError(f"--seq-len must be at most {limit} for --size {self.size}")
         if not 0 < self.lr < 1:
             raise ConfigError(f"--lr must be within (0, 1), got {self.lr}")
-
-    def as_json(self) -> dict[str, Any]:
-        """The config as JSON-able values."""
-        return config_json(self)
 
 
 @dataclass(frozen=True, slots=True)
