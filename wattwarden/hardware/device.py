@@ -126,8 +126,20 @@ class GpuDevice(Protocol):
         """
         ...
 
+    def read_power_limit_w(self) -> float:
+        """Only the enforced power limit, in W: one driver call.
+
+        Raises :class:`~wattwarden.hardware.errors.NotSupported` where the GPU cannot report it.
+        """
+        ...
+
     def set_power_limit(self, watts: float) -> float:
-        """Request a power limit and return the enforced limit read back afterwards."""
+        """Request a power limit and return the enforced limit read back afterwards.
+
+        Where the driver took the limit but cannot report the enforced one (NotSupported on the
+        read), the requested limit is returned: the change was made, and saying it failed would
+        hide a cap that is in place.
+        """
         ...
 
 

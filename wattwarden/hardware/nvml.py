@@ -337,6 +337,16 @@ class NvmlGpu:
         )
         return int(mj) / 1000.0
 
+    def read_power_limit_w(self) -> float:
+        """The enforced power limit alone (nvmlDeviceGetEnforcedPowerLimit), in W."""
+        mw = _call(
+            self._timings,
+            "nvmlDeviceGetEnforcedPowerLimit",
+            pynvml.nvmlDeviceGetEnforcedPowerLimit,
+            self._handle,
+        )
+        return int(mw) / 1000.0
+
     def _processes(self) -> tuple[ProcessUsage, ...]:
         h, t = self._handle, self._timings
         procs = _opt(
@@ -374,22 +384,22 @@ class NvmlGpu:
         )
 
     def set_power_limit(self, watts: float) -> float:
-        """Request a limit, then read back the enforced one (it can differ)."""
-        t = self._timings
+        """Request a limit, then read back the enforced one (it can differ).
+
+        The requested limit where the enforced one cannot be read (the set went through).
+        """
+        milliwatts = round(watts * 1000)
         _call(
-            t,
+            self._timings,
             "nvmlDeviceSetPowerManagementLimit",
             pynvml.nvmlDeviceSetPowerManagementLimit,
             self._handle,
-            round(watts * 1000),
+            milliwatts,
         )
-        enforced = _call(
-            t,
-            "nvmlDeviceGetEnforcedPowerLimit",
-            pynvml.nvmlDeviceGetEnforcedPowerLimit,
-            self._handle,
-        )
-        return float(enforced) / 1000.0
+        try:
+            return self.read_power_limit_w()
+        except NotSupported:
+            return milliwatts / 1000.0
 
 
 class NvmlBackend:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from wattwarden.hardware.device import GpuDevice
+from wattwarden.hardware.device import GpuDevice, GpuInfo
 from wattwarden.hardware.errors import HardwareError, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,10 @@ class LimitActuator:
                     f"GPU {gpu}: limit changed {now - last:.2f} s ago; "
                     f"at most one change per {self._min_interval_s:g} s"
                 )
-            found = device.read().power_limit_w
-            if found is not None:
+            if not self._has_original(info.uuid):
+                found = self._limit_to_restore(gpu, device, info)
                 self._db.execute(
-                    "INSERT OR IGNORE INTO originals VALUES (?, ?, ?, ?)",
+                    "INSERT INTO originals VALUES (?, ?, ?, ?)",
                     (info.uuid, gpu, found, time.time()),
                 )
             cur = self._db.execute(
@@ -114,6 +114,34 @@ class LimitActuator:
         if abs(enforced - watts) > 1.0:
             log.warning("GPU %d: requested %.0f W, driver enforces %.0f W", gpu, watts, enforced)
         return LimitChange(gpu, watts, enforced)
+
+    def _has_original(self, uuid: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM originals WHERE uuid = ?", (uuid,)).fetchone()
+        return row is not None
+
+    @staticmethod
+    def _limit_to_restore(gpu: int, device: GpuDevice, info: GpuInfo) -> float:
+        """The limit found on the GPU, else the board's default: never a change without one.
+
+        Reads only the enforced limit (one driver call), not the whole device, so it does not
+        race the sampler's batched read of the same GPU.
+        """
+        try:
+            return device.read_power_limit_w()
+        except HardwareError as e:
+            if info.power_limit_default_w is None:
+                raise InvalidArgument(
+                    f"GPU {gpu}: its current power limit cannot be read ({e}) and it reports "
+                    "no default limit; refusing a change that could not be undone"
+                ) from e
+            log.warning(
+                "GPU %d: current power limit unreadable (%s); journalling its default "
+                "limit %.0f W as the one to restore",
+                gpu,
+                e,
+                info.power_limit_default_w,
+            )
+            return info.power_limit_default_w
 
     def originals(self) -> dict[str, tuple[int, float]]:
         """Limits found before our first change, by UUID: (gpu index, watts)."""

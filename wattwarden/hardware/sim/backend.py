@@ -99,10 +99,18 @@ class SimDevice:
         """The energy counter alone, in J (NotSupported where the fault says so)."""
         return self._gpu.total_energy_mj() / 1000.0
 
-    def set_power_limit(self, watts: float) -> float:
-        """Set the limit and read back the enforced one."""
-        self._gpu.set_power_limit_mw(round(watts * 1000))
+    def read_power_limit_w(self) -> float:
+        """The enforced power limit alone, in W (NotSupported where the fault says so)."""
         return self._gpu.enforced_power_limit_mw() / 1000.0
+
+    def set_power_limit(self, watts: float) -> float:
+        """Set the limit and read back the enforced one (the requested one if unreadable)."""
+        milliwatts = round(watts * 1000)
+        self._gpu.set_power_limit_mw(milliwatts)
+        try:
+            return self.read_power_limit_w()
+        except NotSupported:
+            return milliwatts / 1000.0
 
 
 class SimBackend:
