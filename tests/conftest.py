@@ -1,3 +1,4 @@
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -10,6 +11,12 @@ import pytest
 from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml
 from wattwarden.hardware.sim import ManualClock, SimFleet
 from wattwarden.hardware.sim.fake_nvml import FakeNvmlLib
+
+#: For a test (or one parametrized case) that runs PyTorch: skipped, not failed, without it. A
+#: module that imports torch at the top uses ``pytest.importorskip("torch")`` there instead.
+needs_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None, reason="needs PyTorch (pip install torch)"
+)
 
 
 class FakeNvml:

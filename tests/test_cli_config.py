@@ -124,7 +124,10 @@ def test_status_against_an_unreachable_agent_exits_1_with_the_reason() -> None:
 
 
 def test_backend_nvml_without_a_driver_exits_1_instead_of_simulating(tmp_path: Path) -> None:
-    result = wattwarden("agent", "--backend", "nvml", "--state-dir", str(tmp_path))
+    result = wattwarden(
+        "agent", "--backend", "nvml", "--state-dir", str(tmp_path),
+        "--listen", f"127.0.0.1:{free_port()}",  # not the default port: an agent may be there
+    )  # fmt: skip
     assert result.returncode == 1
     assert (
         result.stderr.strip()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import needs_torch
 
 from wattwarden.cli import main
 
@@ -31,16 +32,46 @@ def test_help_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("workload", ["train", "infer"])
+def test_without_torch_a_workload_says_which_extra_to_install(workload: str):
+    # torch hidden as if not installed: None in sys.modules makes find_spec and import fail
+    code = (
+        "import sys; sys.modules['torch'] = None; from wattwarden.cli import main; "
+        f"sys.exit(main(['workload', '{workload}', '--steps', '1']))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"wattwarden workload {workload}: needs PyTorch, which is not installed: "
+        "pip install 'wattwarden[workloads]' (the README says how to get the CPU build)"
+    ]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["workload", "train", "--steps", "0"], "--steps must be at least 1"),
+        # the workload's own checks run once torch is there
+        pytest.param(
+            ["workload", "train", "--steps", "0"], "--steps must be at least 1", marks=needs_torch
+        ),
         (["workload", "train", "--steps", "x"], "expected an integer, got 'x'"),
         (["workload", "train", "--size", "huge"], "invalid choice: 'huge'"),
-        (["workload", "train", "--seq-len", "5000"], "--seq-len must be at most 256"),
+        pytest.param(
+            ["workload", "train", "--seq-len", "5000"],
+            "--seq-len must be at most 256",
+            marks=needs_torch,
+        ),
         (["workload", "train", "--agent", "ftp://x"], "--agent: expected a URL"),
-        (["workload", "infer", "--new-tokens", "0"], "--new-tokens must be at least 1"),
-        (["workload", "infer", "--batch-size", "-1"], "--batch-size must be at least 1"),
+        pytest.param(
+            ["workload", "infer", "--new-tokens", "0"],
+            "--new-tokens must be at least 1",
+            marks=needs_torch,
+        ),
+        pytest.param(
+            ["workload", "infer", "--batch-size", "-1"],
+            "--batch-size must be at least 1",
+            marks=needs_torch,
+        ),
         (["job", "run", "--name", "a"], "no command to run"),
         (["job", "run", "--name", "a b", "--", "true"], "--name must be"),
         (["job", "run", "--name", "a", "--gpu", "-2", "--", "true"], "--gpu must be"),

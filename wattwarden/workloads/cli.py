@@ -194,8 +194,8 @@ def _setup_logging(level: int) -> None:
 def _require_torch(workload: str) -> None:
     if importlib.util.find_spec("torch") is None:
         raise SystemExit(
-            f"wattwarden workload {workload}: needs PyTorch, which is not installed "
-            "(pip install torch)"
+            f"wattwarden workload {workload}: needs PyTorch, which is not installed: "
+            "pip install 'wattwarden[workloads]' (the README says how to get the CPU build)"
         )
 
 
