@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -10,11 +11,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.core import Metric
 
-from wattwarden.api.server import AgentContext, ApiServer, ensure_token
+from wattwarden.api.server import AgentContext, ApiServer
+from wattwarden.api.token import TokenError, ensure_token
 from wattwarden.api.webconfig import load_web_config
 from wattwarden.collectors.base import Collector
 from wattwarden.collectors.gpu import GpuCollector
@@ -42,6 +45,7 @@ SIM_JOB_UTILIZATION = 0.8
 SIM_JOB_MEMORY_BYTES = 20 * 2**30
 SIM_SAVE_EVERY_S = 10.0
 JOURNAL_FILE = "journal.sqlite3"
+LOCK_FILE = "lock"
 
 
 class BackendError(Exception):
@@ -119,6 +123,41 @@ def open_backend(cfg: AgentConfig) -> Backend:
     )
 
 
+class StateDirLock:
+    """An exclusive lock on ``<state-dir>/lock``, held for the agent's life.
+
+    One agent per state dir: two would share one journal, and the one that exits first would
+    forget (or the other restore) limits the other set. The holder's pid is written in the file
+    so a second agent can name it. The lock goes with the process, even on ``kill -9``.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        path = state_dir / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise ConfigError(f"state dir {state_dir} is not writable: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise ConfigError(
+                f"state dir {state_dir} is in use by another wattwarden agent{pid}; "
+                "give each agent its own --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Let the next agent in; safe to call twice."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Agent:
     """A running node agent. ``start()``, then ``close()`` (restores any limit it changed)."""
 
@@ -129,6 +168,12 @@ class Agent:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as e:
             raise ConfigError(f"state dir {state_dir}: {e.strerror or e}") from e
+        # before the journal is opened or the simulated driver state is touched
+        self._lock = StateDirLock(state_dir)
+        try:
+            token = ensure_token(state_dir)
+        except TokenError as e:
+            raise ConfigError(str(e)) from e
         web = None
         if cfg.web_config is not None:
             try:
@@ -177,7 +222,7 @@ class Agent:
         self.context = AgentContext(
             store=self.store,
             registry=self.registry,
-            token=ensure_token(state_dir),
+            token=token,
             backend=self.backend_kind,
             node=node_name(),
             interval_s=interval_s,
@@ -288,3 +333,4 @@ class Agent:
             self.opened.fleet.save()
         if failures:
             log.error("exiting with %d power limit(s) not restored (journalled)", len(failures))
+        self._lock.release()
