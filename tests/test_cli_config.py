@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -141,3 +144,114 @@ def test_no_apply_overrides_apply_in_the_config_file(tmp_path: Path) -> None:
     cfg.write_text("apply = true\n")
     assert build_config(cfg, {}).apply is True
     assert build_config(cfg, {"apply": False}).apply is False
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The single stderr line of a usage error (exit 2), with no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("toml", "args", "names"),
+    [
+        ("", ["--backend", "nvml", "--sim", "3"], ("--backend nvml", "--sim 3")),
+        ("sim = 3\n", ["--backend", "nvml"], ("--backend nvml", "sim = 3 in config")),
+        ('backend = "nvml"\n', ["--sim", "2"], ("backend = 'nvml' in config", "--sim 2")),
+        ('backend = "nvml"\nsim = 4\n', [], ("backend = 'nvml' in config", "sim = 4 in config")),
+    ],
+)
+def test_backend_nvml_with_a_simulated_fleet_exits_2_naming_both(
+    tmp_path: Path, toml: str, args: list[str], names: tuple[str, str]
+) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(toml)
+    result = wattwarden(
+        "agent", "--config", str(cfg), "--state-dir", str(tmp_path / "s"),
+        "--listen", "127.0.0.1:0", *args, timeout=30,
+    )  # fmt: skip
+    line = one_line_error(result)
+    assert "conflicts with" in line
+    for name in names:
+        assert name in line
+
+
+@pytest.mark.parametrize(
+    ("prepare", "expected"),
+    [
+        (lambda p: p.write_text(""), "is empty; delete"),
+        (lambda p: p.write_text("\n  \n"), "is empty; delete"),
+        (lambda p: p.mkdir(), "is not a regular file; delete"),
+        (lambda p: p.write_text("abc12\n"), "too weak"),
+        (lambda p: p.write_bytes(b"\xff\xfe" * 20), "is not text"),
+        (lambda p: (p.write_text("x" * 43 + "\n"), p.chmod(0o644)), "chmod 600"),
+        (lambda p: (p.write_text("x" * 43 + "\n"), p.chmod(0o640)), "mode 0640"),
+    ],
+    ids=["empty", "blank", "directory", "short", "binary", "world-readable", "group-readable"],
+)
+def test_unusable_token_file_exits_2_with_one_line_saying_how_to_fix_it(
+    tmp_path: Path, prepare: Callable[[Path], object], expected: str
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    token = state / "token"
+    prepare(token)
+    if token.is_file() and "mode" not in expected and "chmod" not in expected:
+        token.chmod(0o600)  # private: only the content is wrong
+    result = wattwarden(
+        "agent", "--sim", "1", "--state-dir", str(state), "--listen", "127.0.0.1:0", timeout=30
+    )
+    line = one_line_error(result)
+    assert str(token) in line and expected in line
+
+
+def test_read_only_state_dir_exits_2_naming_it(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    if os.geteuid() == 0:  # root ignores permission bits; an immutable directory stops it too
+        chattr = shutil.which("chattr")
+        if chattr is None or subprocess.run([chattr, "+i", str(state)], check=False).returncode:
+            pytest.skip("running as root without chattr +i: cannot make a read-only directory")
+    else:
+        state.chmod(0o555)
+    try:
+        result = wattwarden(
+            "agent", "--sim", "1", "--state-dir", str(state), "--listen", "127.0.0.1:0", timeout=30
+        )
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(state)], check=True)
+        state.chmod(0o755)
+    line = one_line_error(result)
+    assert f"state dir {state} is not writable" in line
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("notaurl", "expected an http:// or https:// URL"),
+        ("ftp://127.0.0.1:9767", "expected an http:// or https:// URL"),
+        ("http://", "expected an http:// or https:// URL"),
+        ("http://127.0.0.1:port", "not a valid URL"),
+    ],
+)
+def test_status_with_a_bad_agent_url_exits_2_with_one_line(url: str, expected: str) -> None:
+    line = one_line_error(wattwarden("status", "--agent", url, timeout=30))
+    assert "--agent" in line and expected in line
+
+
+def test_status_into_a_closed_pipe_exits_quietly() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written, like `| head -0`
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "wattwarden", "status", "--sim", "2"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode == 1

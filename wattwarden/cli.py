@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +43,19 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _agent_url(text: str) -> str:
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a valid URL ({e}): {text!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"expected an http:// or https:// URL such as {DEFAULT_AGENT_URL}, got {text!r}"
+        )
+    return text
 
 
 def _listen(text: str) -> str:
@@ -146,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = status.add_mutually_exclusive_group()
     source.add_argument(
         "--agent",
+        type=_agent_url,
         metavar="URL",
         help=f"agent to ask (default {DEFAULT_AGENT_URL}, else read locally)",
     )
@@ -327,9 +343,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe is found here, not at exit
     except ConfigError as e:
         print(f"wattwarden {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # the reader went away (`wattwarden status | head -1`): stop quietly, as other CLIs do;
+        # stdout goes to /dev/null so the interpreter's final flush does not complain again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_FAILURE
     return code
 
 

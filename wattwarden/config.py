@@ -206,10 +206,30 @@ def validate(raw: Mapping[str, Any], *, source: str, flags: bool = False) -> dic
 
 
 def build_config(file: Path | None, flags: Mapping[str, Any]) -> AgentConfig:
-    """Defaults, then the file, then flags that were given (not None)."""
+    """Defaults, then the file, then flags that were given (not None).
+
+    Settings that contradict each other (wherever each came from) are refused, naming both.
+    """
     values: dict[str, Any] = {}
+    where: dict[str, str] = {}
     if file is not None:
-        values.update(load_config_file(file))
-    given = {k: v for k, v in flags.items() if v is not None}
-    values.update(validate(given, source="command line", flags=True))
+        from_file = load_config_file(file)
+        values.update(from_file)
+        where.update({k: f"{k} = {v!r} in config {file}" for k, v in from_file.items()})
+    given = validate(
+        {k: v for k, v in flags.items() if v is not None}, source="command line", flags=True
+    )
+    values.update(given)
+    where.update({k: f"--{k.replace('_', '-')} {v}" for k, v in given.items()})
+    _check_conflicts(values, where)
     return replace(AgentConfig(), **values)
+
+
+def _check_conflicts(values: Mapping[str, Any], where: Mapping[str, str]) -> None:
+    """Refuse combinations where one setting would silently override another."""
+    if values.get("backend") == "nvml" and values.get("sim") is not None:
+        # a unit that promises to stop on a broken driver must never serve a simulated fleet
+        raise ConfigError(
+            f"{where['backend']} conflicts with {where['sim']} (a simulated fleet); "
+            "drop one of them"
+        )
