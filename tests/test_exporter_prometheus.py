@@ -10,12 +10,14 @@ import pytest
 from conftest import FakeNvml
 from helpers import parse_metrics, require_binary
 
+from wattwarden.api.state import state_json
 from wattwarden.collectors.gpu import GpuCollector
 from wattwarden.collectors.host import HostCollector
 from wattwarden.collectors.sampler import Sampler
 from wattwarden.collectors.store import MetricStore
 from wattwarden.exporters.prometheus import StoreCollector, make_registry, render
 from wattwarden.hardware.nvml import NvmlBackend
+from wattwarden.hardware.sim.gpu import SimProcess
 
 CONTRACT_GPU_METRICS = {
     "gpu_up", "gpu_info", "gpu_power_watts", "gpu_power_peak_watts", "gpu_energy_joules_total",
@@ -162,3 +164,109 @@ def test_a_failing_after_pass_hook_is_logged_and_sampling_goes_on(fake_nvml: Fak
         assert store.snapshot().collectors["gpu"].up
     finally:
         sampler.close()
+
+
+def gpu_series(
+    m: dict[str, list[tuple[dict[str, str], float]]], name: str, gpu: str, **labels: str
+) -> list[float]:
+    return [
+        v
+        for lab, v in m.get(name, [])
+        if lab["gpu"] == gpu and all(lab.get(k) == want for k, want in labels.items())
+    ]
+
+
+def test_power_comes_from_the_energy_counter_when_both_power_fields_stop_answering(
+    rig: Rig,
+) -> None:
+    gpu = rig.fake.fleet[0]
+    rig.sample(2.0)  # idle, 70 W from the power fields
+    gpu.inject("not_supported", field="power")
+    gpu.inject("not_supported", field="power_instant")
+    gpu.set_load(0.7)
+    rig.sample(5.0)
+    start_j = gpu.true_energy_j()
+    rig.sample(15.0)  # one whole export window after the fields went
+    true_w = (gpu.true_energy_j() - start_j) / 15.0
+    m = rig.metrics()
+    assert gpu_series(m, "gpu_power_watts", "0") == [pytest.approx(true_w, rel=0.01)]
+    assert true_w > 400  # not the idle value from before
+    state = state_json(rig.store.snapshot(), backend="sim", node="n", mode="dry_run")
+    assert state["gpus"][0]["power_source"] == "counter"
+    assert state["gpus"][0]["power_watts"] == pytest.approx(true_w, rel=0.01)
+    assert state["gpus"][1]["power_source"] == "instant"
+
+
+def test_power_gauges_go_when_neither_power_nor_energy_can_be_read(rig: Rig) -> None:
+    gpu = rig.fake.fleet[0]
+    rig.sample(2.0)
+    for name in ("power", "power_instant", "energy"):
+        gpu.inject("not_supported", field=name)
+    gpu.set_load(1.0)
+    rig.sample(20.0)  # past the export window: nothing from before may be left
+    m = rig.metrics()
+    assert gpu_series(m, "gpu_up", "0") == [1.0]
+    for name in ("gpu_power_watts", "gpu_power_peak_watts"):
+        assert gpu_series(m, name, "0") == [], name
+        assert gpu_series(m, name, "1") != [], name
+    state = state_json(rig.store.snapshot(), backend="sim", node="n", mode="dry_run")
+    assert state["gpus"][0]["power_watts"] is None
+    assert state["gpus"][0]["power_source"] is None
+
+
+# Each simulator field, and the gauges (name, extra labels) that show it.
+FIELD_GAUGES: dict[str, list[tuple[str, dict[str, str]]]] = {
+    "temperature": [("gpu_temperature_celsius", {"sensor": "gpu"})],
+    "temperature_memory": [("gpu_temperature_celsius", {"sensor": "memory"})],
+    "utilization": [("gpu_utilization_ratio", {}), ("gpu_memory_utilization_ratio", {})],
+    "memory": [("gpu_memory_used_bytes", {}), ("gpu_memory_total_bytes", {})],
+    "clocks": [("gpu_clock_hertz", {"clock": "sm"}), ("gpu_clock_hertz", {"clock": "memory"})],
+    "clock_events": [("gpu_clock_event_active", {"reason": "idle"})],
+    "power_limit": [("gpu_power_limit_watts", {})],
+    "processes": [("gpu_process_memory_used_bytes", {})],
+    "power": [],  # with the instant field still there, power stays (see the next case)
+}
+
+
+@pytest.mark.parametrize("fields", [[f] for f in FIELD_GAUGES] + [["power", "power_instant"]])
+def test_a_field_that_stops_answering_drops_its_gauges_and_never_freezes(
+    rig: Rig, fields: list[str]
+) -> None:
+    for gpu in rig.fake.fleet[0], rig.fake.fleet[1]:
+        gpu.add_process(SimProcess(4000 + gpu.index, 0.3, 10**9))
+    rig.sample(2.0)
+    before = rig.metrics()
+    for name in fields:
+        rig.fake.fleet[0].inject("not_supported", field=name)
+    rig.sample(2.0)  # more than one slow-tier period
+    m = rig.metrics()
+    gauges = [g for f in fields for g in FIELD_GAUGES.get(f, [])]
+    for name, labels in gauges:
+        assert gpu_series(before, name, "0", **labels), (name, labels)
+        assert gpu_series(m, name, "0", **labels) == [], (name, labels)
+        assert gpu_series(m, name, "1", **labels), (name, labels)
+    power = gpu_series(m, "gpu_power_watts", "0")
+    assert len(power) == 1  # power always stays: from a power field, else the energy counter
+    rig.fake.fleet[0].set_load(1.0)  # and it is today's power, not a frozen one
+    rig.sample(16.0)
+    assert gpu_series(rig.metrics(), "gpu_power_watts", "0")[0] > 500
+
+
+def test_state_of_a_lost_gpu_keeps_its_identity_and_counters_but_no_readings(rig: Rig) -> None:
+    rig.fake.fleet[3].set_load(0.5)
+    rig.sample(1.5)
+    rig.fake.fleet[3].inject("lost")
+    rig.sample(0.5)
+    state = state_json(rig.store.snapshot(), backend="sim", node="n", mode="dry_run")
+    lost = state["gpus"][3]
+    assert lost["up"] is False
+    assert lost["uuid"] == rig.fake.fleet[3].uuid and lost["energy_joules"] > 0
+    assert lost["power_limit_max_watts"] == 700.0  # identity stays
+    for reading in (
+        "power_watts", "power_peak_watts", "power_instant_watts", "power_limit_watts",
+        "temperature_celsius", "memory_temperature_celsius", "utilization_ratio",
+        "memory_utilization_ratio", "memory_used_bytes", "clock_sm_hertz", "clock_memory_hertz",
+    ):  # fmt: skip
+        assert lost[reading] is None, reading
+    assert lost["clock_events"] == [] and lost["processes"] == []
+    assert state["gpus"][2]["temperature_celsius"] is not None

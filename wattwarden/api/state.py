@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from wattwarden.collectors.jobs import JobView
 from wattwarden.collectors.samples import GpuSample
 from wattwarden.collectors.store import HistoryPoint, StoreSnapshot
 from wattwarden.hardware.device import CLOCK_EVENT_LABELS
@@ -12,12 +13,20 @@ from wattwarden.hardware.device import CLOCK_EVENT_LABELS
 def gpu_json(
     sample: GpuSample, power_mean_w: float | None = None, power_peak_w: float | None = None
 ) -> dict[str, Any]:
-    """One GPU as a JSON object (base units, ``null`` where unsupported)."""
-    i, r = sample.info, sample.reading
+    """One GPU as a JSON object (base units, ``null`` where unsupported or not read now).
+
+    A lost GPU keeps its identity, ``up: false`` and its counters, like /metrics: no reading
+    from before it was lost. ``power_watts`` is the store's window mean (None when this pass
+    could not tell the power), else this sample's power: never a reading frozen from before.
+    """
+    i = sample.info
+    r = sample.reading if sample.up else None
     mask = None if r is None else r.clock_event_mask
     events = [label for bit, label in CLOCK_EVENT_LABELS if mask is not None and mask & bit]
-    if power_mean_w is None and r is not None:
-        power_mean_w = r.power_w
+    if not sample.up:
+        power_mean_w = power_peak_w = None
+    elif power_mean_w is None:  # one sample, no window (``wattwarden status`` without an agent)
+        power_mean_w = sample.power_w
     return {
         "index": i.index,
         "uuid": i.uuid,
@@ -29,6 +38,7 @@ def gpu_json(
         "power_watts": power_mean_w,
         "power_peak_watts": power_peak_w,
         "power_instant_watts": None if r is None else r.power_instant_w,
+        "power_source": sample.power_source if sample.up else None,
         "energy_joules": sample.energy_j,
         "energy_source": sample.energy_source,
         "power_limit_watts": None if r is None else r.power_limit_w,
@@ -109,4 +119,27 @@ def history_json(history: dict[int, list[HistoryPoint]]) -> dict[str, Any]:
             ]
             for index, points in history.items()
         },
+    }
+
+
+def job_json(job: JobView) -> dict[str, Any]:
+    """A job as JSON: running, or finished (kept for a bounded retention) with its totals."""
+    return {
+        "name": job.name,
+        "state": job.state,
+        "pid": job.pid,
+        "gpu": job.gpu,
+        "priority": job.priority,
+        "registered_at": job.registered_at_s,
+        "finished_at": job.finished_at_s,
+        "duration_seconds": job.duration_s,
+        "step": job.step,
+        "samples": job.samples,
+        "tokens": job.tokens,
+        "target_gpu": job.target_gpu,
+        "energy_joules": job.energy_j,
+        "energy_joules_by_gpu": {str(k): v for k, v in sorted(job.energy_by_gpu_j.items())},
+        "power_watts": job.power_w,
+        "mean_power_watts": job.mean_power_w,
+        "tokens_per_joule": job.tokens_per_joule,
     }

@@ -46,6 +46,9 @@ class _Track:
     read_at_s: float = 0.0
     last_mono_s: float | None = None
     full_due_s: float = 0.0
+    slow_mono_s: float | None = None
+    power_w: float | None = None
+    power_source: str | None = None
     last_counter_j: float | None = None
     last_power_w: float | None = None
     energy_j: float = 0.0
@@ -157,6 +160,10 @@ class GpuCollector:
                     reading=track.reading,
                     energy_j=track.energy_j,
                     energy_source=track.energy_source,
+                    power_w=track.power_w if track.up else None,
+                    power_source=track.power_source if track.up else None,
+                    read_mono_s=track.last_mono_s,
+                    slow_read_mono_s=track.slow_mono_s,
                     clock_event_seconds=dict(track.events_s),
                     xid_counts=dict(track.xids),
                 )
@@ -171,17 +178,38 @@ class GpuCollector:
             track.info = track.device.info()
             track.info_complete = True
         now = self._monotonic()
-        if track.reading is None or not track.up or now >= track.full_due_s:
+        full = track.reading is None or not track.up or now >= track.full_due_s
+        if full:
             reading = track.device.read()
             track.full_due_s = now + self._full_interval_s
+            instant, average = reading.power_instant_w, reading.power_w
         else:  # fast tier: power and energy only; the rest changes slowly and keeps its value
-            reading = _with_power(track.reading, track.device.read_power())
+            assert track.reading is not None
+            fast = track.device.read_power()
+            reading = _with_power(track.reading, fast)
+            instant, average = fast.power_instant_w, fast.power_w
         if not track.up:
             log.warning("GPU %d (%s) is back", track.info.index, track.info.uuid)
         track.up = True
-        power = reading.power_instant_w if reading.power_instant_w is not None else reading.power_w
+        if full:
+            track.slow_mono_s = now
+        # Only what this pass read: a power field that stops answering must not leave its last
+        # value behind (the fast tier would otherwise carry the last full read's average).
+        power = instant if instant is not None else average
         dt = 0.0 if track.last_mono_s is None else max(0.0, now - track.last_mono_s)
         counter = reading.energy_j
+        if power is not None:
+            track.power_w = power
+            track.power_source = "instant" if instant is not None else "average"
+        elif (
+            counter is not None
+            and track.last_counter_j is not None
+            and counter >= track.last_counter_j
+            and dt > 0
+        ):
+            track.power_w, track.power_source = (counter - track.last_counter_j) / dt, "counter"
+        else:
+            track.power_w, track.power_source = None, None
         if (
             counter is not None
             and track.last_counter_j is not None

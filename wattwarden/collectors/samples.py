@@ -21,6 +21,17 @@ class GpuSample:
     """Monotonic energy counter for export (hardware counter deltas, else integrated power)."""
     energy_source: str
     """``counter`` or ``integrated``."""
+    power_w: float | None = None
+    """Power this pass (the exported gauge's input); None when nothing gives it now."""
+    power_source: str | None = None
+    """Where ``power_w`` came from: ``instant`` (the instant field), ``average`` (the driver's
+    averaged reading), ``counter`` (the energy counter's delta over the pass, where neither
+    power field can be read), or None."""
+    read_mono_s: float | None = None
+    """Monotonic time of the read that gave ``energy_j`` (None if never read)."""
+    slow_read_mono_s: float | None = None
+    """Monotonic time of the full read that gave the slow fields (utilization, temperatures,
+    clocks, processes...); they hold that value until the next full read."""
     clock_event_seconds: dict[str, float] = field(default_factory=dict)
     xid_counts: dict[int, int] = field(default_factory=dict)
 

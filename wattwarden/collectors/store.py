@@ -25,7 +25,9 @@ class GpuView:
 
     sample: GpuSample
     power_mean_w: float | None
-    """Mean of the sub-second samples over the export window."""
+    """Mean of the sub-second samples over the export window; None while the latest pass could
+    not tell the power (a lost GPU, or no power field and no energy counter): never a value
+    frozen from before."""
     power_peak_w: float | None
     """Maximum over the same window."""
 
@@ -79,6 +81,8 @@ class _GpuSeries:
         self.history: deque[HistoryPoint] = deque(maxlen=history_s)
         self.bucket: _Bucket | None = None
         self.latest: GpuSample | None = None
+        self.has_power = False
+        """Whether the latest fresh sample gave a power (else the power gauges are dropped)."""
 
 
 class MetricStore:
@@ -93,6 +97,7 @@ class MetricStore:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.window_s = window_s
+        self._interval_s = interval_s
         self._capacity = math.ceil(window_s / interval_s) + 32
         self._history_s = history_s
         self._monotonic = monotonic
@@ -125,10 +130,14 @@ class MetricStore:
         fresh = series.latest is None or s.timestamp_s != series.latest.timestamp_s
         series.latest = s
         r = s.reading
-        if not (s.up and fresh and r is not None):
+        if not s.up:
+            series.has_power = False
             return
-        power = r.power_instant_w if r.power_instant_w is not None else r.power_w
-        if power is None:
+        if not fresh:
+            return
+        power = s.power_w if r is not None else None
+        series.has_power = power is not None
+        if r is None or power is None:
             return
         series.window.append((now, power))
         second = int(s.timestamp_s)
@@ -181,16 +190,15 @@ class MetricStore:
     def snapshot(self) -> StoreSnapshot:
         """A consistent copy; cheap (no hardware access)."""
         now = self._monotonic()
-        horizon = now - self.window_s
+        # sampling slower than the window still shows its last sample, but no older one
+        horizon = now - max(self.window_s, 2 * self._interval_s)
         with self._lock:
             gpus = []
             for index in sorted(self._gpus):
                 series = self._gpus[index]
                 if series.latest is None:
                     continue
-                powers = [p for t, p in series.window if t >= horizon]
-                if not powers and series.window and series.latest.up:
-                    powers = [series.window[-1][1]]  # sampling slower than the window
+                powers = [p for t, p in series.window if t >= horizon] if series.has_power else []
                 gpus.append(
                     GpuView(
                         series.latest,

@@ -282,7 +282,11 @@ def render(registry: CollectorRegistry, accept: str | None = None) -> tuple[byte
 
 
 def job_families(jobs: JobRegistry, snap: StoreSnapshot) -> Iterator[Metric]:
-    """Per-job energy attribution and progress, for ``StoreCollector(extra=...)``."""
+    """Per-job energy attribution and progress, for ``StoreCollector(extra=...)``.
+
+    Finished jobs keep their final counters for the registry's retention, so a scrape between a
+    job's end and the next scrape still sees its total; their power gauge goes (they draw none).
+    """
     uuids = {v.sample.info.index: v.sample.info.uuid for v in snap.gpus}
     energy = CounterMetricFamily(
         "gpu_job_energy_joules",
@@ -302,7 +306,8 @@ def job_families(jobs: JobRegistry, snap: StoreSnapshot) -> Iterator[Metric]:
     for job in jobs.jobs():
         for gpu, joules in sorted(job.energy_by_gpu_j.items()):
             energy.add_metric([str(gpu), uuids.get(gpu, ""), job.name], joules)
-        power.add_metric([str(job.gpu), uuids.get(job.gpu, ""), job.name], job.power_w)
+        if job.state == "running":
+            power.add_metric([str(job.gpu), uuids.get(job.gpu, ""), job.name], job.power_w)
         tokens.add_metric([job.name], job.tokens)
         steps.add_metric([job.name], job.step)
         if job.tokens_per_joule is not None:
