@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -22,7 +21,7 @@ from wattwarden.api.webconfig import load_web_config
 from wattwarden.collectors.base import Collector
 from wattwarden.collectors.gpu import GpuCollector
 from wattwarden.collectors.host import HostCollector
-from wattwarden.collectors.jobs import Job, JobError, JobRegistry
+from wattwarden.collectors.jobs import Job, JobRegistry, process_alive
 from wattwarden.collectors.rapl import RaplCollector
 from wattwarden.collectors.sampler import Sampler
 from wattwarden.collectors.store import MetricStore, StoreSnapshot
@@ -198,7 +197,7 @@ class Agent:
             log.info("RAPL: no zones under %s; host CPU energy is not collected", cfg.rapl_root)
         self._since_save = 0.0
         self._since_reap = 0.0
-        self.jobs = JobRegistry()
+        self.jobs = JobRegistry(pid_alive=process_alive)
         if self.opened.fleet is not None:
             self.jobs.add_listener(self._place_on_sim)
         self.sampler = Sampler(self.store, collectors, interval_s=interval_s, on_pass=self._on_pass)
@@ -255,15 +254,7 @@ class Agent:
         Both must hold: in a container the agent may not see the job's pid, but a live
         supervisor polls its job every second.
         """
-        for name, pid in self.jobs.silent_pids(JOB_SILENCE_S).items():
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                log.warning("job %s: process %d is gone; unregistering it", name, pid)
-                with contextlib.suppress(JobError):
-                    self.jobs.unregister(name)
-            except PermissionError:
-                continue  # alive, owned by another user
+        self.jobs.reap(JOB_SILENCE_S)  # one job's failure never stops the others
 
     def _place_on_sim(self, old: Job | None, new: Job | None) -> None:
         """On the simulated fleet a job's process drives its GPU's load, and moves with it."""
