@@ -167,3 +167,40 @@ def test_workload_client_reads_through_basic_auth_over_tls(
             assert client.request("POST", "/api/v1/sim/load", body, auth=True)[0] == 200
         finally:
             client.close()
+
+
+def test_password_over_72_bytes_is_refused_with_401_not_500(tmp_path: Path) -> None:
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    cfg = tmp_path / "web.yml"
+    cfg.write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    with run_agent(tmp_path / "state", "--sim", "1", "--web-config", str(cfg)) as agent:
+        for password in ("p" * 73, PASSWORD + "x" * 72):
+            status, body = http_get(agent.url + "/metrics", headers=basic("prometheus", password))
+            assert status == 401, body
+        good = basic("prometheus", PASSWORD)
+        assert http_get(agent.url + "/metrics", headers=good)[0] == 200
+
+
+def test_unknown_users_cost_as_much_as_known_users_with_a_wrong_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from wattwarden.api import webconfig
+
+    checked: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def spy(password: bytes, hashed: bytes) -> bool:
+        checked.append(hashed)
+        return real(password, hashed)
+
+    monkeypatch.setattr(webconfig.bcrypt, "checkpw", spy)
+    users = {
+        "fast": bcrypt.hashpw(b"a", bcrypt.gensalt(rounds=4)),
+        "slow": bcrypt.hashpw(b"b", bcrypt.gensalt(rounds=6)),
+    }
+    web = webconfig.WebConfig(users=users)
+    assert not web.check_basic("slow", "wrong")
+    assert not web.check_basic("nobody", "wrong")
+    assert not web.check_basic("nobody", "p" * 100)
+    costs = [int(h.split(b"$")[2]) for h in checked]
+    assert costs == [6, 6, 6]

@@ -48,23 +48,52 @@ class WebConfig:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def check_basic(self, user: str, password: str) -> bool:
-        """Whether the pair matches; bcrypt is slow, so good pairs are remembered (by digest)."""
+        """Whether the pair matches; bcrypt is slow, so good pairs are remembered (by digest).
+
+        Every refusal costs one bcrypt check at the configured cost, whether the user exists or
+        not, so user names cannot be told apart by timing. Passwords over bcrypt's 72 bytes are
+        refused (as the exporter-toolkit does), not truncated.
+        """
+        secret = password.encode()
         hashed = self.users.get(user)
-        if hashed is None:
-            bcrypt.checkpw(b"x", _DUMMY_HASH)  # same cost for unknown users
+        if hashed is None or len(secret) > MAX_PASSWORD_BYTES:
+            bcrypt.checkpw(b"x", _dummy_hash(_cost(hashed) if hashed else self._max_cost()))
             return False
-        key = hashlib.sha256(user.encode() + b"\0" + password.encode() + b"\0" + hashed).digest()
+        key = hashlib.sha256(user.encode() + b"\0" + secret + b"\0" + hashed).digest()
         with self._lock:
             if any(hmac.compare_digest(key, k) for k in self._verified):
                 return True
-        if not bcrypt.checkpw(password.encode(), hashed):
+        if not bcrypt.checkpw(secret, hashed):
             return False
         with self._lock:
             self._verified.add(key)
         return True
 
+    def _max_cost(self) -> int:
+        return max((_cost(h) for h in self.users.values()), default=_MIN_COST)
 
-_DUMMY_HASH = bcrypt.hashpw(b"wattwarden", bcrypt.gensalt(rounds=4))
+
+MAX_PASSWORD_BYTES = 72
+"""bcrypt uses at most 72 bytes of a password (and bcrypt>=4.1 raises beyond)."""
+_MIN_COST = 4
+_dummy_hashes: dict[int, bytes] = {}
+_dummy_lock = threading.Lock()
+
+
+def _cost(hashed: bytes) -> int:
+    """The cost (log2 rounds) of a ``$2y$10$...`` hash."""
+    try:
+        return min(31, max(_MIN_COST, int(hashed.split(b"$")[2])))
+    except (IndexError, ValueError):
+        return _MIN_COST
+
+
+def _dummy_hash(cost: int) -> bytes:
+    """A hash of a throwaway password at ``cost``, made once per cost."""
+    with _dummy_lock:
+        if cost not in _dummy_hashes:
+            _dummy_hashes[cost] = bcrypt.hashpw(b"wattwarden", bcrypt.gensalt(rounds=cost))
+        return _dummy_hashes[cost]
 
 
 def load_web_config(path: Path) -> WebConfig:
@@ -94,6 +123,8 @@ def load_web_config(path: Path) -> WebConfig:
                 f"web config {path}: basic_auth_users.{user} must be a bcrypt hash ($2y$...)"
             )
         config.users[str(user)] = hashed.encode()
+    if config.users:
+        _dummy_hash(config._max_cost())  # made now, not on the first unknown user's request
     return config
 
 
