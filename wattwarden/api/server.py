@@ -1,35 +1,58 @@
 """The agent's HTTP server: /metrics, health, JSON state, and authenticated control endpoints.
 
-One port, stdlib ``ThreadingHTTPServer``. Reads are open (bind to loopback, or put a proxy or the
-exporter-toolkit-style TLS in front); writes need ``Authorization: Bearer <token>``, compared in
-constant time.
+One port, a Starlette application served by uvicorn with its h11 protocol: strict HTTP/1.1 parsing
+(a bad or duplicate Content-Length is a 400, an unread body is never parsed as the next request),
+a real listen backlog, a connection cap below the process's file-descriptor limit, a deadline for
+a request's headers and body, and a keep-alive timeout. Reads are open (bind to loopback, or use
+the exporter-toolkit-style TLS and basic auth); writes need ``Authorization: Bearer <token>``,
+compared in constant time. Every body field is checked at the edge: a bad one is a 4xx naming it.
+
+Handlers are plain functions run in Starlette's thread pool (store snapshots, the /metrics render
+and bcrypt checks never block the event loop), and the event loop runs on its own thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
 import logging
-import os
-import secrets
+import math
+import re
+import resource
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
+import h11
+import uvicorn
 from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from wattwarden.api.state import history_json, state_json
+from wattwarden.api.state import history_json, job_json, state_json
 from wattwarden.api.webconfig import WebConfig
-from wattwarden.collectors.jobs import JobError, JobRegistry, JobView
+from wattwarden.collectors.jobs import (
+    COUNT_MAX,
+    NAME_PATTERN,
+    PID_MAX,
+    PRIORITIES,
+    JobConflict,
+    JobError,
+    JobRegistry,
+)
 from wattwarden.collectors.store import MetricStore
 from wattwarden.exporters.prometheus import render
 from wattwarden.hardware.errors import HardwareError, InvalidArgument
@@ -39,24 +62,35 @@ from wattwarden.policies.actuator import LimitActuator, RateLimited
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
-TOKEN_FILE = "token"
+MAX_JSON_DEPTH = 16
+SIM_FAULT_PARAMS = frozenset({"delta_c", "xid", "field"})
+JOBS_PREFIX = "/api/v1/jobs/"
 
 
-def ensure_token(state_dir: Path) -> str:
-    """Read the write token, creating it (mode 0600) at first start."""
-    path = state_dir / TOKEN_FILE
-    state_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        token = path.read_text().strip()
-        if not token:
-            raise ValueError(f"{path} is empty; delete it to have a new token made") from None
-        return token
-    token = secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one client may hold of the server."""
+
+    max_connections: int | None = None
+    """Open connections at most; ``None`` derives it from the file-descriptor limit."""
+    backlog: int = 2048
+    """Listen backlog: connections the kernel queues before we accept them."""
+    keep_alive_s: int = 30
+    """An idle connection (before its first request or between two) is closed after this."""
+    request_deadline_s: float = 5.0
+    """From a request's first byte, its headers and body must arrive within this."""
+    max_body_bytes: int = MAX_BODY_BYTES
+    shutdown_s: int = 3
+    """``close()`` lets requests in flight finish for this long."""
+
+    def connection_cap(self) -> int:
+        """The cap: as set, or the soft RLIMIT_NOFILE less a reserve for the agent's own files."""
+        if self.max_connections is not None:
+            return self.max_connections
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 65536
+        return max(16, min(1024, soft - max(64, soft // 4)))
 
 
 class ApiError(Exception):
@@ -87,262 +121,314 @@ class AgentContext:
     """Reads the GPU energy counters now, for ``GET /api/v1/energy``."""
 
 
-def _field(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+# ------------------------------------------------------------------ bodies and fields
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(HTTPStatus.BAD_REQUEST, message)
+
+
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def _json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest, counted without recursion (strings skipped)."""
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(_STRINGS.sub(b"", raw)):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+class _NonFinite:
+    """``NaN``, ``Infinity`` or ``-Infinity`` in a body: kept, so the field check can name it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; ApiError (400) naming what is wrong."""
+    if _json_depth(raw) > MAX_JSON_DEPTH:
+        raise _bad(f"body is nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        body = json.loads(raw or b"null", parse_constant=_NonFinite)
+    except ValueError as e:
+        raise _bad(f"body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise _bad("body must be a JSON object")
+    return body
+
+
+def _required(body: dict[str, Any], key: str) -> Any:
     if key not in body:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"missing field {key!r}")
-    value = body[key]
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"field {key!r} has the wrong type: {value!r}")
+        raise _bad(f"missing field {key!r}")
+    return body[key]
+
+
+def _int(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    value = _required(body, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"field {key!r} must be an integer, got {_short(value)}")
+    if not lo <= value <= hi:
+        raise _bad(f"field {key!r} must be within {lo}..{hi}, got {_short(value)}")
     return value
 
 
-def _gpu_index(body: dict[str, Any], count: int) -> int:
-    gpu = int(_field(body, "gpu", int))
-    if not 0 <= gpu < count:
-        raise ApiError(HTTPStatus.NOT_FOUND, f"no GPU {gpu} (this node has {count})")
-    return gpu
+def _number(body: dict[str, Any], key: str) -> float:
+    value = _required(body, key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad(f"field {key!r} must be a number, got {_short(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise _bad(f"field {key!r} must be a finite number, got {_short(value)}")
+    return number
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "wattwarden"
-    protocol_version = "HTTP/1.1"
-    # keep-alive clients (EnergyMeter) would otherwise wait out delayed ACKs: ~40 ms a request
-    disable_nagle_algorithm = True
-    timeout = 60  # seconds a connection may sit idle or half-sent before its thread gives up
-    ctx: AgentContext
+def _str(body: dict[str, Any], key: str) -> str:
+    value = _required(body, key)
+    if not isinstance(value, str):
+        raise _bad(f"field {key!r} must be a string, got {_short(value)}")
+    return value
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+
+def _gpu(body: dict[str, Any], count: int) -> int:
+    value = _required(body, "gpu")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"field 'gpu' must be an integer, got {_short(value)}")
+    if not 0 <= value < count:
+        raise ApiError(
+            HTTPStatus.NOT_FOUND, f"field 'gpu': no GPU {_short(value)} (this node has {count})"
+        )
+    return value
+
+
+# ------------------------------------------------------------------------ responses
+def _json(status: int, obj: Any) -> Response:
+    return Response(json.dumps(obj).encode(), status, media_type="application/json")
+
+
+def _text(status: int, body: bytes) -> Response:
+    return Response(body, status, media_type="text/plain; charset=utf-8")
+
+
+def _error(status: int, message: str, challenge: str = "Bearer") -> Response:
+    response = _json(status, {"error": message})
+    if status == HTTPStatus.UNAUTHORIZED:
+        response.headers["WWW-Authenticate"] = f'{challenge} realm="wattwarden"'
+    return response
+
+
+Sync = Callable[[], Response]
+
+
+class _Api:
+    """The endpoints over one agent context."""
+
+    def __init__(self, ctx: AgentContext, limits: HttpLimits) -> None:
+        self.ctx = ctx
+        self.limits = limits
+
+    def routes(self) -> list[Route]:
+        read, write = self._read, self._write
+        get, post, delete = ["GET"], ["POST"], ["DELETE"]
+        return [
+            Route("/", read(self._index), methods=get),
+            Route("/metrics", read(self._metrics), methods=get),
+            Route("/healthz", read(self._healthz, open_=True), methods=get),
+            Route("/api/v1/state", read(self._state), methods=get),
+            Route("/api/v1/history", read(self._history), methods=get),
+            Route("/api/v1/energy", read(self._energy), methods=get),
+            Route("/api/v1/jobs", read(self._jobs), methods=get),
+            Route("/api/v1/jobs", write(self._register_job), methods=post),
+            Route(JOBS_PREFIX + "{name}", read(self._job), methods=get),
+            Route(JOBS_PREFIX + "{name}", write(self._unregister_job, body=False), methods=delete),
+            Route(JOBS_PREFIX + "{name}/progress", write(self._job_progress), methods=post),
+            Route(JOBS_PREFIX + "{name}/migrate", write(self._job_migrate), methods=post),
+            Route("/api/v1/power-limits", write(self._power_limit), methods=post),
+            Route("/api/v1/sim/faults", write(self._sim_fault), methods=post),
+            Route("/api/v1/sim/load", write(self._sim_load), methods=post),
+        ]
 
     # ------------------------------------------------------------ plumbing
-    def handle(self) -> None:
-        """Serve the connection; with TLS, shake hands first, here on its own thread."""
+    def _read(
+        self, fn: Callable[[Request], Response], *, open_: bool = False
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """A read endpoint: basic auth (where configured, and not ``open_``), then ``fn``."""
+
+        async def endpoint(request: Request) -> Response:
+            def run() -> Response:
+                if not open_:
+                    self._check_basic(request)
+                return fn(request)
+
+            return await self._call(run)
+
+        return endpoint
+
+    def _write(
+        self, fn: Callable[[Request, dict[str, Any]], Response], *, body: bool = True
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """A write endpoint: the bearer token (before the body is read), the body, then ``fn``."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                self._check_bearer(request)
+                data = await self._body(request) if body else {}
+            except ApiError as e:
+                return _error(e.status, str(e), e.challenge)
+            except ClientDisconnect:
+                log.debug("client %s went away mid-request", _client(request))
+                return _error(HTTPStatus.BAD_REQUEST, "client disconnected")
+            return await self._call(lambda: fn(request, data))
+
+        return endpoint
+
+    async def _call(self, run: Sync) -> Response:
         try:
-            if isinstance(self.request, ssl.SSLSocket):
-                self.request.do_handshake()
-            super().handle()
-        except (ssl.SSLError, ConnectionError, TimeoutError) as e:
-            log.debug("connection from %s dropped: %s", self.client_address[0], e)
+            return await run_in_threadpool(run)
+        except ApiError as e:
+            return _error(e.status, str(e), e.challenge)
+        except JobConflict as e:
+            return _error(HTTPStatus.CONFLICT, str(e))
+        except JobError as e:
+            missing = str(e).startswith("no job named")
+            return _error(HTTPStatus.NOT_FOUND if missing else HTTPStatus.BAD_REQUEST, str(e))
+        except Exception:
+            log.exception("internal error handling a request")
+            return _error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see agent log")
 
-    def _send(self, status: int, body: bytes, content_type: str, challenge: str = "Bearer") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        if status == HTTPStatus.UNAUTHORIZED:
-            self.send_header("WWW-Authenticate", f'{challenge} realm="wattwarden"')
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+    async def _body(self, request: Request) -> dict[str, Any]:
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_large = ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return parse_body(b"".join(chunks))
 
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json")
-
-    def _body(self) -> dict[str, Any]:
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "bad Content-Length") from None
-        if length > MAX_BODY_BYTES:
-            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
-        raw = self.rfile.read(length) if length > 0 else b""
-        try:
-            body = json.loads(raw or b"null")
-        except ValueError as e:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
-        return body
-
-    def _authorize(self) -> None:
-        header = self.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
+    def _check_bearer(self, request: Request) -> None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
         ok = hmac.compare_digest(given.strip().encode(), self.ctx.token.encode())
         if scheme.lower() != "bearer" or not ok:
             raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token")
 
-    def _dispatch(self, routes: dict[str, Callable[[], None]]) -> None:
-        path = urlsplit(self.path).path.rstrip("/") or "/"
-        try:
-            route = routes.get(path)
-            if route is None and path.startswith(JOBS_PREFIX):
-                route = routes.get(JOBS_PREFIX + "{name}" + _job_action(path))
-            if route is None:
-                raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
-            route()
-        except JobError as e:
-            missing = str(e).startswith("no job named")
-            self._json(
-                HTTPStatus.NOT_FOUND if missing else HTTPStatus.BAD_REQUEST, {"error": str(e)}
-            )
-        except ApiError as e:
-            body = json.dumps({"error": str(e)}).encode()
-            self._send(e.status, body, "application/json", e.challenge)
-        except Exception:
-            log.exception("handling %s %s", self.command, self.path)
-            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see agent log"})
-
-    # --------------------------------------------------------------- reads
-    def _authorize_read(self, route: Callable[[], None]) -> Callable[[], None]:
+    def _check_basic(self, request: Request) -> None:
         """Basic auth for reads, where the web config names users."""
         web = self.ctx.web
         if web is None or not web.users:
-            return route
+            return
+        scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+        try:
+            user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            user, password = "", ""
+        if scheme.lower() != "basic" or not web.check_basic(user, password):
+            raise ApiError(HTTPStatus.UNAUTHORIZED, "basic auth required", challenge="Basic")
 
-        def guarded() -> None:
-            scheme, _, encoded = self.headers.get("Authorization", "").partition(" ")
-            try:
-                user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                user, password = "", ""
-            if scheme.lower() != "basic" or not web.check_basic(user, password):
-                raise ApiError(HTTPStatus.UNAUTHORIZED, "basic auth required", challenge="Basic")
-            route()
-
-        return guarded
-
-    def do_GET(self) -> None:
-        """Read endpoints (all but /healthz behind basic auth where configured)."""
-        read = self._authorize_read
-        self._dispatch(
-            {
-                "/metrics": read(self._metrics),
-                "/healthz": self._healthz,
-                "/api/v1/state": read(self._state),
-                "/api/v1/history": read(self._history),
-                "/api/v1/energy": read(self._energy),
-                "/api/v1/jobs": read(self._jobs),
-                JOBS_PREFIX + "{name}": read(self._job),
-                "/": read(self._index),
-            }
-        )
-
-    do_HEAD = do_GET
-
-    def _index(self) -> None:
+    # --------------------------------------------------------------- reads
+    def _index(self, request: Request) -> Response:
         body = b"wattwarden agent: /metrics /healthz /api/v1/state /api/v1/history?seconds=N\n"
-        self._send(HTTPStatus.OK, body, "text/plain; charset=utf-8")
+        return _text(HTTPStatus.OK, body)
 
-    def _metrics(self) -> None:
-        body, content_type = render(self.ctx.registry, self.headers.get("Accept"))
-        self._send(HTTPStatus.OK, body, content_type)
+    def _metrics(self, request: Request) -> Response:
+        body, content_type = render(self.ctx.registry, request.headers.get("accept"))
+        return Response(body, HTTPStatus.OK, media_type=content_type)
 
-    def _healthz(self) -> None:
+    def _healthz(self, request: Request) -> Response:
         last = self.ctx.store.snapshot().last_sample_s
         stale_after = max(5.0, 10 * self.ctx.interval_s)
         if last is None or time.time() - last > stale_after:
-            self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"sampler stalled\n", "text/plain")
-        else:
-            self._send(HTTPStatus.OK, b"ok\n", "text/plain")
+            return _text(HTTPStatus.SERVICE_UNAVAILABLE, b"sampler stalled\n")
+        return _text(HTTPStatus.OK, b"ok\n")
 
-    def _state(self) -> None:
+    def _state(self, request: Request) -> Response:
         snap = self.ctx.store.snapshot()
-        self._json(
-            HTTPStatus.OK,
-            state_json(snap, backend=self.ctx.backend, node=self.ctx.node, mode=self.ctx.mode),
+        ctx = self.ctx
+        return _json(
+            HTTPStatus.OK, state_json(snap, backend=ctx.backend, node=ctx.node, mode=ctx.mode)
         )
 
-    def _history(self) -> None:
-        query = parse_qs(urlsplit(self.path).query)
-        raw = query.get("seconds", ["300"])[-1]
+    def _history(self, request: Request) -> Response:
+        raw = request.query_params.getlist("seconds")[-1:] or ["300"]
         try:
-            seconds = float(raw)
+            seconds = float(raw[0])
         except ValueError:
-            raise ApiError(
-                HTTPStatus.BAD_REQUEST, f"seconds must be a number, got {raw!r}"
-            ) from None
+            raise _bad(f"seconds must be a number, got {_short(raw[0])}") from None
         if not 1 <= seconds <= 86400:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"seconds must be within 1..86400, got {raw}")
-        self._json(HTTPStatus.OK, history_json(self.ctx.store.history(seconds)))
+            raise _bad(f"seconds must be within 1..86400, got {_short(raw[0])}")
+        return _json(HTTPStatus.OK, history_json(self.ctx.store.history(seconds)))
 
-    # -------------------------------------------------------------- writes
-    def do_POST(self) -> None:
-        """Write endpoints; all need the bearer token."""
-
-        def guarded(fn: Callable[[], None]) -> Callable[[], None]:
-            def run() -> None:
-                self._authorize()
-                fn()
-
-            return run
-
-        self._dispatch(
-            {
-                "/api/v1/power-limits": guarded(self._power_limit),
-                "/api/v1/sim/faults": guarded(self._sim_fault),
-                "/api/v1/sim/load": guarded(self._sim_load),
-                "/api/v1/jobs": guarded(self._register_job),
-                JOBS_PREFIX + "{name}/progress": guarded(self._job_progress),
-                JOBS_PREFIX + "{name}/migrate": guarded(self._job_migrate),
-            }
-        )
-
-    def do_DELETE(self) -> None:
-        """Remove a job; needs the bearer token."""
-
-        def remove() -> None:
-            self._authorize()
-            self._json(HTTPStatus.OK, job_json(self.ctx.jobs.unregister(self._job_name())))
-
-        self._dispatch({JOBS_PREFIX + "{name}": remove})
-
-    # ----------------------------------------------------------------- jobs
-    def _job_name(self) -> str:
-        rest = urlsplit(self.path).path[len(JOBS_PREFIX) :].strip("/")
-        return unquote(rest.split("/")[0])
-
-    def _jobs(self) -> None:
-        self._json(HTTPStatus.OK, {"jobs": [job_json(j) for j in self.ctx.jobs.jobs()]})
-
-    def _job(self) -> None:
-        name = self._job_name()
-        self.ctx.jobs.touch(name)  # the supervisor's poll doubles as its heartbeat
-        self._json(HTTPStatus.OK, job_json(self.ctx.jobs.get(name)))
-
-    def _register_job(self) -> None:
-        body = self._body()
-        gpu = _gpu_index(body, len(self.ctx.store.snapshot().gpus))
-        utilization = body.get("utilization")
-        if utilization is not None and (
-            isinstance(utilization, bool) or not isinstance(utilization, int | float)
-        ):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "field 'utilization' must be a number")
-        view, created = self.ctx.jobs.register(
-            str(_field(body, "name", str)),
-            int(_field(body, "pid", int)),
-            gpu,
-            str(body.get("priority", "normal")),
-            utilization=None if utilization is None else float(utilization),
-        )
-        log.info("job %s %s on GPU %d (pid %d)", view.name,
-                 "registered" if created else "moved", view.gpu, view.pid)  # fmt: skip
-        self._json(HTTPStatus.CREATED if created else HTTPStatus.OK, job_json(view))
-
-    def _job_progress(self) -> None:
-        body = self._body()
-        counts = {k: int(_field(body, k, int)) for k in ("step", "samples", "tokens")}
-        if any(v < 0 for v in counts.values()):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "step, samples and tokens must be >= 0")
-        view = self.ctx.jobs.progress(self._job_name(), **counts)
-        self._json(HTTPStatus.OK, job_json(view))
-
-    def _job_migrate(self) -> None:
-        body = self._body()
-        gpu = _gpu_index(body, len(self.ctx.store.snapshot().gpus))
-        view = self.ctx.jobs.request_migration(self._job_name(), gpu)
-        self._json(HTTPStatus.OK, job_json(view))
-
-    def _energy(self) -> None:
+    def _energy(self, request: Request) -> Response:
         if self.ctx.energy is None:
             raise ApiError(HTTPStatus.NOT_FOUND, "energy readings are not available")
-        self._json(HTTPStatus.OK, self.ctx.energy())
+        return _json(HTTPStatus.OK, self.ctx.energy())
 
-    def _power_limit(self) -> None:
-        body = self._body()
+    # ----------------------------------------------------------------- jobs
+    def _jobs(self, request: Request) -> Response:
+        return _json(HTTPStatus.OK, {"jobs": [job_json(j) for j in self.ctx.jobs.jobs()]})
+
+    def _job(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        self.ctx.jobs.touch(name)  # the supervisor's poll doubles as its heartbeat
+        return _json(HTTPStatus.OK, job_json(self.ctx.jobs.get(name)))
+
+    def _unregister_job(self, request: Request, body: dict[str, Any]) -> Response:
+        return _json(HTTPStatus.OK, job_json(self.ctx.jobs.unregister(request.path_params["name"])))
+
+    def _register_job(self, request: Request, body: dict[str, Any]) -> Response:
+        name = _str(body, "name")
+        if not NAME_PATTERN.fullmatch(name):
+            raise _bad(
+                f"field 'name' must be 1-64 of A-Z a-z 0-9 _ . : - starting with a letter or "
+                f"digit, got {_short(name)}"
+            )
+        pid = _int(body, "pid", 1, PID_MAX)
+        gpu = _gpu(body, len(self.ctx.store.snapshot().gpus))
+        priority = body.get("priority", "normal")
+        if priority not in PRIORITIES:
+            raise _bad(f"field 'priority' must be one of {', '.join(PRIORITIES)}")
+        utilization = None
+        if body.get("utilization") is not None:
+            utilization = _number(body, "utilization")
+            if not 0.0 < utilization <= 1.0:
+                raise _bad(f"field 'utilization' must be within (0, 1], got {utilization}")
+        view, created = self.ctx.jobs.register(name, pid, gpu, priority, utilization=utilization)
+        log.info("job %s %s on GPU %d (pid %d)", view.name,
+                 "registered" if created else "moved", view.gpu, view.pid)  # fmt: skip
+        return _json(HTTPStatus.CREATED if created else HTTPStatus.OK, job_json(view))
+
+    def _job_progress(self, request: Request, body: dict[str, Any]) -> Response:
+        counts = {k: _int(body, k, 0, COUNT_MAX) for k in ("step", "samples", "tokens")}
+        view = self.ctx.jobs.progress(request.path_params["name"], **counts)
+        return _json(HTTPStatus.OK, job_json(view))
+
+    def _job_migrate(self, request: Request, body: dict[str, Any]) -> Response:
+        gpu = _gpu(body, len(self.ctx.store.snapshot().gpus))
+        view = self.ctx.jobs.request_migration(request.path_params["name"], gpu)
+        return _json(HTTPStatus.OK, job_json(view))
+
+    # -------------------------------------------------------- power limits
+    def _power_limit(self, request: Request, body: dict[str, Any]) -> Response:
         actuator = self.ctx.actuator
-        count = len(self.ctx.store.snapshot().gpus)
-        gpu = _gpu_index(body, count)
-        watts = float(_field(body, "watts", (int, float)))
+        gpu = _gpu(body, len(self.ctx.store.snapshot().gpus))
+        watts = _number(body, "watts")
         if self.ctx.mode != "apply" or actuator is None:
             raise ApiError(
                 HTTPStatus.CONFLICT,
@@ -351,14 +437,14 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             change = actuator.set_limit(gpu, watts, reason="api")
         except InvalidArgument as e:
-            raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, str(e)) from None
+            raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, f"field 'watts': {e}") from None
         except RateLimited as e:
             raise ApiError(HTTPStatus.TOO_MANY_REQUESTS, str(e)) from None
         except HardwareError as e:
             self.ctx.store.count_policy_action("api", "set_power_limit_failed", "apply")
             raise ApiError(HTTPStatus.BAD_GATEWAY, f"driver refused: {e}") from None
         self.ctx.store.count_policy_action("api", "set_power_limit", "apply")
-        self._json(
+        return _json(
             HTTPStatus.OK,
             {
                 "gpu": gpu,
@@ -367,6 +453,7 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
+    # ------------------------------------------------------------- the sim
     def _fleet(self) -> SimFleet:
         if self.ctx.fleet is None:
             raise ApiError(
@@ -374,97 +461,306 @@ class _Handler(BaseHTTPRequestHandler):
             )
         return self.ctx.fleet
 
-    def _sim_fault(self) -> None:
+    def _sim_fault(self, request: Request, body: dict[str, Any]) -> Response:
         fleet = self._fleet()
-        body = self._body()
-        gpu = _gpu_index(body, len(fleet))
-        fault = str(_field(body, "fault", str))
+        gpu = _gpu(body, len(fleet))
+        fault = _str(body, "fault")
         params = {k: v for k, v in body.items() if k not in ("gpu", "fault")}
+        unknown = sorted(set(params) - SIM_FAULT_PARAMS)
+        if unknown:
+            raise _bad(f"field {_short(unknown[0])} is not a fault parameter")
         try:
             fleet[gpu].inject(fault, **params)
         except InvalidArgument as e:
             raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, str(e)) from None
-        except TypeError as e:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"bad fault parameters: {e}") from None
         log.warning("sim: injected %s on GPU %d %s", fault, gpu, params or "")
-        self._json(HTTPStatus.OK, {"gpu": gpu, "fault": fault})
+        return _json(HTTPStatus.OK, {"gpu": gpu, "fault": fault})
 
-    def _sim_load(self) -> None:
+    def _sim_load(self, request: Request, body: dict[str, Any]) -> Response:
         fleet = self._fleet()
-        body = self._body()
-        gpu = _gpu_index(body, len(fleet))
-        util = float(_field(body, "utilization", (int, float)))
-        memory = body.get("memory_bytes")
-        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int)):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "field 'memory_bytes' must be an integer")
+        gpu = _gpu(body, len(fleet))
+        util = _number(body, "utilization")
+        memory = None
+        if body.get("memory_bytes") is not None:
+            memory = _int(body, "memory_bytes", 0, COUNT_MAX)
         try:
             fleet[gpu].set_load(util, memory)
         except InvalidArgument as e:
             raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, str(e)) from None
-        self._json(HTTPStatus.OK, {"gpu": gpu, "utilization": util})
+        return _json(HTTPStatus.OK, {"gpu": gpu, "utilization": util})
 
 
-JOBS_PREFIX = "/api/v1/jobs/"
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "?"
 
 
-def _job_action(path: str) -> str:
-    """``/api/v1/jobs/NAME/progress`` -> ``/progress``; ``/api/v1/jobs/NAME`` -> ``""``."""
-    parts = path[len(JOBS_PREFIX) :].split("/")
-    return "/" + "/".join(parts[1:]) if len(parts) > 1 else ""
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """404 and 405 from routing, as JSON like every other error."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == HTTPStatus.NOT_FOUND:
+        message = f"no such endpoint: {request.url.path}"
+    elif exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    response = _error(exc.status_code, message)
+    for key, value in (exc.headers or {}).items():
+        response.headers[key] = value
+    return response
 
 
-def job_json(job: JobView) -> dict[str, Any]:
-    """A job as JSON."""
-    return {
-        "name": job.name,
-        "pid": job.pid,
-        "gpu": job.gpu,
-        "priority": job.priority,
-        "registered_at": job.registered_at_s,
-        "step": job.step,
-        "samples": job.samples,
-        "tokens": job.tokens,
-        "target_gpu": job.target_gpu,
-        "energy_joules": job.energy_j,
-        "energy_joules_by_gpu": {str(k): v for k, v in sorted(job.energy_by_gpu_j.items())},
-        "power_watts": job.power_w,
-        "tokens_per_joule": job.tokens_per_joule,
-    }
+class _Edge:
+    """Outermost ASGI layer: ``/path/`` is ``/path``, and no response is cached."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+
+        async def send_no_store(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"cache-control", b"no-store")]
+            await send(message)
+
+        await self.app(scope, receive, send_no_store)
+
+
+def build_app(ctx: AgentContext, limits: HttpLimits | None = None) -> ASGIApp:
+    """The agent's API as an ASGI application."""
+    api = _Api(ctx, limits or HttpLimits())
+    app = Starlette(routes=api.routes(), exception_handlers={HTTPException: _http_error})
+    return _Edge(app)
+
+
+# ------------------------------------------------------------------ the connection layer
+def _raw_response(status: HTTPStatus, message: str) -> bytes:
+    """A whole JSON error response, for the protocol layer to write before it closes."""
+    body = json.dumps({"error": message}).encode()
+    head = (
+        f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class _Config(uvicorn.Config):
+    """uvicorn's config, carrying our limits to each connection's protocol."""
+
+    def __init__(self, app: ASGIApp, *, limits: HttpLimits, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.limits = limits
+        self.connection_cap = limits.connection_cap()
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a connection cap and a deadline on receiving a request.
+
+    uvicorn closes a connection that idles between requests, but not one that trickles a
+    request's headers or body (slowloris), nor a fresh one that sends nothing: here a request must
+    arrive whole within ``request_deadline_s`` of its first byte (else 408 and close), and a fresh
+    connection idles no longer than the keep-alive timeout. Beyond the cap, a new connection
+    displaces the longest-idle one; when every connection is busy it gets a quick 503.
+    """
+
+    config: _Config
+
+    def __init__(
+        self,
+        config: _Config,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._idle_since = time.monotonic()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Admit the connection under the cap, and start its idle timer."""
+        super().connection_made(transport)
+        if len(self.connections) > self.config.connection_cap and not self._displace():
+            log.debug("connection cap %d reached; refusing %s", self.config.connection_cap,
+                      self.client)  # fmt: skip
+            transport.write(_raw_response(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections"))
+            transport.close()
+            return
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the connection; a client going away is not an error."""
+        self._cancel_deadline()
+        if exc is not None:
+            log.debug("connection from %s lost: %s", self.client, exc)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        """Feed h11, then watch the request's deadline."""
+        super().data_received(data)
+        self._watch()
+
+    def on_response_complete(self) -> None:
+        """Serve any pipelined request, then watch its deadline."""
+        super().on_response_complete()
+        self._idle_since = time.monotonic()
+        self._watch()
+
+    def _idle(self) -> bool:
+        cycle = self.cycle
+        return (
+            self._deadline is None
+            and self.conn.their_state is h11.IDLE
+            and (cycle is None or cycle.response_complete)
+            and not self.transport.is_closing()
+        )
+
+    def _displace(self) -> bool:
+        """Close the longest-idle other connection; False when every other one is busy."""
+        idle = [p for p in self.connections if p is not self and isinstance(p, _Protocol)]
+        idle = [p for p in idle if p._idle()]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda p: p._idle_since)
+        log.debug("connection cap reached; closing idle connection from %s", victim.client)
+        victim.timeout_keep_alive_handler()
+        return True
+
+    def _watch(self) -> None:
+        """Arm the deadline while a request is partly received; disarm it once it is whole."""
+        their = self.conn.their_state
+        receiving = their is h11.SEND_BODY or (
+            their is h11.IDLE and bool(self.conn.trailing_data[0])
+        )
+        if not receiving:
+            self._cancel_deadline()
+        elif self._deadline is None and not self.transport.is_closing():
+            self._deadline = self.loop.call_later(
+                self.config.limits.request_deadline_s, self._too_slow
+            )
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        log.debug("closing connection from %s: request not received in %.1f s",
+                  self.client, self.config.limits.request_deadline_s)  # fmt: skip
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or not cycle.response_started:
+            message = "request not received in time"
+            self.transport.write(_raw_response(HTTPStatus.REQUEST_TIMEOUT, message))
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """A malformed request gets a JSON 400, and the connection closes."""
+        self.transport.write(_raw_response(HTTPStatus.BAD_REQUEST, f"malformed request: {msg}"))
+        self.transport.close()
+
+
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Clients that reset or fail a TLS handshake are routine: DEBUG, not an ERROR traceback."""
+    exc = context.get("exception")
+    if isinstance(exc, ConnectionError | ssl.SSLError | TimeoutError):
+        log.debug("connection: %s: %s", context.get("message"), exc)
+    else:
+        loop.default_exception_handler(context)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server that says when it is serving."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.serving = threading.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Start, then tell :meth:`ApiServer.start`."""
+        asyncio.get_running_loop().set_exception_handler(_loop_exception)
+        await super().startup(sockets)
+        self.serving.set()
 
 
 class ApiServer:
-    """The HTTP server on its own thread."""
+    """The HTTP server, on its own thread and event loop."""
 
-    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
-        """Bind now (so a taken port fails early); serve from :meth:`start`."""
-        self._handler: type[_Handler] = type("Handler", (_Handler,), {})
-        handler = self._handler
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        limits: HttpLimits | None = None,
+    ) -> None:
+        """Bind now (so a taken port fails early, before any GPU is touched); serve on start."""
+        self.limits = limits or HttpLimits()
+        self._ssl = ssl_context
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server_cls = type("Server", (ThreadingHTTPServer,), {"address_family": family})
-        self._server = server_cls((host, port), handler)
-        self._server.daemon_threads = True
-        if ssl_context is not None:
-            self._server.socket = ssl_context.wrap_socket(
-                self._server.socket, server_side=True, do_handshake_on_connect=False
-            )
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(self.limits.backlog)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        bound = sock.getsockname()
+        self._address = (str(bound[0]), int(bound[1]))
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def address(self) -> tuple[str, int]:
         """The bound host and port (port 0 resolves to the real one)."""
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
+        return self._address
 
-    def start(self, ctx: AgentContext) -> None:
-        """Serve ``ctx`` on a daemon thread."""
-        self._handler.ctx = ctx
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="wattwarden-http", daemon=True
+    def start(self, ctx: AgentContext, *, timeout_s: float = 10.0) -> None:
+        """Serve ``ctx`` from a daemon thread; return once it accepts connections."""
+        tls = self._ssl
+        config = _Config(
+            build_app(ctx, self.limits),
+            limits=self.limits,
+            http=_Protocol,
+            ws="none",
+            lifespan="off",
+            log_config=None,
+            log_level=logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+            backlog=self.limits.backlog,
+            timeout_keep_alive=self.limits.keep_alive_s,
+            timeout_graceful_shutdown=self.limits.shutdown_s,
+            ssl_context_factory=None if tls is None else (lambda _config, _default: tls),
         )
+        server = self._server = _Server(config)
+
+        def serve() -> None:
+            try:
+                asyncio.run(server.serve(sockets=[self._sock]))
+            finally:
+                server.serving.set()  # wakes start() if serving failed
+
+        self._thread = threading.Thread(target=serve, name="wattwarden-http", daemon=True)
         self._thread.start()
+        if not server.serving.wait(timeout_s) or not server.started:
+            raise RuntimeError("the HTTP server did not start; see the log above")
 
     def close(self) -> None:
-        """Stop serving and close the socket."""
-        if self._thread is not None:
-            self._server.shutdown()
-        self._server.server_close()
+        """Stop accepting, let requests in flight finish (bounded), and close the socket."""
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(self.limits.shutdown_s + 2.0)
+            if self._thread.is_alive():
+                log.warning("HTTP server did not stop within %d s", self.limits.shutdown_s + 2)
+        self._sock.close()
