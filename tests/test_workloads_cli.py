@@ -65,6 +65,11 @@ def test_without_torch_a_workload_says_which_extra_to_install(workload: str):
         ),
         (["workload", "train", "--agent", "ftp://x"], "--agent: expected a URL"),
         pytest.param(
+            ["workload", "train", "--energy-source", "nvml"],
+            "--energy-source nvml reads GPU energy, but --device cpu runs on the CPU",
+            marks=needs_torch,
+        ),
+        pytest.param(
             ["workload", "infer", "--new-tokens", "0"],
             "--new-tokens must be at least 1",
             marks=needs_torch,
@@ -105,14 +110,20 @@ def test_cuda_without_a_gpu_is_a_usage_error(capsys: pytest.CaptureFixture[str])
 def test_train_and_infer_run_from_the_command_line(tmp_path: Path):
     pytest.importorskip("torch")
     report = tmp_path / "train.json"
-    small = ["--size", "tiny", "--batch-size", "2", "--threads", "1", "--energy-source", "none"]
+    # CPU runs: CPU energy from RAPL, here a tree without it; never a GPU's, even with an agent
+    # (and its simulated GPUs) on the default port
+    small = ["--size", "tiny", "--batch-size", "2", "--threads", "1"]
+    small += ["--rapl-root", str(tmp_path / "no-powercap")]
     out = run_cli(
         "workload", "train", "--steps", "3", "--seq-len", "16", "--report", str(report),
         "--checkpoint-dir", str(tmp_path / "ck"), *small,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "train: 3/3" in out.stderr and "final loss" in out.stderr
-    assert json.loads(report.read_text())["summary"]["steps"] == 3
+    assert "energy: not measured (no RAPL)" in out.stderr and "GPU" not in out.stderr
+    train = json.loads(report.read_text())
+    assert train["summary"]["steps"] == 3
+    assert (train["energy_device"], train["energy_source"], train["gpus"]) == ("cpu", "none", [])
 
     infer_report = tmp_path / "infer.json"
     out = run_cli(
@@ -121,4 +132,5 @@ def test_train_and_infer_run_from_the_command_line(tmp_path: Path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "p99" in out.stderr
+    assert "energy: not measured (no RAPL)" in out.stderr and "GPU" not in out.stderr
     assert json.loads(infer_report.read_text())["summary"]["requests"] == 3

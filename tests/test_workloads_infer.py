@@ -15,6 +15,7 @@ from wattwarden.config import ConfigError
 from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml
 from wattwarden.hardware.sim import SimFleet
 from wattwarden.workloads.infer import InferConfig, run_infer
+from wattwarden.workloads.meter import EnergyMeter
 from wattwarden.workloads.report import percentile
 from wattwarden.workloads.train import TrainConfig, run_train
 
@@ -32,11 +33,12 @@ def fleet() -> Iterator[SimFleet]:
 def test_infer_reports_latency_percentiles_and_energy_per_request(fleet: SimFleet, tmp_path: Path):
     fleet[0].set_load(0.6)
     report_path = tmp_path / "infer.json"
-    cfg = InferConfig(
-        requests=12, batch_size=2, energy_source="nvml", gpu=0, report=report_path, **SMALL
-    )  # type: ignore[arg-type]
-    result = run_infer(cfg, stream=io.StringIO())
+    cfg = InferConfig(requests=12, batch_size=2, report=report_path, **SMALL)  # type: ignore[arg-type]
+    # No CUDA here: a meter on simulated GPU 0 stands in for the one a CUDA run opens.
+    with EnergyMeter(gpus=[0], source="nvml", host=False) as meter:
+        result = run_infer(cfg, stream=io.StringIO(), meter=meter)
     report = json.loads(report_path.read_text())
+    assert report["energy_device"] == "gpu" and report["energy_source"] == "nvml"
     s = report["summary"]
     assert s["requests"] == 12 and len(report["requests"]) == 12
     latencies_ms = [r["latency_s"] * 1000 for r in report["requests"]]
@@ -74,3 +76,15 @@ def test_infer_loads_trained_weights_and_checks_the_size(tmp_path: Path):
     )  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="holds a tiny model"):
         run_infer(other, stream=io.StringIO())
+
+
+def test_cpu_inference_without_rapl_reports_no_gpu_energy(fleet: SimFleet, tmp_path: Path):
+    fleet[0].set_load(0.6)  # a busy simulated GPU the CPU run must not report
+    out = io.StringIO()
+    cfg = InferConfig(requests=3, rapl_root=tmp_path / "no-powercap", **SMALL)  # type: ignore[arg-type]
+    result = run_infer(cfg, stream=out)
+    report = result.report
+    assert report["energy_device"] == "cpu" and report["energy_source"] == "none"
+    assert report["gpus"] == [] and report["summary"]["energy_j"] is None
+    last = out.getvalue().strip().splitlines()[-1]
+    assert last.endswith("energy: not measured (no RAPL)") and "GPU" not in last

@@ -21,6 +21,7 @@ from wattwarden.config import ConfigError  # noqa: E402
 from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml  # noqa: E402
 from wattwarden.hardware.sim import SimFleet  # noqa: E402
 from wattwarden.workloads import checkpoint as ckpt  # noqa: E402
+from wattwarden.workloads.meter import EnergyMeter  # noqa: E402
 from wattwarden.workloads.testing import FakeAgent  # noqa: E402
 from wattwarden.workloads.train import StepRecord, TrainConfig, run_train  # noqa: E402
 
@@ -120,11 +121,12 @@ def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path: Path):
 def test_train_reports_energy_per_step_from_the_gpu_counter(fake_nvml: SimFleet, tmp_path: Path):
     fake_nvml[1].set_load(0.8)
     report_path = tmp_path / "report.json"
-    result = run_train(
-        config(steps=4, energy_source="nvml", gpu=1, report=report_path), stream=quiet()
-    )
+    # No CUDA here: a meter on simulated GPU 1 stands in for the one a CUDA run opens.
+    with EnergyMeter(gpus=[1], source="nvml", host=False) as meter:
+        result = run_train(config(steps=4, report=report_path), stream=quiet(), meter=meter)
     report = json.loads(report_path.read_text())
     assert report == json.loads(json.dumps(result.report))
+    assert report["energy_device"] == "gpu"
     assert report["energy_source"] == "nvml" and report["gpus"] == [1]
     steps = report["steps"]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
@@ -161,7 +163,8 @@ def test_progress_is_posted_to_the_agent_with_the_token(monkeypatch: pytest.Monk
         monkeypatch.setenv("WATTWARDEN_AGENT_URL", agent.url)
         monkeypatch.setenv("WATTWARDEN_JOB_NAME", "lm")
         monkeypatch.setenv("WATTWARDEN_TOKEN", "s3cret")
-        result = run_train(config(steps=3, energy_source="agent", gpu=0), stream=quiet())
+        with EnergyMeter(gpus=[0], source="agent", agent_url=agent.url) as meter:
+            result = run_train(config(steps=3), stream=quiet(), meter=meter)
         posts = agent.matching("POST", "/api/v1/jobs/lm/progress")
     assert posts, "no progress posted"
     assert posts[-1].body == {"step": 3, "samples": 6, "tokens": 96}
@@ -206,3 +209,63 @@ def test_sigterm_mid_run_checkpoints_atomically_and_the_run_resumes(tmp_path: Pa
     full = run_train(config(steps=stopped_at + 2), stream=quiet())
     first_losses = [s["loss"] for s in interrupted["steps"]]
     assert first_losses + resumed.losses == full.losses
+
+
+def make_rapl(root: Path, package_uj: int = 10_000_000) -> Path:
+    """A powercap tree with package-0 and its dram zone; returns package-0's energy file."""
+    for zone, name, uj in (("0", "package-0", package_uj), ("0:0", "dram", 1_000_000)):
+        path = root / f"intel-rapl:{zone}"
+        path.mkdir(parents=True)
+        (path / "name").write_text(name + "\n")
+        (path / "energy_uj").write_text(f"{uj}\n")
+        (path / "max_energy_range_uj").write_text(f"{2**40}\n")
+    return root / "intel-rapl:0" / "energy_uj"
+
+
+def test_cpu_run_reports_cpu_energy_from_rapl_and_no_gpu_energy(
+    fake_nvml: SimFleet, tmp_path: Path
+):
+    fake_nvml[0].set_load(0.9)  # a busy GPU that the CPU run must not report
+    package = make_rapl(tmp_path / "powercap")
+    uj = [10_000_000]
+
+    def burn_1_joule(rec: StepRecord) -> None:  # the package counter moves 1 J per step
+        uj[0] += 1_000_000
+        package.write_text(f"{uj[0]}\n")
+
+    out = io.StringIO()
+    result = run_train(
+        config(steps=4, energy_source="auto", rapl_root=tmp_path / "powercap"),
+        stream=out,
+        on_step=burn_1_joule,
+    )
+    report = result.report
+    assert report["energy_device"] == "cpu" and report["energy_source"] == "rapl"
+    assert report["gpus"] == []
+    # each step's window ends before its own callback: 0 J, then 1 J per step
+    assert [s["energy_j"] for s in report["steps"]] == pytest.approx([0.0, 1.0, 1.0, 1.0])
+    assert report["summary"]["energy_j"] == pytest.approx(3.0)
+    assert report["summary"]["tokens_per_j"] == pytest.approx(4 * 2 * 16 / 3.0)
+    last = out.getvalue().strip().splitlines()[-1]
+    assert "3.0 J CPU (RAPL) energy" in last and "GPU" not in last
+
+
+def test_cpu_run_without_rapl_says_energy_not_measured(fake_nvml: SimFleet, tmp_path: Path):
+    fake_nvml[0].set_load(0.9)
+    out = io.StringIO()
+    result = run_train(
+        config(steps=2, energy_source="auto", rapl_root=tmp_path / "no-powercap"), stream=out
+    )
+    report = result.report
+    assert report["energy_device"] == "cpu" and report["energy_source"] == "none"
+    assert report["gpus"] == []
+    assert report["summary"]["energy_j"] is None and report["summary"]["tokens_per_j"] is None
+    assert all(s["energy_j"] is None for s in report["steps"])
+    last = out.getvalue().strip().splitlines()[-1]
+    assert "energy: not measured (no RAPL)" in last and "GPU" not in last
+
+
+@pytest.mark.parametrize("source", ["nvml", "agent"])
+def test_a_gpu_energy_source_for_a_cpu_run_is_refused(source: str):
+    with pytest.raises(ConfigError, match=f"--energy-source {source} .*--device cpu"):
+        config(steps=1, energy_source=source).validate()

@@ -33,7 +33,7 @@ from wattwarden.hardware.errors import HardwareError, HardwareUnavailable, NotSu
 from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml
 from wattwarden.hardware.sim.fleet import SimFleet
 from wattwarden.hardware.sim.gpu import SimProcess
-from wattwarden.policies.actuator import LimitActuator
+from wattwarden.policies.actuator import JournalError, LimitActuator
 
 log = logging.getLogger("wattwarden.agent")
 
@@ -201,7 +201,10 @@ class Agent:
         if self.opened.fleet is not None:
             self.jobs.add_listener(self._place_on_sim)
         self.sampler = Sampler(self.store, collectors, interval_s=interval_s, on_pass=self._on_pass)
-        self.actuator = LimitActuator(self.opened.backend.devices(), state_dir / JOURNAL_FILE)
+        try:
+            self.actuator = LimitActuator(self.opened.backend.devices(), state_dir / JOURNAL_FILE)
+        except JournalError as e:
+            raise ConfigError(str(e)) from e
         failures = self.actuator.recover()
         if failures:
             log.error("%d power limit(s) could not be restored; see above", len(failures))

@@ -70,7 +70,15 @@ def _common_flags(p: argparse.ArgumentParser, *, steps_help: str, batch_default:
         "--energy-source",
         choices=ENERGY_SOURCES,
         default="auto",
-        help="nvml in this process, the agent's /api/v1/energy, or none (default auto: in order)",
+        help="GPU energy (--device cuda) from nvml in this process, the agent's /api/v1/energy, "
+        "or none (default auto: in order); --device cpu reports CPU package energy from RAPL "
+        "where readable (auto) or none",
+    )
+    p.add_argument(
+        "--rapl-root",
+        type=Path,
+        metavar="DIR",
+        help="powercap sysfs tree CPU energy is read from (default /sys/class/powercap)",
     )
     p.add_argument(
         "--agent",
@@ -229,6 +237,7 @@ def _shared_settings(args: argparse.Namespace) -> dict[str, Any]:
         "agent_url": args.agent,
         "threads": args.threads,
         "log_interval_s": args.log_interval,
+        "rapl_root": args.rapl_root,
     }
 
 

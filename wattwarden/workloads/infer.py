@@ -21,6 +21,7 @@ from wattwarden import __version__
 from wattwarden.config import ConfigError
 from wattwarden.workloads.checkpoint import CheckpointError, load_latest
 from wattwarden.workloads.common import (
+    EnergyTarget,
     WorkloadConfig,
     autocast,
     check_positive,
@@ -73,6 +74,7 @@ class RequestRecord:
     latency_s: float
     tokens: int
     energy_j: float | None
+    """Energy of the request on the device that did the work (CPU packages, or the GPUs)."""
     host_energy_j: float | None
 
 
@@ -121,7 +123,10 @@ def run_infer(
     meter: EnergyMeter | None = None,
     on_request: Callable[[RequestRecord], None] | None = None,
 ) -> InferResult:
-    """Serve ``cfg.requests`` requests, or fewer if ``stop`` is set."""
+    """Serve ``cfg.requests`` requests, or fewer if ``stop`` is set.
+
+    ``meter`` measures instead of one opened for ``cfg.device`` (a meter on GPUs reports theirs).
+    """
     cfg.validate()
     stop = stop or threading.Event()
     out = sys.stderr if stream is None else stream
@@ -138,8 +143,13 @@ def run_infer(
 
     own_meter = meter is None
     meter = meter or open_meter(
-        gpu=cfg.gpu, source=cfg.energy_source, agent_url=cfg.agent_url, device=device
+        gpu=cfg.gpu,
+        source=cfg.energy_source,
+        agent_url=cfg.agent_url,
+        device=device,
+        rapl_root=cfg.rapl_root,
     )
+    target = EnergyTarget.of(meter, device, cfg.energy_source)
     reporter = ProgressReporter.from_env()
     display = ProgressDisplay(
         cfg.requests, label="infer", stream=out, tty=tty, interval_s=cfg.log_interval_s
@@ -158,7 +168,9 @@ def run_infer(
                 generate(model, batch, cfg.new_tokens)
             m = meter.lap("request")
             n = len(records) + 1
-            rec = RequestRecord(n, m.elapsed_s, tokens_per_request, m.gpu_total_j, m.host_total_j)
+            rec = RequestRecord(
+                n, m.elapsed_s, tokens_per_request, target.energy_j(m), m.host_total_j
+            )
             records.append(rec)
             if on_request is not None:
                 on_request(rec)
@@ -218,7 +230,8 @@ def run_infer(
         "precision": "bf16-autocast" if device.type == "cuda" else "fp32",
         "model": {**size.as_dict(), "size": cfg.size, "parameters": model.parameter_count()},
         "weights_from": loaded_from,
-        "energy_source": meter.source,
+        "energy_device": target.device,
+        "energy_source": target.source,
         "gpus": list(meter.gpus),
         "polled_gpus": list(meter.polled_gpus),
         "interrupted": interrupted,
@@ -227,11 +240,16 @@ def run_infer(
     }
     if cfg.report is not None:
         write_json_atomic(cfg.report, report)
+    per_request = summary["j_per_request"]
+    energy_text = (
+        target.describe(None)
+        if per_request is None
+        else f"{per_request:.3f} J/request, {fmt(summary['tokens_per_j'], ' tok/J', 1)} "
+        f"({target.label})"
+    )
     display.message(
         f"{n} requests: p50 {fmt(summary['latency_ms_p50'], ' ms')}, "
         f"p95 {fmt(summary['latency_ms_p95'], ' ms')}, "
-        f"p99 {fmt(summary['latency_ms_p99'], ' ms')}; "
-        f"{fmt(summary['j_per_request'], ' J/request', 3)}, "
-        f"{fmt(summary['tokens_per_j'], ' tok/J', 1)} ({meter.source})"
+        f"p99 {fmt(summary['latency_ms_p99'], ' ms')}; {energy_text}"
     )
     return InferResult(records, interrupted, report)

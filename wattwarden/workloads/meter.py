@@ -81,6 +81,14 @@ class Measurement:
         top = [v for k, v in self.host_energy_j.items() if "/" not in k]
         return sum(top) if top else None
 
+    @property
+    def cpu_energy_j(self) -> float | None:
+        """Energy of the CPU packages (``package-N``; not ``psys``, which holds them), or None."""
+        packages = [
+            v for k, v in self.host_energy_j.items() if "/" not in k and k.startswith("package")
+        ]
+        return sum(packages) if packages else None
+
 
 @dataclass(slots=True)
 class Window:
@@ -360,6 +368,11 @@ class _Rapl:
         else:
             self.read()
 
+    @property
+    def readable(self) -> bool:
+        """Whether the counters could be read (so far)."""
+        return self._collector is not None
+
     def read(self) -> dict[str, float]:
         if self._collector is None:
             return {}
@@ -470,6 +483,11 @@ class EnergyMeter:
     def gpus(self) -> tuple[int, ...]:
         """The measured GPU indices."""
         return self._source.gpus
+
+    @property
+    def rapl_readable(self) -> bool:
+        """Whether this process reads host (CPU package) energy from RAPL."""
+        return self._rapl is not None and self._rapl.readable
 
     @property
     def polled_gpus(self) -> tuple[int, ...]:

@@ -30,6 +30,7 @@ from wattwarden.workloads.checkpoint import (
     save_checkpoint,
 )
 from wattwarden.workloads.common import (
+    EnergyTarget,
     WorkloadConfig,
     autocast,
     check_positive,
@@ -95,10 +96,10 @@ class StepRecord:
     samples_per_s: float
     tokens_per_s: float
     energy_j: float | None
-    """GPU energy of the step (all measured GPUs)."""
+    """Energy of the step on the device that did the work (CPU packages, or the GPUs)."""
     host_energy_j: float | None
     tokens_per_j: float | None
-    """Tokens per joule of GPU energy."""
+    """Tokens per joule of ``energy_j``."""
 
 
 @dataclass(slots=True)
@@ -123,10 +124,10 @@ class _Totals:
     energy_j: float | None = None
     host_energy_j: float | None = None
 
-    def add(self, m: Measurement) -> None:
+    def add(self, m: Measurement, energy_j: float | None) -> None:
         self.time_s += m.elapsed_s
-        if m.gpu_total_j is not None:
-            self.energy_j = (self.energy_j or 0.0) + m.gpu_total_j
+        if energy_j is not None:
+            self.energy_j = (self.energy_j or 0.0) + energy_j
         if m.host_total_j is not None:
             self.host_energy_j = (self.host_energy_j or 0.0) + m.host_total_j
 
@@ -152,7 +153,8 @@ def run_train(
 ) -> TrainResult:
     """Train until ``cfg.steps`` (counted from step 0, across resumes) or until ``stop`` is set.
 
-    ``on_step`` is called after every step (before any checkpoint of that step).
+    ``on_step`` is called after every step (before any checkpoint of that step). ``meter``
+    measures instead of one opened for ``cfg.device`` (a meter on GPUs reports their energy).
     """
     cfg.validate()
     stop = stop or threading.Event()
@@ -197,8 +199,13 @@ def run_train(
 
     own_meter = meter is None
     meter = meter or open_meter(
-        gpu=cfg.gpu, source=cfg.energy_source, agent_url=cfg.agent_url, device=device
+        gpu=cfg.gpu,
+        source=cfg.energy_source,
+        agent_url=cfg.agent_url,
+        device=device,
+        rapl_root=cfg.rapl_root,
     )
+    target = EnergyTarget.of(meter, device, cfg.energy_source)
     reporter = ProgressReporter.from_env()
     display = ProgressDisplay(
         cfg.steps, label="train", stream=out, tty=tty, interval_s=cfg.log_interval_s
@@ -226,7 +233,7 @@ def run_train(
         path = save_checkpoint(cfg.checkpoint_dir, step, state, keep=cfg.keep_checkpoints)
         m = meter.lap("step")  # the write is not part of the next step
         checkpoints.append(
-            {"step": step, "path": str(path), "time_s": m.elapsed_s, "energy_j": m.gpu_total_j}
+            {"step": step, "path": str(path), "time_s": m.elapsed_s, "energy_j": target.energy_j(m)}
         )
 
     step = start_step
@@ -248,7 +255,8 @@ def run_train(
             loss_value = float(loss.item())
             m = meter.lap("step")
             step += 1
-            totals.add(m)
+            energy = target.energy_j(m)
+            totals.add(m, energy)
             rec = StepRecord(
                 step=step,
                 loss=loss_value,
@@ -256,9 +264,9 @@ def run_train(
                 time_s=m.elapsed_s,
                 samples_per_s=cfg.batch_size / m.elapsed_s if m.elapsed_s > 0 else 0.0,
                 tokens_per_s=tokens_per_step / m.elapsed_s if m.elapsed_s > 0 else 0.0,
-                energy_j=m.gpu_total_j,
+                energy_j=energy,
                 host_energy_j=m.host_total_j,
-                tokens_per_j=ratio(tokens_per_step, m.gpu_total_j),
+                tokens_per_j=ratio(tokens_per_step, energy),
             )
             records.append(rec)
             if on_step is not None:
@@ -297,6 +305,7 @@ def run_train(
         model,
         device,
         meter,
+        target,
         records=records,
         checkpoints=checkpoints,
         run=run,
@@ -310,10 +319,10 @@ def run_train(
     if cfg.report is not None:
         write_json_atomic(cfg.report, report)
     s = report["summary"]
+    efficiency = "" if s["tokens_per_j"] is None else f", {s['tokens_per_j']:.1f} tok/J"
     display.message(
         f"{len(records)} steps in {s['time_s']:.2f} s, {s['tokens_per_s']:.0f} tok/s, "
-        f"{fmt(s['energy_j'], ' J', 1)} GPU energy ({meter.source}), "
-        f"{fmt(s['tokens_per_j'], ' tok/J', 1)}, final loss {fmt(s['final_loss'], '', 4)}"
+        f"{target.describe(s['energy_j'])}{efficiency}, final loss {fmt(s['final_loss'], '', 4)}"
     )
     return TrainResult(start_step, step, interrupted, records, report)
 
@@ -323,6 +332,7 @@ def _report(
     model: TinyLM,
     device: torch.device,
     meter: EnergyMeter,
+    target: EnergyTarget,
     *,
     records: list[StepRecord],
     checkpoints: list[dict[str, Any]],
@@ -356,7 +366,8 @@ def _report(
         "device": str(device),
         "precision": "bf16-autocast" if device.type == "cuda" else "fp32",
         "model": {**model.size.as_dict(), "size": cfg.size, "parameters": model.parameter_count()},
-        "energy_source": meter.source,
+        "energy_device": target.device,
+        "energy_source": target.source,
         "gpus": list(meter.gpus),
         "polled_gpus": list(meter.polled_gpus),
         "resumed_from": resumed_from,
@@ -377,7 +388,7 @@ def _report(
             "j_per_step": ratio(energy, n),
             "tokens_per_j": ratio(tokens, energy),
             "host_energy_j": host_energy,
-            "run_energy_j": run.gpu_total_j,
+            "run_energy_j": target.energy_j(run),
             "final_loss": records[-1].loss if records else None,
         },
         "total_since_step_0": {
