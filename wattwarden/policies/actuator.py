@@ -77,10 +77,11 @@ class LimitActuator:
         """Why the journal found at start was unusable (then recover restores defaults)."""
         journal_path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            db: sqlite3.Connection | None = None
             self.damaged = journal_damage(journal_path)
             if self.damaged is None:
-                self._db, self.damaged = _open_checked(journal_path)
-            if self.damaged is not None:
+                db, self.damaged = _open_checked(journal_path)
+            if db is None:
                 aside = _move_aside(journal_path)
                 log.error(
                     "power-limit journal %s is damaged (%s); kept it as %s and will restore "
@@ -89,9 +90,10 @@ class LimitActuator:
                     self.damaged,
                     aside,
                 )
-                self._db = _open_journal(journal_path)
+                db = _open_journal(journal_path)
         except (sqlite3.Error, OSError) as e:
             raise JournalError(f"power-limit journal {journal_path}: {e}") from e
+        self._db = db
 
     def set_limit(self, gpu: int, watts: float, *, reason: str) -> LimitChange:
         """Set one GPU's limit. Raises KeyError, InvalidArgument, RateLimited or HardwareError."""
@@ -267,7 +269,7 @@ def _open_journal(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _open_checked(path: Path) -> tuple[sqlite3.Connection, None] | tuple[None, str]:
+def _open_checked(path: Path) -> tuple[sqlite3.Connection | None, str | None]:
     """Open the journal and run SQLite's integrity check: the connection, or what is wrong.
 
     Corruption (``file is not a database``, ``database disk image is malformed``) is damage;
