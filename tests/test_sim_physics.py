@@ -180,3 +180,81 @@ def test_driver_state_outlives_the_fleet_like_a_real_driver(tmp_path: Path) -> N
     assert again[0].enforced_power_limit_mw() == 700_000
     assert again[1].true_energy_j() == pytest.approx(energy_before + 70.0 * 100.0)
     assert (tmp_path / "sim" / "driver-state.json").exists()
+
+
+def test_sim_load_refuses_negative_or_oversized_memory() -> None:
+    gpu, _ = make_gpu()
+    total = MODELS["h100-sxm"].memory_total_bytes
+    for bad in (-1, total + 1, 2**64 - 1):
+        with pytest.raises(InvalidArgument, match="memory_bytes must be an integer within"):
+            gpu.set_load(0.5, bad)
+    gpu.set_load(0.5, total)
+    assert gpu.memory_bytes() == (total, total)
+
+
+def test_a_smaller_fleet_keeps_the_state_of_the_gpus_it_does_not_simulate(tmp_path: Path) -> None:
+    clock, wall = ManualClock(), ManualClock(1_700_000_000.0)
+    eight = SimFleet(8, clock=clock, state_dir=tmp_path, wall_clock=wall)
+    eight[5].set_power_limit_mw(400_000)
+    eight[7].set_load(1.0)
+    clock.advance(10.0)
+    eight.save()
+    energy_7 = eight[7].true_energy_j()
+    wall.advance(50.0)
+    three = SimFleet(3, clock=ManualClock(), state_dir=tmp_path, wall_clock=wall)
+    three[0].set_power_limit_mw(250_000)
+    three.save()
+    a100 = SimFleet(2, model="a100-sxm", clock=ManualClock(), state_dir=tmp_path, wall_clock=wall)
+    a100[1].set_power_limit_mw(150_000)
+    a100.save()
+    wall.advance(50.0)
+    again = SimFleet(8, clock=ManualClock(), state_dir=tmp_path, wall_clock=wall)
+    assert again[5].enforced_power_limit_mw() == 400_000
+    assert again[0].enforced_power_limit_mw() == 250_000
+    # the GPU no run simulated kept counting at idle all along, as on a real host
+    assert again[7].true_energy_j() == pytest.approx(energy_7 + 70.0 * 100.0)
+    a100_again = SimFleet(2, model="a100-sxm", clock=ManualClock(), state_dir=tmp_path)
+    assert a100_again[1].enforced_power_limit_mw() == 150_000
+
+
+BAD_VALUES = [float("nan"), float("inf"), float("-inf"), -1.0, 1e300, "700", None, True]
+
+
+@pytest.mark.parametrize("field", ["power_limit_w", "energy_j", "saved_at"])
+@pytest.mark.parametrize("bad", BAD_VALUES, ids=repr)
+def test_a_bad_value_in_the_state_file_is_set_aside_and_the_fleet_starts_fresh(
+    tmp_path: Path, field: str, bad: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+
+    wall = ManualClock(1_700_000_000.0)
+    fleet = SimFleet(2, clock=ManualClock(), state_dir=tmp_path, wall_clock=wall)
+    fleet[0].set_power_limit_mw(300_000)
+    path = tmp_path / "sim" / "driver-state.json"
+    data = json.loads(path.read_text())
+    if field == "saved_at":
+        data["saved_at"] = bad
+        for g in data["gpus"]:
+            g.pop("saved_at", None)
+    else:
+        data["gpus"][1][field] = bad
+    path.write_text(json.dumps(data))  # json writes NaN and Infinity as bare words
+    again = SimFleet(2, clock=ManualClock(), state_dir=tmp_path, wall_clock=wall)
+    for gpu in again.gpus:
+        assert math.isfinite(gpu.true_energy_j()) and 0 <= gpu.total_energy_mj() < 2**63
+        assert gpu.enforced_power_limit_mw() == 700_000
+    assert len(list(path.parent.glob("driver-state.json.bad-*"))) == 1
+    assert any(r.levelname == "ERROR" and "is invalid" in r.getMessage() for r in caplog.records), (
+        caplog.text
+    )
+
+
+def test_a_state_file_that_is_not_json_is_set_aside(tmp_path: Path) -> None:
+    path = tmp_path / "sim" / "driver-state.json"
+    path.parent.mkdir()
+    path.write_text("{not json")
+    fleet = SimFleet(2, clock=ManualClock(), state_dir=tmp_path)
+    assert fleet[0].enforced_power_limit_mw() == 700_000
+    assert (path.parent / next(path.parent.glob("driver-state.json.bad-*")).name).read_text() == (
+        "{not json"
+    )

@@ -422,6 +422,16 @@ class SimGpu:
         """Set a synthetic load (0..1) on top of any processes; clears a load schedule."""
         if not 0.0 <= utilization <= 1.0:
             raise InvalidArgument(f"utilization must be within [0, 1], got {utilization}")
+        total = self.spec.memory_total_bytes
+        if memory_bytes is not None and (
+            isinstance(memory_bytes, bool)
+            or not isinstance(memory_bytes, int)
+            or not 0 <= memory_bytes <= total
+        ):
+            raise InvalidArgument(
+                f"memory_bytes must be an integer within [0, {total}] (the GPU's memory), "
+                f"got {memory_bytes!r}"
+            )
         with self._lock:
             self._advance(exact=True)
             self._schedule_t, self._schedule_u = [], []
