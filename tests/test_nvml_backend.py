@@ -5,10 +5,13 @@ from __future__ import annotations
 import pynvml
 import pytest
 from conftest import FakeNvml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from wattwarden.collectors.gpu import GpuCollector, PartialCollectionError
 from wattwarden.hardware.errors import GpuLost, InvalidArgument, NoPermission
-from wattwarden.hardware.nvml import NvmlBackend
+from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml, uninstall_fake_nvml
+from wattwarden.hardware.sim import ManualClock, SimFleet
 from wattwarden.hardware.sim.backend import SimBackend
 from wattwarden.hardware.sim.gpu import SimProcess
 
@@ -190,3 +193,114 @@ def test_fast_passes_refresh_power_and_energy_and_full_reads_come_once_a_second(
         assert full is not None and full.utilization_gpu_ratio == 1.0
     finally:
         collector.close()
+
+
+def test_calls_after_the_last_shutdown_raise_uninitialized_like_real_nvml(
+    fake_nvml: FakeNvml,
+) -> None:
+    pynvml.nvmlInit()
+    pynvml.nvmlInit()  # NVML counts inits: two need two shutdowns
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    pynvml.nvmlShutdown()
+    assert pynvml.nvmlDeviceGetCount() == 8
+    assert pynvml.nvmlDeviceGetPowerUsage(handle) > 0
+    pynvml.nvmlShutdown()
+    for call in (
+        pynvml.nvmlDeviceGetCount,
+        pynvml.nvmlSystemGetDriverVersion,
+        lambda: pynvml.nvmlDeviceGetHandleByIndex(0),
+        lambda: pynvml.nvmlDeviceGetHandleByPciBusId(b"00000000:18:00.0"),
+        lambda: pynvml.nvmlDeviceGetPowerUsage(handle),
+        lambda: pynvml.nvmlDeviceGetName(handle),
+        lambda: pynvml.nvmlDeviceGetFieldValues(handle, [83]),
+        pynvml.nvmlEventSetCreate,
+    ):
+        with pytest.raises(pynvml.NVMLError_Uninitialized):
+            call()
+    with pytest.raises(pynvml.NVMLError_Uninitialized):
+        pynvml.nvmlShutdown()  # one shutdown too many
+    pynvml.nvmlInit()  # and it comes back
+    try:
+        assert pynvml.nvmlDeviceGetPowerUsage(handle) > 0
+    finally:
+        pynvml.nvmlShutdown()
+
+
+@given(
+    index=st.integers(0, 7),
+    domain=st.sampled_from(["", "0:", "0000:", "00000000:"]),
+    upper=st.booleans(),
+    function=st.sampled_from([".0", ""]),
+)
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_handle_by_pci_bus_id_takes_every_form_nvml_accepts(
+    fake_nvml: FakeNvml, index: int, domain: str, upper: bool, function: str
+) -> None:
+    if not domain and not function:
+        function = ".0"  # bus:device alone is not a form NVML takes
+    bus = int(fake_nvml.fleet[index].pci_bus_id.split(":")[1], 16)
+    text = f"{domain}{bus:02x}:00{function}"
+    text = text.upper() if upper else text
+    pynvml.nvmlInit()
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByPciBusId(text.encode())
+        assert pynvml.nvmlDeviceGetIndex(handle) == index
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def test_pci_bus_id_not_present_or_malformed_is_not_found_or_invalid(fake_nvml: FakeNvml) -> None:
+    pynvml.nvmlInit()
+    try:
+        with pytest.raises(pynvml.NVMLError_NotFound):
+            pynvml.nvmlDeviceGetHandleByPciBusId(b"0000:01:00.0")
+        for bad in (b"", b"zz", b"18", b"18:00", b"0000:18:00.0.1", b"0000:xx:00.0", b"1:2:3:4"):
+            with pytest.raises(pynvml.NVMLError_InvalidArgument):
+                pynvml.nvmlDeviceGetHandleByPciBusId(bad)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+COUNTED_LOCATIONS = (
+    pynvml.NVML_MEMORY_LOCATION_DRAM,
+    pynvml.NVML_MEMORY_LOCATION_L2_CACHE,
+    pynvml.NVML_MEMORY_LOCATION_SRAM,
+)
+
+
+@pytest.mark.parametrize(("model", "gen"), [("h100-sxm", 5), ("a100-sxm", 4)])
+def test_ecc_and_pcie_link_queries_answer_like_the_board(model: str, gen: int) -> None:
+    fleet = SimFleet(2, model=model, clock=ManualClock())
+    install_fake_nvml(fleet)
+    pynvml.nvmlInit()
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(1)
+        assert pynvml.nvmlDeviceGetEccMode(h) == [pynvml.NVML_FEATURE_ENABLED] * 2
+        for error in (
+            pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED,
+            pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+        ):
+            for counter in (pynvml.NVML_VOLATILE_ECC, pynvml.NVML_AGGREGATE_ECC):
+                assert pynvml.nvmlDeviceGetTotalEccErrors(h, error, counter) == 0
+                for where in COUNTED_LOCATIONS:
+                    assert pynvml.nvmlDeviceGetMemoryErrorCounter(h, error, counter, where) == 0
+                with pytest.raises(pynvml.NVMLError_NotSupported):
+                    pynvml.nvmlDeviceGetMemoryErrorCounter(
+                        h, error, counter, pynvml.NVML_MEMORY_LOCATION_TEXTURE_MEMORY
+                    )
+        assert pynvml.nvmlDeviceGetMaxPcieLinkGeneration(h) == gen
+        assert pynvml.nvmlDeviceGetGpuMaxPcieLinkGeneration(h) == gen
+        assert pynvml.nvmlDeviceGetMaxPcieLinkWidth(h) == 16
+        assert pynvml.nvmlDeviceGetCurrPcieLinkWidth(h) == 16
+        assert pynvml.nvmlDeviceGetCurrPcieLinkGeneration(h) == 1  # idle: trained down
+        assert pynvml.nvmlDeviceGetPcieThroughput(h, pynvml.NVML_PCIE_UTIL_RX_BYTES) == 0
+        fleet[1].set_load(1.0)
+        assert pynvml.nvmlDeviceGetCurrPcieLinkGeneration(h) == gen
+        assert pynvml.nvmlDeviceGetPcieSpeed(h) == {4: 16000, 5: 32000}[gen]
+        assert pynvml.nvmlDeviceGetPcieLinkMaxSpeed(h) == gen  # NVML_PCIE_LINK_MAX_SPEED_*
+        assert pynvml.nvmlDeviceGetPcieThroughput(h, pynvml.NVML_PCIE_UTIL_RX_BYTES) > 0
+    finally:
+        pynvml.nvmlShutdown()
+        uninstall_fake_nvml()

@@ -75,6 +75,18 @@ PCIE_TX_KBPS_AT_FULL_LOAD = 2_000_000
 PCIE_RX_KBPS_AT_FULL_LOAD = 6_000_000
 
 _ARCH = {"h100-sxm": 9, "a100-sxm": 7}
+# PCIe: SXM5 boards (H100) link at Gen5 x16, SXM4 (A100) at Gen4 x16; an idle GPU trains its link
+# down to Gen1 to save power, as ``nvidia-smi -q`` shows on real hosts.
+_PCIE_MAX_GEN = {"h100-sxm": 5, "a100-sxm": 4}
+PCIE_IDLE_GEN = 1
+PCIE_WIDTH = 16
+_PCIE_MBPS_PER_LANE = {1: 2500, 2: 5000, 3: 8000, 4: 16000, 5: 32000}
+_PCIE_MAX_SPEED_ENUM = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5}  # NVML_PCIE_LINK_MAX_SPEED_*MBPS
+# ECC (nvml.h): error types, counter types, memory locations
+MEMORY_ERROR_TYPES = (0, 1)  # corrected, uncorrected
+ECC_COUNTER_TYPES = (0, 1)  # volatile, aggregate
+MEMORY_LOCATIONS = range(8)  # L1, L2, DRAM, register file, texture, texture shm, CBU, SRAM
+_UNSUPPORTED_LOCATIONS = (4, 5, 6)  # texture memory and CBU have no counters on Ampere/Hopper
 _COMPUTE_CAPABILITY = {"h100-sxm": (9, 0), "a100-sxm": (8, 0)}
 
 
@@ -96,6 +108,10 @@ def _put_str(buf: Any, size: Any, text: str) -> int:
     return SUCCESS
 
 
+class _Uninitialized(Exception):
+    """A call before nvmlInit or after the matching nvmlShutdown."""
+
+
 def _status(fn: Callable[..., int]) -> Callable[..., int]:
     """Map the simulator's exceptions into NVML status codes."""
 
@@ -103,6 +119,8 @@ def _status(fn: Callable[..., int]) -> Callable[..., int]:
     def wrapper(*args: Any) -> int:
         try:
             return fn(*args)
+        except _Uninitialized:
+            return ERROR_UNINITIALIZED
         except GpuLost:
             return ERROR_GPU_IS_LOST
         except NotSupported:
@@ -132,8 +150,14 @@ class FakeNvmlLib:
         self.calls = 0
 
     # ----------------------------------------------------------------- helpers
+    def _check_init(self) -> None:
+        """Like NVML: every call but init and error strings needs a live nvmlInit (ref-counted)."""
+        if self._initialized == 0:
+            raise _Uninitialized
+
     def _gpu(self, handle: Any) -> SimGpu:
         self.calls += 1
+        self._check_init()
         address = ctypes.cast(handle, ctypes.c_void_p).value
         gpu = self._by_address.get(address or 0)
         if gpu is None:
@@ -175,16 +199,22 @@ class FakeNvmlLib:
         """NvmlErrorString (pynvml sets ``restype = c_char_p``, so this returns bytes)."""
         return _ERROR_STRINGS.get(_val(result), b"Unknown Error")
 
+    @_status
     def nvmlSystemGetDriverVersion(self, buf: Any, size: Any) -> int:
         """NvmlSystemGetDriverVersion."""
+        self._check_init()
         return _put_str(buf, size, DRIVER_VERSION)
 
+    @_status
     def nvmlSystemGetNVMLVersion(self, buf: Any, size: Any) -> int:
         """NvmlSystemGetNVMLVersion."""
+        self._check_init()
         return _put_str(buf, size, "12." + DRIVER_VERSION)
 
+    @_status
     def nvmlSystemGetCudaDriverVersion(self, ref: Any) -> int:
         """NvmlSystemGetCudaDriverVersion."""
+        self._check_init()
         _put(ref, CUDA_DRIVER_VERSION)
         return SUCCESS
 
@@ -198,16 +228,20 @@ class FakeNvmlLib:
         return SUCCESS
 
     # ----------------------------------------------------------------- handles
+    @_status
     def nvmlDeviceGetHandleByIndex_v2(self, index: Any, ref: Any) -> int:
         """nvmlDeviceGetHandleByIndex_v2."""
+        self._check_init()
         i = _val(index)
         if not 0 <= i < len(self.fleet.gpus):
             return ERROR_INVALID_ARGUMENT
         self._put_handle(ref, self.fleet.gpus[i])
         return SUCCESS
 
+    @_status
     def nvmlDeviceGetHandleByUUID(self, uuid: Any, ref: Any) -> int:
         """NvmlDeviceGetHandleByUUID."""
+        self._check_init()
         want = _val(uuid)
         want = want.decode() if isinstance(want, bytes) else str(want)
         for g in self.fleet.gpus:
@@ -216,12 +250,20 @@ class FakeNvmlLib:
                 return SUCCESS
         return ERROR_NOT_FOUND
 
+    @_status
     def nvmlDeviceGetHandleByPciBusId_v2(self, bus_id: Any, ref: Any) -> int:
-        """nvmlDeviceGetHandleByPciBusId_v2."""
-        want = _val(bus_id)
-        want = (want.decode() if isinstance(want, bytes) else str(want)).upper()
+        """nvmlDeviceGetHandleByPciBusId_v2, taking every form NVML accepts.
+
+        ``domain:bus:device.function``, ``domain:bus:device`` and ``bus:device.function``, hex,
+        any case and width (``00000000:18:00.0``, ``0000:18:00.0``, ``18:00.0``).
+        """
+        self._check_init()
+        text = _val(bus_id)
+        want = parse_pci_bus_id(text.decode() if isinstance(text, bytes) else str(text))
+        if want is None:
+            return ERROR_INVALID_ARGUMENT
         for g in self.fleet.gpus:
-            if g.pci_bus_id.upper() == want:
+            if parse_pci_bus_id(g.pci_bus_id) == want:
                 self._put_handle(ref, g)
                 return SUCCESS
         return ERROR_NOT_FOUND
@@ -329,11 +371,48 @@ class FakeNvmlLib:
         return SUCCESS
 
     @_status
+    def nvmlDeviceGetEccMode(self, handle: Any, current: Any, pending: Any) -> int:
+        """ECC is always on for HBM (current and pending mode enabled)."""
+        self._gpu(handle)
+        _put(current, 1)
+        _put(pending, 1)
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetDefaultEccMode(self, handle: Any, ref: Any) -> int:
+        """ECC is on by default."""
+        self._gpu(handle)
+        _put(ref, 1)
+        return SUCCESS
+
+    @_status
     def nvmlDeviceGetTotalEccErrors(
         self, handle: Any, error_type: Any, counter_type: Any, ref: Any
     ) -> int:
         """ECC is on (HBM) and the simulated memory never errs: zero for every counter."""
         self._gpu(handle)
+        if _val(error_type) not in MEMORY_ERROR_TYPES or _val(counter_type) not in (
+            ECC_COUNTER_TYPES
+        ):
+            return ERROR_INVALID_ARGUMENT
+        _put(ref, 0)
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetMemoryErrorCounter(
+        self, handle: Any, error_type: Any, counter_type: Any, location: Any, ref: Any
+    ) -> int:
+        """Errors per memory location: zero where the board counts them, else NotSupported."""
+        self._gpu(handle)
+        where = _val(location)
+        if (
+            _val(error_type) not in MEMORY_ERROR_TYPES
+            or _val(counter_type) not in ECC_COUNTER_TYPES
+            or where not in MEMORY_LOCATIONS
+        ):
+            return ERROR_INVALID_ARGUMENT
+        if where in _UNSUPPORTED_LOCATIONS:
+            return ERROR_NOT_SUPPORTED
         _put(ref, 0)
         return SUCCESS
 
@@ -507,6 +586,48 @@ class FakeNvmlLib:
         _put(ref, full * gpu_pct // 100)
         return SUCCESS
 
+    def _pcie_gen(self, handle: Any) -> tuple[int, int]:
+        """(current, max) link generation: the board's maximum under load, Gen1 when idle."""
+        gpu = self._gpu(handle)
+        top = _PCIE_MAX_GEN.get(gpu.spec.key, 4)
+        busy = gpu.utilization_pct()[0] > 0
+        return (top if busy else PCIE_IDLE_GEN), top
+
+    @_status
+    def nvmlDeviceGetCurrPcieLinkGeneration(self, handle: Any, ref: Any) -> int:
+        """NvmlDeviceGetCurrPcieLinkGeneration."""
+        _put(ref, self._pcie_gen(handle)[0])
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, handle: Any, ref: Any) -> int:
+        """NvmlDeviceGetMaxPcieLinkGeneration (of the link: the GPU and the slot agree here)."""
+        _put(ref, self._pcie_gen(handle)[1])
+        return SUCCESS
+
+    nvmlDeviceGetGpuMaxPcieLinkGeneration = nvmlDeviceGetMaxPcieLinkGeneration
+
+    @_status
+    def nvmlDeviceGetCurrPcieLinkWidth(self, handle: Any, ref: Any) -> int:
+        """NvmlDeviceGetCurrPcieLinkWidth (x16; the width does not train down at idle)."""
+        self._gpu(handle)
+        _put(ref, PCIE_WIDTH)
+        return SUCCESS
+
+    nvmlDeviceGetMaxPcieLinkWidth = nvmlDeviceGetCurrPcieLinkWidth
+
+    @_status
+    def nvmlDeviceGetPcieSpeed(self, handle: Any, ref: Any) -> int:
+        """NvmlDeviceGetPcieSpeed: the current per-lane rate in MB/s."""
+        _put(ref, _PCIE_MBPS_PER_LANE[self._pcie_gen(handle)[0]])
+        return SUCCESS
+
+    @_status
+    def nvmlDeviceGetPcieLinkMaxSpeed(self, handle: Any, ref: Any) -> int:
+        """NvmlDeviceGetPcieLinkMaxSpeed, as an NVML_PCIE_LINK_MAX_SPEED_* value."""
+        _put(ref, _PCIE_MAX_SPEED_ENUM[self._pcie_gen(handle)[1]])
+        return SUCCESS
+
     @_status
     def nvmlDeviceGetMemoryInfo(self, handle: Any, ref: Any) -> int:
         """nvmlDeviceGetMemoryInfo, in bytes."""
@@ -621,8 +742,10 @@ class FakeNvmlLib:
         return lambda: (read(gpu), kind)
 
     # ------------------------------------------------------------------ events
+    @_status
     def nvmlEventSetCreate(self, ref: Any) -> int:
         """NvmlEventSetCreate."""
+        self._check_init()
         struct = ref._obj._type_()
         with self._lock:
             self._event_sets[ctypes.addressof(struct)] = (struct, set(), deque(maxlen=4096))
@@ -653,6 +776,8 @@ class FakeNvmlLib:
 
     def nvmlEventSetWait_v2(self, event_set: Any, ref: Any, timeout_ms: Any) -> int:
         """Wait up to ``timeout_ms`` for an XID on a registered GPU."""
+        if self._initialized == 0:
+            return ERROR_UNINITIALIZED
         es = self._event_set(event_set)
         if es is None:
             return ERROR_INVALID_ARGUMENT
@@ -681,6 +806,33 @@ class FakeNvmlLib:
         with self._lock:
             self._event_sets.pop(ctypes.cast(event_set, ctypes.c_void_p).value or 0, None)
         return SUCCESS
+
+
+def parse_pci_bus_id(text: str) -> tuple[int, int, int, int] | None:
+    """(domain, bus, device, function) from any form NVML takes; None if it is none of them."""
+    parts = text.strip().split(":")
+    if len(parts) == 3:
+        domain, bus, rest = parts
+    elif len(parts) == 2:
+        domain, (bus, rest) = "0", parts
+    else:
+        return None
+    if "." in rest:
+        device, function = rest.split(".", 1)
+    elif len(parts) == 3:
+        device, function = rest, "0"  # domain:bus:device
+    else:
+        return None
+    try:
+        out = tuple(int(x, 16) for x in (domain, bus, device, function))
+    except ValueError:
+        return None
+    limits = (0xFFFFFFFF, 0xFF, 0x1F, 0x7)
+    if any(not x.isalnum() for x in (domain, bus, device, function)) or any(
+        not 0 <= v <= hi for v, hi in zip(out, limits, strict=True)
+    ):
+        return None
+    return out[0], out[1], out[2], out[3]
 
 
 _U32, _U64 = VALUE_TYPE_UNSIGNED_INT, VALUE_TYPE_UNSIGNED_LONG_LONG
