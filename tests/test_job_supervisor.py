@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,11 +229,107 @@ def test_training_job_moves_to_another_gpu_and_resumes_from_its_checkpoint(tmp_p
         finally:
             code, err = finish(proc, timeout_s=120)
         assert code == 128 + signal.SIGTERM, err
-        status, _ = http_json(f"{agent.url}/api/v1/jobs/lm")
-        assert status == 404  # unregistered when it exited
+        status, ended = http_json(f"{agent.url}/api/v1/jobs/lm")
+        assert status == 200 and ended["state"] == "finished"  # unregistered when it exited
     assert "moving job lm from GPU 0 to GPU 1" in err
+    (per_gpu,) = [line for line in err.splitlines() if "per GPU: " in line]
+    assert "GPU 0: " in per_gpu and "GPU 1: " in per_gpu  # it moved: its cost on each
     final = json.loads(report.read_text())  # written by the run on GPU 1
     assert final["resumed_from"].endswith(f"ckpt-{stopped_at:09d}.pt")
     assert final["start_step"] == stopped_at and final["final_step"] > stopped_at
     # a CPU run reports CPU energy (RAPL) or none; its simulated GPU's energy is in /metrics
     assert final["energy_device"] == "cpu" and final["gpus"] == []
+
+
+SUMMARY = re.compile(
+    r"energy (?P<j>[\d.]+) J \((?P<wh>[\d.]+) Wh\), mean power (?P<w>[\d.]+) W, "
+    r"tokens/J (?P<tpj>\S+)"
+)
+
+
+def test_job_run_prints_what_the_job_cost_and_the_agent_keeps_its_totals(
+    tmp_path: Path, workdir: Path
+) -> None:
+    with run_agent(tmp_path / "state", "--sim", "2") as agent:
+        (workdir / "token").write_text(agent.token + "\n")
+        proc = supervise(workdir, agent.url, "wait", "--gpu", "1", name="costly")
+        try:
+            wait_for(
+                lambda: http_json(f"{agent.url}/api/v1/jobs/costly")[1]["energy_joules"] > 100,
+                timeout_s=30,
+                what="the job to draw energy",
+            )
+            proc.send_signal(signal.SIGTERM)
+        finally:
+            code, err = finish(proc)
+        assert code == 7, err
+        status, record = http_json(f"{agent.url}/api/v1/jobs/costly")
+        assert status == 200 and record["state"] == "finished"
+        assert record["finished_at"] >= record["registered_at"]
+        assert record["duration_seconds"] > 0 and record["energy_joules"] > 100
+        m = parse_metrics(http_get(agent.url + "/metrics")[1].decode())
+        kept = [v for lab, v in m["gpu_job_energy_joules_total"] if lab["job"] == "costly"]
+        assert kept == [pytest.approx(record["energy_joules"])]
+    lines = [line for line in err.splitlines() if line.startswith("wattwarden job: ")]
+    assert re.search(r"job costly ended \(exit 7\) after \d+\.\d s", err), err
+    match = SUMMARY.search(err)
+    assert match is not None, err
+    joules = float(match["j"])
+    assert joules == pytest.approx(record["energy_joules"], abs=0.1)
+    assert float(match["wh"]) == pytest.approx(joules / 3600, abs=1e-4)
+    # the job alone on a simulated GPU at 80 % load: about 0.8 x 630 W of active power
+    assert 300 < float(match["w"]) < 600
+    assert match["tpj"] == "n/a"  # it reported no tokens
+    assert not any("per GPU" in line for line in lines)  # it never moved
+
+
+def test_a_second_job_run_under_a_running_jobs_name_is_refused_not_taken_over(
+    tmp_path: Path, workdir: Path
+) -> None:
+    with run_agent(tmp_path / "state", "--sim", "2") as agent:
+        (workdir / "token").write_text(agent.token + "\n")
+        first = supervise(workdir, agent.url, "wait", name="dup")
+        try:
+            (child,) = wait_for(lambda: starts(workdir), what="the first child")
+            wait_for(
+                lambda: http_json(f"{agent.url}/api/v1/jobs/dup")[1].get("pid") == child["pid"],
+                what="registration",
+            )
+            code, err = finish(supervise(workdir, agent.url, "wait", name="dup"))
+            assert code == 1
+            assert "cannot register job dup" in err
+            assert f"job 'dup' is running as pid {child['pid']}" in err
+            status, job = http_json(f"{agent.url}/api/v1/jobs/dup")
+            assert status == 200 and job["pid"] == child["pid"] and job["state"] == "running"
+            first.send_signal(signal.SIGTERM)
+        finally:
+            code, err = finish(first)
+        assert code == 7, err
+
+
+def test_a_job_name_with_a_trailing_newline_is_a_usage_error(agent: FakeAgent, workdir: Path):
+    code, err = finish(supervise(workdir, agent.url, "exit3", name="a\n"))
+    assert code == 2
+    assert "--name must be" in err
+    assert starts(workdir) == [] and agent.jobs == {}
+
+
+def test_registers_again_when_the_agent_reports_the_job_finished_while_it_runs(
+    agent: FakeAgent, workdir: Path
+):
+    proc = supervise(workdir, agent.url, "wait")
+    try:
+        (child,) = wait_for(lambda: starts(workdir), what="the child to start")
+        agent.wait_until(lambda: "j1" in agent.jobs, what="registration")
+        with agent._cond:
+            agent.jobs["j1"]["state"] = "finished"  # as after a reap while unreachable
+        agent.wait_until(
+            lambda: len(agent.matching("POST", "/api/v1/jobs")) == 2, what="a new registration"
+        )
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        code, err = finish(proc)
+    assert code == 7, err
+    bodies = [p.body for p in agent.matching("POST", "/api/v1/jobs")]
+    assert [b["pid"] for b in bodies] == [child["pid"], child["pid"]]
+    assert len(starts(workdir)) == 1  # the process ran on, it was not restarted

@@ -9,7 +9,12 @@ Migration: about once a second it asks the agent about the job (``GET /api/v1/jo
 When the answer's ``target_gpu`` differs from the job's GPU, it stops the process with SIGTERM
 (the reference workloads checkpoint on SIGTERM), waits for it, and starts the same command again
 with ``CUDA_VISIBLE_DEVICES`` set to the new GPU (the workload resumes from its checkpoint),
-registering it again with the new GPU and process id.
+registering it again with the new GPU and process id (the agent accepts a new pid for a running
+job's name only for the move it asked for, or once the old process is gone; another job
+already running under the name is an error, never taken over).
+
+At exit it prints what the job cost on stderr: duration, energy (J and Wh), mean power and
+tokens per joule, per GPU where it moved, from the agent's final record of the job.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import Any, TextIO
+from urllib.parse import quote
 
 from wattwarden.workloads.agent_client import (
     ENV_AGENT_URL,
@@ -37,7 +43,9 @@ from wattwarden.workloads.agent_client import (
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")  # as the agent checks it
+# as the agent checks it; \Z, not $ (which also matches before a trailing newline)
+NAME_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
+JOULES_PER_WH = 3600.0
 PRIORITIES = ("high", "normal", "low")
 EXIT_FAILURE = 1
 EXIT_CANNOT_RUN = 127
@@ -64,6 +72,7 @@ class JobSupervisor:
         stop_timeout_s: float = 120.0,
         environ: Mapping[str, str] | None = None,
         stream: TextIO | None = None,
+        sim_utilization: float | None = None,
     ) -> None:
         if not NAME_PATTERN.match(name):
             raise ValueError(f"bad job name {name!r}")
@@ -78,12 +87,17 @@ class JobSupervisor:
         self.priority = priority
         self.poll_interval_s = poll_interval_s
         self.stop_timeout_s = stop_timeout_s
+        self.sim_utilization = sim_utilization
+        """GPU load a simulated fleet gives the job (None: the agent's default)."""
         self._environ = dict(os.environ if environ is None else environ)
         self._stream = sys.stderr if stream is None else stream
         self._child: subprocess.Popen[bytes] | None = None
         self._registered = False
         self._stopping = threading.Event()
         self._poll_failed = False
+        self._started_s: float | None = None
+        """Monotonic time the first child started (for the summary)."""
+        self._ever_registered = False
         self.restarts = 0
 
     # ---------------------------------------------------------------- output
@@ -108,6 +122,8 @@ class JobSupervisor:
         # Its own process group: a terminal's Ctrl-C reaches the supervisor only, which
         # forwards it once, instead of the child getting it twice.
         child = subprocess.Popen(self.command, env=self.child_env(self.gpu), process_group=0)
+        if self._started_s is None:
+            self._started_s = time.monotonic()
         self._child = child
         return child
 
@@ -133,31 +149,64 @@ class JobSupervisor:
 
     # ----------------------------------------------------------------- agent
     def _register(self, pid: int) -> None:
-        try:
-            self.client.register_job(self.name, pid, self.gpu, self.priority)
-        except AgentError as e:
-            if e.status != 409:
-                raise
-            # The agent still holds an older registration of this name: replace it.
-            self.client.unregister_job(self.name)
-            self.client.register_job(self.name, pid, self.gpu, self.priority)
-        self._registered = True
+        # A 409 (another process runs a job of this name) is an error: never take it over.
+        self.client.register_job(
+            self.name, pid, self.gpu, self.priority, utilization=self.sim_utilization
+        )
+        self._registered = self._ever_registered = True
 
-    def _unregister(self) -> None:
+    def _unregister(self) -> dict[str, Any] | None:
+        """End the job at the agent; its final record (with totals), where the agent gives it."""
         if not self._registered:
-            return
+            return None
+        self._registered = False
+        path = f"/api/v1/jobs/{quote(self.name, safe='')}"
         try:
-            self.client.unregister_job(self.name)
+            status, data = self.client.request("DELETE", path, auth=True)
+            if status == 404:  # already ended there (reaped): its finished record, if kept
+                data = self.client.job(self.name)
+            elif status >= 400:
+                message = data.get("error") if isinstance(data, dict) else data
+                self._say(f"could not unregister job {self.name}: {status} {message}")
+                return None
         except AgentError as e:
             self._say(f"could not unregister job {self.name}: {e}")
-        self._registered = False
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _summary(self, code: int, record: dict[str, Any] | None) -> None:
+        """What the job cost, on stderr."""
+        started = self._started_s
+        duration_s = 0.0 if started is None else time.monotonic() - started
+        self._say(f"job {self.name} ended (exit {code}) after {duration_s:.1f} s")
+        energy = None if record is None else record.get("energy_joules")
+        if not _number(energy):
+            self._say("energy: not reported by the agent")
+            return
+        assert isinstance(energy, int | float)
+        mean = f"{energy / duration_s:.1f} W" if duration_s > 0 else "n/a"
+        efficiency = record.get("tokens_per_joule") if record is not None else None
+        per_joule = f"{efficiency:.3g}" if _number(efficiency) else "n/a"
+        self._say(
+            f"energy {energy:.1f} J ({energy / JOULES_PER_WH:.4f} Wh), mean power {mean}, "
+            f"tokens/J {per_joule}"
+        )
+        by_gpu = record.get("energy_joules_by_gpu") if record is not None else None
+        if isinstance(by_gpu, dict) and len(by_gpu) > 1:
+            parts = [
+                f"GPU {gpu}: {joules:.1f} J"
+                for gpu, joules in sorted(by_gpu.items(), key=lambda kv: str(kv[0]))
+                if _number(joules)
+            ]
+            self._say("per GPU: " + ", ".join(parts))
 
     def _target_gpu(self, pid: int) -> int | None:
         """The GPU the agent wants the job on, or None (no wish, or no answer)."""
         try:
             job = self.client.job(self.name)
-            if job is None:
-                log.warning("the agent forgot job %s (restarted?); registering it again", self.name)
+            if job is None or job.get("state") == "finished":
+                # restarted, or it ended the job while the process runs: register it again
+                log.warning("the agent has no running job %s; registering it again", self.name)
                 self._register(pid)
                 return None
         except AgentError as e:
@@ -187,15 +236,19 @@ class JobSupervisor:
         previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
             previous = {s: signal.signal(s, self._on_signal) for s in _FORWARDED}
+        code: int | None = None
         try:
-            return self._loop()
+            code = self._loop()
+            return code
         finally:
             child = self._child
             if (
                 child is not None and child.poll() is None
             ):  # only on our own bug or KeyboardInterrupt
                 self._stop_child(child)
-            self._unregister()
+            record = self._unregister()
+            if code is not None and self._ever_registered:
+                self._summary(code, record)
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.client.close()
@@ -243,3 +296,7 @@ class JobSupervisor:
                 return None  # told to stop while moving: do not start it again
             log.info("job %s stopped for the move (exit %d)", self.name, exit_code(code))
             return target
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
