@@ -40,7 +40,7 @@ log = logging.getLogger("wattwarden.agent")
 AUTO_SIM_GPUS = 8
 REAP_EVERY_S = 1.0
 JOB_SILENCE_S = 5.0
-SIM_JOB_UTILIZATION = 0.8
+SIM_JOB_UTILIZATION = 0.8  # a simulated job's GPU load unless it registers one (--sim-utilization)
 SIM_JOB_MEMORY_BYTES = 20 * 2**30
 SIM_SAVE_EVERY_S = 10.0
 JOURNAL_FILE = "journal.sqlite3"
@@ -266,8 +266,16 @@ class Agent:
         if old is not None and 0 <= old.gpu < len(fleet):
             fleet[old.gpu].remove_process(old.pid)
         if new is not None and 0 <= new.gpu < len(fleet):
+            asked = new.utilization is not None
             util = new.utilization if new.utilization is not None else SIM_JOB_UTILIZATION
             fleet[new.gpu].add_process(SimProcess(new.pid, util, SIM_JOB_MEMORY_BYTES, new.name))
+            log.info(
+                "job %s placed on simulated GPU %d at %.0f%% utilization (%s)",
+                new.name,
+                new.gpu,
+                util * 100,
+                "as registered" if asked else "the default; job run --sim-utilization sets it",
+            )
 
     def _read_energy(self) -> dict[str, Any]:
         """GPU energy counters read now (not from the store), for EnergyMeter windows."""

@@ -250,9 +250,13 @@ class AgentClient:
         return data
 
     # --------------------------------------------------------------- writes
-    def register_job(self, name: str, pid: int, gpu: int, priority: str) -> Any:
-        """``POST /api/v1/jobs``."""
-        body = {"name": name, "pid": pid, "gpu": gpu, "priority": priority}
+    def register_job(
+        self, name: str, pid: int, gpu: int, priority: str, *, utilization: float | None = None
+    ) -> Any:
+        """``POST /api/v1/jobs``; ``utilization`` is the load a simulated GPU gets from the job."""
+        body: dict[str, Any] = {"name": name, "pid": pid, "gpu": gpu, "priority": priority}
+        if utilization is not None:
+            body["utilization"] = utilization
         return self._expect("POST", "/api/v1/jobs", body, auth=True)
 
     def unregister_job(self, name: str) -> bool:

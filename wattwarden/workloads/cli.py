@@ -30,6 +30,9 @@ from wattwarden.workloads.agent_client import (
 
 EXIT_FAILURE = 1
 SIZES = ("tiny", "small", "medium")
+#: The load a simulated GPU gets from a job that does not say (the agent's default, kept equal
+#: to ``wattwarden.agent.SIM_JOB_UTILIZATION``; workloads talk to the agent over HTTP only).
+SIM_JOB_UTILIZATION = 0.8
 ENERGY_SOURCES = ("auto", "nvml", "agent", "none")
 
 
@@ -163,7 +166,7 @@ def add_job_parser(subparsers: Any) -> None:
         "SIGTERM/SIGINT, unregister on exit and exit with its code. When the agent sets the "
         "job's target_gpu, stop CMD with SIGTERM and start it again on that GPU.",
         usage="wattwarden job run --name NAME [--gpu I] [--priority P] [--agent URL] "
-        "[--token-file F] -- CMD [ARG ...]",
+        "[--token-file F] [--sim-utilization U] -- CMD [ARG ...]",
     )
     run.add_argument("--name", required=True, help="job name (A-Z a-z 0-9 _ . : -)")
     run.add_argument("--gpu", type=_int, default=0, metavar="I", help="GPU index (default 0)")
@@ -176,6 +179,13 @@ def add_job_parser(subparsers: Any) -> None:
         type=Path,
         metavar="F",
         help="agent write token (default $WATTWARDEN_TOKEN, else the state dir's token)",
+    )
+    run.add_argument(
+        "--sim-utilization",
+        type=_float,
+        metavar="U",
+        help="GPU load a simulated fleet gives this job, 0 < U <= 1 (default: the agent's, "
+        f"{SIM_JOB_UTILIZATION:g}); real GPUs ignore it",
     )
     run.add_argument(
         "--poll-interval", type=_float, default=1.0, metavar="S", help=argparse.SUPPRESS
@@ -326,6 +336,8 @@ def cmd_job_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--poll-interval must be positive, got {args.poll_interval}")
     if args.stop_timeout <= 0:
         raise ConfigError(f"--stop-timeout must be positive, got {args.stop_timeout}")
+    if args.sim_utilization is not None and not 0.0 < args.sim_utilization <= 1.0:
+        raise ConfigError(f"--sim-utilization must be within (0, 1], got {args.sim_utilization}")
     url = check_url(args.agent or os.environ.get(ENV_AGENT_URL) or DEFAULT_AGENT_URL)
     token = resolve_token(args.token_file)
     supervisor = JobSupervisor(
@@ -336,5 +348,6 @@ def cmd_job_run(args: argparse.Namespace) -> int:
         priority=args.priority,
         poll_interval_s=args.poll_interval,
         stop_timeout_s=args.stop_timeout,
+        sim_utilization=args.sim_utilization,
     )
     return supervisor.run()
