@@ -50,7 +50,7 @@ def passes(clock: ManualClock, collector: GpuCollector, jobs: JobRegistry, n: in
         jobs.attribute(collector.collect())
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     idle_passes=st.integers(min_value=20, max_value=80),
     offset_s=st.floats(min_value=0.0, max_value=0.099),

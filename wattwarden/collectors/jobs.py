@@ -258,7 +258,9 @@ class JobRegistry:
         if isinstance(gpu, bool) or not isinstance(gpu, int) or not 0 <= gpu <= PID_MAX:
             raise JobError(f"gpu must be a GPU index, got {gpu!r}")
         if utilization is not None and not (
-            isinstance(utilization, int | float) and 0.0 < utilization <= 1.0
+            isinstance(utilization, int | float)
+            and not isinstance(utilization, bool)
+            and 0.0 < utilization <= 1.0
         ):
             raise JobError(f"utilization must be within (0, 1], got {utilization}")
         now = self._monotonic()
