@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hmac
 import json
 import logging
@@ -65,6 +66,10 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 16
 SIM_FAULT_PARAMS = frozenset({"delta_c", "xid", "field"})
 JOBS_PREFIX = "/api/v1/jobs/"
+ACCEPT_BURST = 16
+"""Connections accepted per event-loop wakeup (asyncio's accept loop), before the cap applies."""
+FD_RESERVE = 64
+"""File descriptors kept free of connections at least: the agent's own files, and one burst."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ class HttpLimits:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft == resource.RLIM_INFINITY:
             soft = 65536
-        return max(16, min(1024, soft - max(64, soft // 4)))
+        return max(16, min(1024, soft - max(FD_RESERVE, soft // 4)))
 
 
 class ApiError(Exception):
@@ -672,6 +677,8 @@ def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
     exc = context.get("exception")
     if isinstance(exc, ConnectionError | ssl.SSLError | TimeoutError):
         log.debug("connection: %s: %s", context.get("message"), exc)
+    elif isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        log.warning("out of file descriptors accepting connections; retrying in a second")
     else:
         loop.default_exception_handler(context)
 
@@ -687,6 +694,11 @@ class _Server(uvicorn.Server):
         """Start, then tell :meth:`ApiServer.start`."""
         asyncio.get_running_loop().set_exception_handler(_loop_exception)
         await super().startup(sockets)
+        # asyncio accepts up to its ``backlog`` connections per wakeup, before any of them is
+        # checked against the cap: keep that burst small, and the kernel's queue long.
+        assert isinstance(self.config, _Config)
+        for sock in sockets or []:
+            sock.listen(self.config.limits.backlog)
         self.serving.set()
 
 
@@ -738,7 +750,7 @@ class ApiServer:
             access_log=False,
             server_header=False,
             proxy_headers=False,
-            backlog=self.limits.backlog,
+            backlog=ACCEPT_BURST,
             timeout_keep_alive=self.limits.keep_alive_s,
             timeout_graceful_shutdown=self.limits.shutdown_s,
             ssl_context_factory=None if tls is None else (lambda _config, _default: tls),
