@@ -364,3 +364,17 @@ def test_any_wrong_type_or_out_of_range_field_is_4xx_never_5xx(
         request(served.port, "DELETE", "/api/v1/jobs/prop", token=served.token)
     assert request(served.port, "GET", "/metrics")[0] == 200
     assert request(served.port, "GET", "/api/v1/jobs")[0] == 200
+
+
+def test_keep_alive_connections_have_nagle_off(served: Served) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=5)
+    try:
+        conn.request("GET", "/healthz")
+        conn.getresponse().read()
+        server = served.agent.server._server
+        assert server is not None
+        sockets = [p.transport.get_extra_info("socket") for p in server.server_state.connections]
+        assert sockets
+        assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)
+    finally:
+        conn.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import errno
 import hmac
 import json
@@ -586,8 +587,13 @@ class _Protocol(H11Protocol):
         self._idle_since = time.monotonic()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        """Admit the connection under the cap, and start its idle timer."""
+        """Admit the connection under the cap, turn Nagle off, and start its idle timer."""
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # asyncio only does it for sockets made with proto IPPROTO_TCP
+            # keep-alive clients (EnergyMeter) would otherwise wait out delayed ACKs: ~40 ms
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if len(self.connections) > self.config.connection_cap and not self._displace():
             log.debug("connection cap %d reached; refusing %s", self.config.connection_cap,
                       self.client)  # fmt: skip
