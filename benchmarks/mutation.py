@@ -99,7 +99,7 @@ def collect(only: str | None) -> dict[str, Any]:
             **_score(counts),
             "functions": {f: _score(c) for f, c in sorted(by_function.items())},
             "survivors": survivors,
-            "equivalent": {
+            "equivalent_mutants": {
                 m: why for m, why in equivalent.items() if m in data["exit_code_by_key"]
             },
         }
