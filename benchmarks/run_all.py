@@ -25,6 +25,7 @@ BENCHMARKS = (
     "profile_sampler",
     "bench_energymeter",
     "bench_train_overhead",
+    "http_load",
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
