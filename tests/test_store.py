@@ -1,0 +1,405 @@
+"""The in-memory store: export windows, per-second history, collector health, budgets, actions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wattwarden.collectors.samples import GpuSample, HostSample, RaplSample
+from wattwarden.collectors.store import CollectorHealth, HistoryPoint, MetricStore
+from wattwarden.hardware.device import GpuInfo, GpuReading
+from wattwarden.hardware.sim import ManualClock
+
+
+def info(index: int = 0) -> GpuInfo:
+    return GpuInfo(
+        index=index,
+        uuid=f"GPU-{index:04d}",
+        name="Sim H100",
+        pci_bus_id=f"00000000:{index:02X}:00.0",
+        driver_version="550.54",
+        memory_total_bytes=80 * 2**30,
+        power_limit_min_w=200.0,
+        power_limit_max_w=700.0,
+        power_limit_default_w=700.0,
+    )
+
+
+def reading(
+    power_w: float | None = 100.0,
+    *,
+    temperature_c: float | None = 60.0,
+    utilization: float | None = 0.5,
+    limit_w: float | None = 300.0,
+) -> GpuReading:
+    return GpuReading(
+        power_w=power_w,
+        power_instant_w=power_w,
+        energy_j=1000.0,
+        power_limit_w=limit_w,
+        temperature_gpu_c=temperature_c,
+        temperature_memory_c=temperature_c,
+        utilization_gpu_ratio=utilization,
+        utilization_memory_ratio=utilization,
+        memory_used_bytes=2**30,
+        memory_total_bytes=80 * 2**30,
+        clock_sm_hz=1.4e9,
+        clock_memory_hz=2.6e9,
+        clock_event_mask=0,
+    )
+
+
+def sample(
+    timestamp_s: float,
+    power_w: float | None,
+    *,
+    index: int = 0,
+    up: bool = True,
+    read: GpuReading | None = None,
+) -> GpuSample:
+    r = reading(power_w) if read is None else read
+    return GpuSample(
+        info=info(index),
+        up=up,
+        timestamp_s=timestamp_s,
+        reading=r,
+        energy_j=10.0,
+        energy_source="counter",
+        power_w=power_w if up else None,
+        power_source="instant" if power_w is not None and up else None,
+    )
+
+
+def store_on(clock: ManualClock, **kw: float) -> MetricStore:
+    return MetricStore(monotonic=clock, **kw)  # type: ignore[arg-type]
+
+
+def view_power(store: MetricStore, index: int = 0) -> tuple[float | None, float | None]:
+    view = next(v for v in store.snapshot().gpus if v.sample.info.index == index)
+    return view.power_mean_w, view.power_peak_w
+
+
+# ------------------------------------------------------------------ window
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(1, 3), st.floats(0.0, 1000.0, allow_nan=False)),
+        min_size=1,
+        max_size=40,
+    ),
+    window_s=st.integers(2, 20),
+    idle_s=st.integers(0, 4),
+)
+def test_window_power_is_the_mean_and_the_max_over_exactly_the_window(
+    steps: list[tuple[int, float]], window_s: int, idle_s: int
+) -> None:
+    clock = ManualClock()
+    store = store_on(clock, window_s=float(window_s), interval_s=1.0)
+    times: list[float] = []
+    for i, (gap_s, watts) in enumerate(steps):
+        clock.advance(gap_s)
+        times.append(clock())
+        store.put([sample(1_700_000_000.0 + i, watts)])
+    clock.advance(idle_s)
+    horizon = clock() - window_s  # the boundary itself is inside the window
+    inside = [w for t, (_, w) in zip(times, steps, strict=True) if t >= horizon]
+    mean, peak = view_power(store)
+    if not inside:
+        assert (mean, peak) == (None, None)
+    else:
+        assert mean == pytest.approx(math.fsum(inside) / len(inside), rel=1e-9, abs=1e-9)
+        assert peak == max(inside)
+
+
+def test_a_sample_exactly_one_window_old_counts_and_one_just_older_does_not() -> None:
+    clock = ManualClock()
+    store = store_on(clock, window_s=15.0, interval_s=0.1)
+    store.put([sample(1.0, 500.0)])
+    clock.advance(1.0)
+    store.put([sample(2.0, 100.0)])
+    clock.advance(14.0)  # the first sample is exactly 15 s old
+    assert view_power(store) == (300.0, 500.0)
+    clock.advance(0.5)
+    assert view_power(store) == (100.0, 100.0)
+    clock.advance(1.0)
+    assert view_power(store) == (None, None)
+
+
+def test_sampling_slower_than_the_window_still_shows_the_last_samples_for_two_intervals() -> None:
+    # with a 20 s sampling interval and a 15 s window, the window would often hold no sample:
+    # the store looks back two intervals instead (40 s), never less than the window
+    clock = ManualClock()
+    store = store_on(clock, window_s=15.0, interval_s=20.0)
+    store.put([sample(1.0, 100.0)])
+    clock.advance(20.0)
+    store.put([sample(21.0, 300.0)])
+    clock.advance(20.0)  # now 40 s after the first sample: both still count
+    assert view_power(store) == (200.0, 300.0)
+    clock.advance(1.0)  # 41 s: the first is past two intervals
+    assert view_power(store) == (300.0, 300.0)
+    clock.advance(19.5)  # 40.5 s after the last
+    assert view_power(store) == (None, None)
+
+
+def test_the_default_store_holds_every_sample_of_a_15_s_window_at_10_hz() -> None:
+    clock = ManualClock()
+    store = MetricStore(monotonic=clock)  # the defaults: a 15 s window sampled every 0.1 s
+    for i in range(150):  # a spike in the first sample, 14.9 s old at the end
+        clock.advance(0.1)
+        store.put([sample(1000.0 + i / 10, 1000.0 if i == 0 else 100.0)])
+    mean, peak = view_power(store)
+    assert peak == 1000.0
+    assert mean == pytest.approx((1000.0 + 149 * 100.0) / 150)
+
+
+def test_the_window_memory_stays_bounded_by_the_window_over_the_interval() -> None:
+    clock = ManualClock()
+    store = store_on(clock, window_s=15.0, interval_s=0.1)
+    for i in range(2000):
+        clock.advance(0.1)
+        store.put([sample(1000.0 + i / 10, 100.0)])
+    # the series keeps one window of samples plus some slack for jitter, never all of them
+    assert len(store._gpus[0].window) <= 2 * 150
+
+
+# ------------------------------------------------------- repeated and lost
+
+
+def test_a_repeated_reading_is_not_counted_twice_in_the_window_or_the_history() -> None:
+    # a collector that could not read again hands back its last sample (same timestamp)
+    clock = ManualClock()
+    store = store_on(clock, window_s=15.0, interval_s=0.1)
+    first, second = sample(100.0, 100.0), sample(100.5, 400.0)
+    for s in (first, second, second, second):
+        clock.advance(0.1)
+        store.put([s])
+    assert view_power(store) == (250.0, 400.0)
+    clock.advance(0.1)
+    store.put([sample(101.0, 700.0)])
+    assert [p.power_w for p in store.history(60)[0]] == [250.0]
+
+
+def test_a_new_reading_with_the_same_power_counts_again() -> None:
+    clock = ManualClock()
+    store = store_on(clock, window_s=15.0, interval_s=0.1)
+    for ts, watts in ((100.0, 100.0), (100.2, 400.0), (100.4, 400.0), (101.0, 100.0)):
+        clock.advance(0.1)
+        store.put([sample(ts, watts)])
+    assert view_power(store) == (250.0, 400.0)
+    assert store.history(60)[0][0].power_w == 300.0
+
+
+def test_a_lost_gpu_keeps_its_last_sample_but_no_power_and_no_history() -> None:
+    clock = ManualClock()
+    store = store_on(clock, window_s=15.0, interval_s=0.1)
+    store.put([sample(100.0, 300.0)])
+    clock.advance(0.1)
+    lost = sample(100.5, None, up=False)
+    store.put([lost])
+    view = store.snapshot().gpus[0]
+    assert view.sample is lost
+    assert (view.power_mean_w, view.power_peak_w) == (None, None)
+    clock.advance(0.1)
+    store.put([sample(101.5, 500.0)])  # back: the window still holds what it read before
+    assert view_power(store) == (400.0, 500.0)
+    assert [(p.timestamp_s, p.power_w) for p in store.history(60)[0]] == [(100.0, 300.0)]
+
+
+def test_a_pass_without_power_drops_the_power_gauges_and_adds_nothing() -> None:
+    clock = ManualClock()
+    store = store_on(clock, window_s=15.0, interval_s=0.1)
+    store.put([sample(100.0, 300.0)])
+    clock.advance(0.1)
+    store.put([sample(100.5, None)])
+    assert view_power(store) == (None, None)
+    clock.advance(0.1)
+    store.put([sample(101.0, 500.0)])
+    assert view_power(store) == (400.0, 500.0)
+    assert [p.power_w for p in store.history(60)[0]] == [300.0]
+
+
+def test_a_sample_with_no_reading_yet_is_shown_without_power() -> None:
+    clock = ManualClock()
+    store = store_on(clock)
+    never_read = GpuSample(
+        info=info(), up=True, timestamp_s=0.0, reading=None, energy_j=0.0,
+        energy_source="counter", power_w=250.0,
+    )  # fmt: skip
+    store.put([never_read])
+    assert store.snapshot().gpus[0].sample is never_read
+    assert view_power(store) == (None, None)
+    assert store.history(60) == {0: []}
+
+
+# ----------------------------------------------------------------- history
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    passes=st.lists(
+        st.tuples(
+            st.integers(1, 10),  # tenths of a second since the previous read
+            st.integers(0, 700),
+        ),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_history_holds_the_mean_power_of_each_completed_second(
+    passes: list[tuple[int, int]],
+) -> None:
+    clock = ManualClock()
+    store = store_on(clock, window_s=15.0, interval_s=0.1, history_s=3600)
+    tenths = 1000 * 10
+    by_second: dict[int, list[float]] = {}
+    for gap, watts in passes:
+        tenths += gap
+        clock.advance(gap / 10)
+        store.put([sample(tenths / 10, float(watts))])
+        by_second.setdefault(tenths // 10, []).append(float(watts))
+    completed = sorted(by_second)[:-1]  # the current second is still being filled
+    points = store.history(10**6)[0]
+    assert [p.timestamp_s for p in points] == [float(s) for s in completed]
+    for point, second in zip(points, completed, strict=True):
+        assert point.power_w == pytest.approx(math.fsum(by_second[second]) / len(by_second[second]))
+
+
+def test_a_history_point_carries_the_readings_beside_the_mean_power() -> None:
+    clock = ManualClock()
+    store = store_on(clock)
+    read = reading(200.0, temperature_c=71.0, utilization=0.25, limit_w=350.0)
+    for ts, watts in ((50.0, 100.0), (50.5, 300.0), (51.0, 200.0)):
+        clock.advance(0.5)
+        store.put([sample(ts, watts, read=read)])
+    assert store.history(60) == {0: [HistoryPoint(50.0, 200.0, 71.0, 0.25, 350.0)]}
+
+
+def history_of(seconds: int, *, history_s: int = 3600) -> MetricStore:
+    """A store whose GPU 0 read once a second for ``seconds`` + 1 s (100 W, 101 W ...)."""
+    clock = ManualClock()
+    store = store_on(clock, history_s=history_s)  # type: ignore[arg-type]
+    for i in range(seconds + 1):
+        clock.advance(1.0)
+        store.put([sample(500.0 + i, 100.0 + i)])
+    return store
+
+
+@pytest.mark.parametrize("seconds", [1, 3, 9])
+def test_history_of_n_seconds_returns_exactly_the_last_n_seconds(seconds: int) -> None:
+    store = history_of(10)  # completed seconds 500 .. 509
+    points = store.history(seconds)[0]
+    assert [p.timestamp_s for p in points] == [509.0 - k for k in reversed(range(seconds))]
+    assert [p.power_w for p in points] == [109.0 - k for k in reversed(range(seconds))]
+
+
+def test_history_longer_than_kept_returns_all_and_zero_seconds_returns_none() -> None:
+    store = history_of(10)
+    assert len(store.history(3600)[0]) == 10
+    assert store.history(0)[0] == []
+
+
+def test_history_keeps_only_the_last_history_s_seconds() -> None:
+    store = history_of(10, history_s=4)
+    assert [p.timestamp_s for p in store.history(3600)[0]] == [506.0, 507.0, 508.0, 509.0]
+
+
+def test_history_lists_every_gpu_in_index_order_even_one_without_history_yet() -> None:
+    clock = ManualClock()
+    store = store_on(clock)
+    for i in range(3):
+        clock.advance(1.0)
+        store.put([sample(700.0 + i, 100.0, index=2), sample(700.0, 50.0, index=0)])
+    out = store.history(60)
+    assert list(out) == [0, 2]
+    assert out[0] == []
+    assert [p.timestamp_s for p in out[2]] == [700.0, 701.0]
+
+
+# ------------------------------------------- collector health, budgets, actions
+
+
+def test_collector_errors_are_cumulative_and_each_pass_replaces_up_duration_and_error() -> None:
+    store = MetricStore()
+    store.record_collector("gpu", up=False, duration_s=0.5, error="GPU 3: lost", failed=True)
+    store.record_collector("gpu", up=True, duration_s=0.25, failed=False)
+    store.record_collector("gpu", up=False, duration_s=0.75, error="timeout", failed=True)
+    store.record_collector("host", up=True, duration_s=0.125, failed=False)
+    store.record_collector("gpu", up=True, duration_s=0.0625, error="XID events: x", failed=True)
+    assert store.snapshot().collectors == {
+        "gpu": CollectorHealth(
+            up=True, errors_total=3, duration_s=0.0625, last_error="XID events: x"
+        ),
+        "host": CollectorHealth(up=True, errors_total=0, duration_s=0.125, last_error=None),
+    }
+    store.record_collector("gpu", up=True, duration_s=0.01, failed=False)
+    assert store.snapshot().collectors["gpu"] == CollectorHealth(True, 3, 0.01, None)
+
+
+def test_power_budgets_are_set_replaced_and_cleared_per_scope() -> None:
+    store = MetricStore()
+    store.set_power_budget("rack", None)  # clearing an unset budget is fine
+    store.set_power_budget("node", 2400.0)
+    store.set_power_budget("lease", 1800.0)
+    store.set_power_budget("node", 2000.0)
+    assert store.snapshot().power_budgets_w == {"node": 2000.0, "lease": 1800.0}
+    store.set_power_budget("lease", None)
+    assert store.snapshot().power_budgets_w == {"node": 2000.0}
+
+
+def test_policy_actions_are_counted_per_policy_action_and_mode() -> None:
+    store = MetricStore()
+    for policy, action, mode in [
+        ("budget", "cap", "dry_run"),
+        ("budget", "cap", "dry_run"),
+        ("budget", "cap", "apply"),
+        ("thermal", "cap", "dry_run"),
+        ("budget", "restore", "dry_run"),
+        ("budget", "cap", "dry_run"),
+    ]:
+        store.count_policy_action(policy, action, mode)
+    assert store.snapshot().policy_actions == {
+        ("budget", "cap", "dry_run"): 3,
+        ("budget", "cap", "apply"): 1,
+        ("thermal", "cap", "dry_run"): 1,
+        ("budget", "restore", "dry_run"): 1,
+    }
+
+
+def test_a_snapshot_is_a_copy_later_writes_do_not_change() -> None:
+    store = MetricStore()
+    store.set_power_budget("node", 2400.0)
+    store.count_policy_action("budget", "cap", "apply")
+    store.record_collector("gpu", up=True, duration_s=0.1, failed=False)
+    snap = store.snapshot()
+    store.set_power_budget("node", 100.0)
+    store.count_policy_action("budget", "cap", "apply")
+    store.record_collector("host", up=True, duration_s=0.1, failed=False)
+    assert snap.power_budgets_w == {"node": 2400.0}
+    assert snap.policy_actions == {("budget", "cap", "apply"): 1}
+    assert list(snap.collectors) == ["gpu"]
+
+
+def test_snapshot_holds_gpus_in_index_order_host_rapl_by_domain_and_the_last_pass() -> None:
+    clock = ManualClock()
+    store = store_on(clock)
+    host = HostSample(5.0, 0.5, 2**33, 2**35)
+    dram = RaplSample(5.0, "dram", 10.0, 5.0)
+    package_old, package = (
+        RaplSample(4.0, "package", 90.0, 40.0),
+        RaplSample(5.0, "package", 100.0, 50.0),
+    )
+    empty = store.snapshot()
+    assert (empty.gpus, empty.host, empty.rapl, empty.last_sample_s) == ((), None, (), None)
+    store.put([sample(5.0, 1.0, index=3), package_old, host, sample(5.0, 1.0, index=1)])
+    store.put([package, dram, sample(5.0, 1.0, index=0)])
+    store.mark_pass(1_700_000_005.5)
+    snap = store.snapshot()
+    assert [v.sample.info.index for v in snap.gpus] == [0, 1, 3]
+    assert snap.host is host
+    assert snap.rapl == (dram, package)
+    assert snap.last_sample_s == 1_700_000_005.5
