@@ -378,3 +378,31 @@ def test_keep_alive_connections_have_nagle_off(served: Served) -> None:
         assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)
     finally:
         conn.close()
+
+
+def test_an_app_behind_a_wrapper_taking_any_arguments_is_served_not_taken_for_a_factory(
+    served: Served, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # uvicorn guesses a factory by calling the app with no arguments; a wrapper's __call__ (as
+    # a coverage or mutation tool puts around every function) accepts that and returns a coroutine
+    from wattwarden.api import server as server_module
+
+    real_build_app = server_module.build_app
+
+    class Wrapped:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, *args: Any) -> None:
+            await self.app(*args)
+
+    monkeypatch.setattr(server_module, "build_app", lambda *a: Wrapped(real_build_app(*a)))
+    caplog.set_level(logging.WARNING)
+    wrapped = ApiServer("127.0.0.1", 0)
+    try:
+        wrapped.start(served.agent.context)
+        status, _ = http_get(f"http://127.0.0.1:{wrapped.address[1]}/healthz")
+    finally:
+        wrapped.close()
+    assert status == 200
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -558,7 +558,9 @@ class _Config(uvicorn.Config):
     """uvicorn's config, carrying our limits to each connection's protocol."""
 
     def __init__(self, app: ASGIApp, *, limits: HttpLimits, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
+        # handed over as a factory: uvicorn otherwise calls the app with no arguments to guess
+        # whether it is one, and takes an app whose __call__ accepts that (a wrapper's) for one
+        super().__init__(lambda: app, factory=True, **kwargs)
         self.limits = limits
         self.connection_cap = limits.connection_cap()
 
