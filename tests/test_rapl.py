@@ -16,8 +16,10 @@ from wattwarden.exporters.prometheus import StoreCollector, make_registry, rende
 from wattwarden.hardware.sim import ManualClock
 
 
-def make_zone(root: Path, zone: str, name: str, energy_uj: int, range_uj: int) -> Path:
-    path = root / f"intel-rapl:{zone}"
+def make_zone(
+    root: Path, zone: str, name: str, energy_uj: int, range_uj: int, kind: str = "intel-rapl"
+) -> Path:
+    path = root / f"{kind}:{zone}"
     path.mkdir(parents=True)
     (path / "name").write_text(name + "\n")
     (path / "energy_uj").write_text(f"{energy_uj}\n")
@@ -30,10 +32,25 @@ def test_domains_are_named_after_their_package(tmp_path: Path) -> None:
     make_zone(tmp_path, "0:0", "core", 0, 2**32)
     make_zone(tmp_path, "0:1", "dram", 0, 2**32)
     make_zone(tmp_path, "1", "package-1", 0, 2**32)
-    (tmp_path / "intel-rapl-mmio:0").mkdir()  # mmio duplicates package-0: not counted twice
     assert RaplCollector(tmp_path).domains == [
         "package-0", "package-0/core", "package-0/dram", "package-1"
     ]  # fmt: skip
+
+
+def test_an_mmio_zone_mirroring_a_package_is_not_counted_twice(tmp_path: Path) -> None:
+    # intel-rapl-mmio:0 is the same package-0 energy read through MMIO instead of the MSR
+    package = make_zone(tmp_path, "0", "package-0", 7_000_000, 262_143_328_850)
+    mmio = make_zone(tmp_path, "0", "package-0", 7_000_000, 262_143_328_850, "intel-rapl-mmio")
+    clock = ManualClock()
+    rapl = RaplCollector(tmp_path, monotonic=clock)
+    assert rapl.domains == ["package-0"]
+    rapl.collect()
+    clock.advance(2.0)
+    for counter in (package, mmio):
+        counter.write_text(f"{7_000_000 + 150_000_000}\n")  # 150 J over 2 s
+    samples = rapl.collect()
+    assert sum(s.energy_j for s in samples) == pytest.approx(150.0, rel=1e-12)
+    assert sum(s.power_w or 0.0 for s in samples) == pytest.approx(75.0, rel=1e-12)
 
 
 def test_energy_and_power_from_counter_deltas(tmp_path: Path) -> None:
