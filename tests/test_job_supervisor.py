@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from helpers import free_port, http_get, http_json, parse_metrics, run_agent, wait_for
 
-from wattwarden.workloads.testing import FakeAgent
+from wattwarden.workloads.testing import FakeAgent, RecordedRequest
 
 TOKEN = "job-test-token"
 
@@ -169,15 +169,20 @@ def test_unreachable_agent_at_start_exits_1_without_running_the_command(workdir:
 
 
 def test_a_wrong_token_is_a_clear_error_and_the_child_is_stopped(workdir: Path):
+    def answer_once_the_child_runs(req: RecordedRequest) -> None:
+        # hold the 401 until the child has installed its SIGTERM handler and said so
+        if req.method == "POST" and req.path == "/api/v1/jobs":
+            wait_for(lambda: starts(workdir) or None, timeout_s=4, what="the child's start record")
+
     with FakeAgent(token="another-token") as agent:
+        agent.on_request = answer_once_the_child_runs
         code, err = finish(supervise(workdir, agent.url, "wait"))
     assert code == 1
     assert "cannot register job j1" in err and "401" in err and "--token-file" in err
     assert agent.jobs == {}
-    # The supervisor waited for its child: stopped by SIGTERM (here or, if it was quick, by the
-    # default action before its handler was installed, leaving no start record).
-    for child in starts(workdir):
-        assert signals_of(workdir, child["pid"]) == [signal.SIGTERM]
+    # the supervisor stopped its child with SIGTERM and waited for it to exit
+    (child,) = starts(workdir)
+    assert signals_of(workdir, child["pid"]) == [signal.SIGTERM]
 
 
 def test_training_job_moves_to_another_gpu_and_resumes_from_its_checkpoint(tmp_path: Path):
