@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from helpers import http_get, http_json, require_binary, run_agent, wait_for
 from promstack import (
+    RULES_DIR,
     dashboard,
     dashboard_targets,
     prom_query,
@@ -119,9 +120,15 @@ def test_prometheus_loads_every_rule_of_our_files_and_evaluates_each_without_err
 
 
 def test_every_rule_expression_executes_through_the_query_api(stack: Stack) -> None:
-    for where, expr in _expressions():
-        if where.startswith("rule "):
-            _executes(stack.prometheus, expr)
+    exprs = [e for w, e in _expressions() if w.startswith("rule ")]
+    # one per "- alert:" or "- record:" line of every rule file we ship
+    declared = sum(
+        len(re.findall(r"^\s*- (?:alert|record):", path.read_text(), re.MULTILINE))
+        for path in RULES_DIR.glob("*.yml")
+    )
+    assert declared > 0 and len(exprs) == declared
+    for expr in exprs:
+        _executes(stack.prometheus, expr)
 
 
 def test_every_dashboard_query_executes_through_the_query_api(stack: Stack) -> None:
