@@ -118,6 +118,15 @@ def test_alert_names_are_unique_and_rule_names_follow_conventions() -> None:
             assert re.fullmatch(r"[a-z_]+:[a-z_0-9]+:[a-z_0-9]+", rule["record"]), rule["record"]
 
 
+def _gpu_temperature_threshold(expr: str) -> float:
+    """The number in ``gpu_temperature_celsius{sensor="gpu"} > N``, the whole expression."""
+    m = re.fullmatch(
+        r'gpu_temperature_celsius\{sensor="gpu"\}\s*>\s*([0-9]+(?:\.[0-9]+)?)', expr.strip()
+    )
+    assert m is not None, f"not a GPU temperature threshold: {expr!r}"
+    return float(m.group(1))
+
+
 def test_required_alerts_exist_with_the_agreed_thresholds() -> None:
     by_name = {r["alert"]: r for r in alert_rules()}
     required = {
@@ -137,9 +146,9 @@ def test_required_alerts_exist_with_the_agreed_thresholds() -> None:
     for name, severity in required.items():
         assert name in by_name, f"missing alert {name}"
         assert by_name[name]["labels"]["severity"] == severity, name
-    assert "> 80" in by_name["GpuTemperatureHigh"]["expr"]
+    assert _gpu_temperature_threshold(by_name["GpuTemperatureHigh"]["expr"]) == 80.0
     assert by_name["GpuTemperatureHigh"]["for"] == "5m"
-    assert "> 85" in by_name["GpuTemperatureCritical"]["expr"]
+    assert _gpu_temperature_threshold(by_name["GpuTemperatureCritical"]["expr"]) == 85.0
     assert by_name["GpuTemperatureCritical"]["for"] == "1m"
     critical_xids = re.search(r'xid=~"([0-9|]+)"', by_name["GpuXidErrorCritical"]["expr"])
     assert critical_xids is not None
