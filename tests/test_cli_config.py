@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from helpers import free_port, run_agent
 
+from wattwarden.cli import build_parser
 from wattwarden.config import ConfigError, build_config, load_config_file
 
 
@@ -82,11 +84,32 @@ def test_flags_override_the_config_file(tmp_path: Path) -> None:
         build_config(None, {"power_budget_watts": -5.0})
 
 
-def test_help_on_every_command() -> None:
-    for args in (["--help"], ["agent", "--help"], ["status", "--help"]):
-        result = wattwarden(*args)
-        assert result.returncode == 0
-        assert "usage: wattwarden" in result.stdout
+def _commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
+    """Every command of the argparse tree, the top level included, as its words."""
+    yield path
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*path, name))
+
+
+COMMANDS = list(_commands(build_parser()))
+
+
+def test_the_command_tree_reaches_every_subcommand() -> None:
+    leaves = {("agent",), ("status",), ("job", "run"), ("workload", "train"), ("workload", "infer")}
+    assert leaves <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
+def test_help_on_every_command(command: tuple[str, ...]) -> None:
+    result = wattwarden(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {' '.join(('wattwarden', *command))} "), result.stdout
+    for child in (c[-1] for c in COMMANDS if c[:-1] == command and c):
+        assert child in result.stdout, f"{child!r} missing from the help of {command}"
 
 
 def test_status_on_a_simulated_fleet_prints_a_table() -> None:
