@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import wait_for
@@ -19,9 +21,9 @@ torch = pytest.importorskip("torch")
 
 from wattwarden.config import ConfigError  # noqa: E402
 from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml  # noqa: E402
-from wattwarden.hardware.sim import SimFleet  # noqa: E402
+from wattwarden.hardware.sim import ManualClock, SimFleet  # noqa: E402
 from wattwarden.workloads import checkpoint as ckpt  # noqa: E402
-from wattwarden.workloads.meter import EnergyMeter  # noqa: E402
+from wattwarden.workloads.meter import EnergyMeter, Measurement  # noqa: E402
 from wattwarden.workloads.testing import FakeAgent  # noqa: E402
 from wattwarden.workloads.train import StepRecord, TrainConfig, run_train  # noqa: E402
 
@@ -118,24 +120,62 @@ def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000001.pt", "ckpt-000000002.pt"]
 
 
-def test_train_reports_energy_per_step_from_the_gpu_counter(fake_nvml: SimFleet, tmp_path: Path):
-    fake_nvml[1].set_load(0.8)
+class SteppedMeter(EnergyMeter):
+    """A meter on a simulated clock where each training step lasts a set time.
+
+    The clock stands still while a step computes; the lap that ends a step first moves it on by
+    that step's duration, so the GPU's true energy over each step is known exactly.
+    """
+
+    def __init__(self, clock: ManualClock, step_s: list[float], **kwargs: Any) -> None:
+        super().__init__(clock=clock, **kwargs)
+        self._sim_clock = clock
+        self._step_s = iter(step_s)
+
+    def lap(self, name: str) -> Measurement:
+        self._sim_clock.advance(next(self._step_s))
+        return super().lap(name)
+
+
+def test_train_reports_energy_per_step_from_the_gpu_counter(tmp_path: Path):
+    clock = ManualClock()
+    fleet = SimFleet(2, clock=clock)
+    fleet[1].set_load(0.8)
+    step_s = [0.5, 1.0, 1.5, 2.0]  # unequal, so a step reported with another's energy shows
     report_path = tmp_path / "report.json"
-    # No CUDA here: a meter on simulated GPU 1 stands in for the one a CUDA run opens.
-    with EnergyMeter(gpus=[1], source="nvml", host=False) as meter:
-        result = run_train(config(steps=4, report=report_path), stream=quiet(), meter=meter)
+    true_j = [fleet[1].true_energy_j()]  # the clock stands still until the first step ends
+
+    def ground_truth(rec: StepRecord) -> None:
+        true_j.append(fleet[1].true_energy_j())
+
+    install_fake_nvml(fleet)
+    try:
+        # No CUDA here: a meter on simulated GPU 1 stands in for the one a CUDA run opens.
+        with SteppedMeter(clock, step_s, gpus=[1], source="nvml", host=False) as meter:
+            result = run_train(
+                config(steps=4, report=report_path),
+                stream=quiet(),
+                meter=meter,
+                on_step=ground_truth,
+            )
+    finally:
+        uninstall_fake_nvml()
     report = json.loads(report_path.read_text())
     assert report == json.loads(json.dumps(result.report))
     assert report["energy_device"] == "gpu"
     assert report["energy_source"] == "nvml" and report["gpus"] == [1]
     steps = report["steps"]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
-    for s in steps:
-        assert s["energy_j"] > 0 and s["time_s"] > 0
+    truth = [after - before for before, after in itertools.pairwise(true_j)]
+    assert len(truth) == 4 and min(truth) > 0
+    for s, seconds, joules in zip(steps, step_s, truth, strict=True):
+        assert s["time_s"] == seconds
+        # NVML counts whole millijoules of the simulator's exact integral
+        assert abs(s["energy_j"] - joules) <= 1e-3, (s["step"], s["energy_j"], joules)
         assert s["tokens_per_j"] == pytest.approx(2 * 16 / s["energy_j"])
-        assert s["tokens_per_s"] == pytest.approx(2 * 16 / s["time_s"])
+        assert s["tokens_per_s"] == pytest.approx(2 * 16 / seconds)
     summary = report["summary"]
-    assert summary["energy_j"] == pytest.approx(sum(s["energy_j"] for s in steps))
+    assert abs(summary["energy_j"] - sum(truth)) <= 1e-3
     assert summary["tokens"] == 4 * 2 * 16
     assert summary["j_per_step"] == pytest.approx(summary["energy_j"] / 4)
 
