@@ -233,7 +233,7 @@ TLS = "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
     [
         ("- a\n", "must be a mapping"),
         ("listen: 1\nzz: 2\nbasic_auth_users: {}\n", "unknown key 'listen'"),
-        ("tls_server_config: [\n", "not valid YAML: "),
+        ("tls_server_config: [\n", "not valid YAML: while parsing a flow node"),
         ("tls_server_config: 5\n", "tls_server_config must be a mapping"),
         ("tls_server_config:\n  key_file: k\n  cert: c\n", "tls_server_config: unknown key 'cert'"),
         ("tls_server_config:\n  key_file: k\n", "tls_server_config.cert_file is required"),
@@ -258,7 +258,10 @@ TLS = "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
 def test_a_bad_web_config_is_one_line_naming_the_file_and_key(
     tmp_path: Path, text: str, error: str
 ) -> None:
-    assert refused(tmp_path, text).startswith(error)
+    message = refused(tmp_path, text)
+    assert message.startswith(error)
+    if "YAML" in error:  # the parser's first line only
+        assert message == error
 
 
 def test_a_web_config_that_cannot_be_read_says_so(tmp_path: Path) -> None:
