@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from conftest import FakeNvml
 from helpers import parse_metrics, require_binary
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wattwarden.api.state import state_json
 from wattwarden.collectors.gpu import GpuCollector
 from wattwarden.collectors.host import HostCollector
 from wattwarden.collectors.sampler import Sampler
+from wattwarden.collectors.samples import GpuSample
 from wattwarden.collectors.store import MetricStore
 from wattwarden.exporters.prometheus import StoreCollector, make_registry, render
+from wattwarden.hardware.device import GpuInfo, GpuReading, ProcessUsage
 from wattwarden.hardware.nvml import NvmlBackend
-from wattwarden.hardware.sim.gpu import SimProcess
+from wattwarden.hardware.sim import ManualClock
+from wattwarden.hardware.sim.fleet import DRIVER_VERSION
+from wattwarden.hardware.sim.gpu import SimGpu, SimProcess
 
 CONTRACT_GPU_METRICS = {
     "gpu_up", "gpu_info", "gpu_power_watts", "gpu_power_peak_watts", "gpu_energy_joules_total",
@@ -270,3 +278,236 @@ def test_state_of_a_lost_gpu_keeps_its_identity_and_counters_but_no_readings(rig
         assert lost[reading] is None, reading
     assert lost["clock_events"] == [] and lost["processes"] == []
     assert state["gpus"][2]["temperature_celsius"] is not None
+
+
+# ------------------------------------------------- every value vs the simulator
+
+ClockEventBits = {"idle": 0x1, "sw_power_cap": 0x4, "hw_slowdown": 0x8, "sw_thermal": 0x20,
+                  "hw_thermal": 0x40, "hw_power_brake": 0x80}  # fmt: skip
+"""NVML's clock-event reason bits, as DESIGN.md lists them."""
+
+# (family, extra labels, the simulator's driver-level value converted by hand to the base unit)
+GROUND_TRUTH: list[tuple[str, dict[str, str], Callable[[SimGpu], float]]] = [
+    ("gpu_up", {}, lambda g: 1.0),
+    ("gpu_power_limit_watts", {}, lambda g: g.power_limit_mw() / 1000),
+    ("gpu_power_limit_default_watts", {}, lambda g: g.default_power_limit_mw() / 1000),
+    ("gpu_power_limit_min_watts", {}, lambda g: g.power_limit_constraints_mw()[0] / 1000),
+    ("gpu_power_limit_max_watts", {}, lambda g: g.power_limit_constraints_mw()[1] / 1000),
+    ("gpu_temperature_celsius", {"sensor": "gpu"}, lambda g: g.temperature_c("gpu")),
+    ("gpu_temperature_celsius", {"sensor": "memory"}, lambda g: g.temperature_c("memory")),
+    ("gpu_utilization_ratio", {}, lambda g: g.utilization_pct()[0] / 100),
+    ("gpu_memory_utilization_ratio", {}, lambda g: g.utilization_pct()[1] / 100),
+    ("gpu_memory_used_bytes", {}, lambda g: g.memory_bytes()[1]),
+    ("gpu_memory_total_bytes", {}, lambda g: g.memory_bytes()[0]),
+    ("gpu_clock_hertz", {"clock": "sm"}, lambda g: g.clock_mhz("sm") * 1e6),
+    ("gpu_clock_hertz", {"clock": "memory"}, lambda g: g.clock_mhz("mem") * 1e6),
+    *[
+        ("gpu_clock_event_active", {"reason": reason},
+         lambda g, bit=bit: 1.0 if g.clock_event_reasons() & bit else 0.0)
+        for reason, bit in ClockEventBits.items()
+    ],
+]  # fmt: skip
+
+
+def fleet_in_every_state(fake: FakeNvml) -> None:
+    """Idle, loaded, capped, hot, braking, with memory and processes: distinct values per GPU."""
+    f = fake.fleet
+    f[1].set_load(1.0, memory_bytes=30 * 2**30)
+    f[2].set_load(1.0)
+    f[2].set_power_limit_mw(300_000)  # capped: sw_power_cap
+    f[3].set_load(0.6)
+    f[3].inject("overheat", delta_c=60.0)  # thermal slowdown
+    f[4].set_load(0.8)
+    f[4].inject("power_brake")
+    f[5].add_process(SimProcess(4242, 0.35, 3 * 2**30))
+    f[6].set_load(0.25, memory_bytes=10**9)
+    f[7].inject("xid", xid=48)
+    f[7].inject("xid", xid=48)
+    f[7].inject("xid", xid=79)
+
+
+def test_every_gpu_metric_is_the_simulators_value_in_base_units(fake_nvml: FakeNvml) -> None:
+    rig = Rig(fake_nvml)
+    try:
+        fleet_in_every_state(fake_nvml)
+        gpus = fake_nvml.fleet.gpus
+        rig.sample(1.0, step_s=1.0)  # the first pass: counters start here
+        start_j = [g.true_energy_j() for g in gpus]
+        active_s = [dict.fromkeys(ClockEventBits, 0.0) for _ in gpus]
+        for _ in range(6):  # one full read per pass
+            rig.sample(1.0, step_s=1.0)
+            for g, seconds in zip(gpus, active_s, strict=True):
+                for reason, bit in ClockEventBits.items():
+                    seconds[reason] += 1.0 if g.clock_event_reasons() & bit else 0.0
+        m = rig.metrics()
+        for g in gpus:
+            gpu = str(g.index)
+            for name, labels, truth in GROUND_TRUTH:
+                assert gpu_series(m, name, gpu, **labels) == [truth(g)], (gpu, name, labels)
+                assert gpu_series(m, name, gpu, uuid=g.uuid, **labels), (gpu, name, "uuid")
+            energy = gpu_series(m, "gpu_energy_joules_total", gpu, uuid=g.uuid)
+            assert energy == [pytest.approx(g.true_energy_j() - start_j[g.index], abs=0.01)]
+            for reason, seconds in active_s[g.index].items():
+                got = gpu_series(m, "gpu_clock_event_seconds_total", gpu, reason=reason)
+                assert got == [pytest.approx(seconds)], (gpu, reason)
+            power = gpu_series(m, "gpu_power_watts", gpu, uuid=g.uuid)
+            peak = gpu_series(m, "gpu_power_peak_watts", gpu, uuid=g.uuid)
+            assert power == [pytest.approx(g.true_power_w(), rel=0.03)], gpu
+            assert peak[0] >= power[0] and peak == [pytest.approx(g.true_power_w(), rel=0.03)]
+            info = [lab for lab, v in m["gpu_info"] if lab["gpu"] == gpu and v == 1.0]
+            assert [(i["uuid"], i["name"], i["pci_bus_id"]) for i in info] == [
+                (g.uuid, g.spec.name, g.pci_bus_id)
+            ]
+            assert info[0]["driver_version"] == DRIVER_VERSION
+        # the states above are really distinct, so a swap of two sources cannot hide
+        assert gpu_series(m, "gpu_clock_event_active", "2", reason="sw_power_cap") == [1.0]
+        assert gpu_series(m, "gpu_clock_event_active", "0", reason="idle") == [1.0]
+        assert gpu_series(m, "gpu_power_limit_watts", "2") == [300.0]
+        assert gpu_series(m, "gpu_memory_used_bytes", "1") == [30 * 2**30]
+        assert {lab["xid"]: v for lab, v in m["gpu_xid_errors_total"] if lab["gpu"] == "7"} == {
+            "48": 2.0,
+            "79": 1.0,
+        }
+        assert {lab["uuid"] for lab, _ in m["gpu_xid_errors_total"]} == {gpus[7].uuid}
+        assert [(lab["pid"], lab["uuid"], v) for lab, v in m["gpu_process_memory_used_bytes"]] == [
+            ("4242", gpus[5].uuid, 3 * 2**30)
+        ]
+        assert [(lab["pid"], v) for lab, v in m["gpu_process_utilization_ratio"]] == [
+            ("4242", 0.35)
+        ]
+    finally:
+        rig.sampler.close()
+
+
+# ------------------------------------------------------ synthetic samples
+
+INFO = GpuInfo(
+    index=0,
+    uuid="GPU-5e1f",
+    name="NVIDIA H100 80GB HBM3",
+    pci_bus_id="00000000:18:00.0",
+    driver_version="550.54.15",
+    memory_total_bytes=80 * 2**30,
+    power_limit_min_w=200.0,
+    power_limit_max_w=700.0,
+    power_limit_default_w=650.0,
+)
+
+
+def full_reading(**fields: Any) -> GpuReading:
+    values: dict[str, Any] = {
+        "power_w": 300.0, "power_instant_w": 310.0, "energy_j": 5000.0, "power_limit_w": 500.0,
+        "temperature_gpu_c": 61.0, "temperature_memory_c": 66.0, "utilization_gpu_ratio": 0.75,
+        "utilization_memory_ratio": 0.25, "memory_used_bytes": 12 * 2**30,
+        "memory_total_bytes": 80 * 2**30, "clock_sm_hz": 1.755e9, "clock_memory_hz": 2.619e9,
+        "clock_event_mask": 0x4,
+        "processes": (ProcessUsage(77, 2**30, 0.5), ProcessUsage(78, None, None)),
+    }  # fmt: skip
+    values.update(fields)
+    return GpuReading(**values)
+
+
+def synthetic_sample(
+    read: GpuReading | None, *, info: GpuInfo = INFO, up: bool = True, power_w: float | None = 300.0
+) -> GpuSample:
+    return GpuSample(
+        info=info,
+        up=up,
+        timestamp_s=1_700_000_000.0,
+        reading=read,
+        energy_j=1234.5,
+        energy_source="counter",
+        power_w=power_w,
+        power_source="instant",
+        clock_event_seconds={"idle": 3.5, "sw_power_cap": 0.25},
+        xid_counts={79: 2},
+    )
+
+
+def metrics_of(
+    store: MetricStore, **collector: Any
+) -> dict[str, list[tuple[dict[str, str], float]]]:
+    body, _ = render(make_registry(StoreCollector(store, backend="sim", **collector)))
+    return parse_metrics(body.decode())
+
+
+def exported(*samples: GpuSample) -> dict[str, list[tuple[dict[str, str], float]]]:
+    store = MetricStore(monotonic=ManualClock())
+    store.put(samples)
+    return metrics_of(store)
+
+
+@pytest.mark.parametrize(("reason", "bit"), ClockEventBits.items())
+def test_each_clock_event_bit_alone_sets_exactly_its_own_series(reason: str, bit: int) -> None:
+    m = exported(synthetic_sample(full_reading(clock_event_mask=bit)))
+    active = {lab["reason"]: v for lab, v in m["gpu_clock_event_active"]}
+    assert active == {r: (1.0 if r == reason else 0.0) for r in ClockEventBits}
+
+
+@settings(max_examples=60, deadline=None)
+@given(mask=st.integers(0, 0xFFFF))
+def test_clock_event_series_decode_every_mask_bit_by_bit(mask: int) -> None:
+    m = exported(synthetic_sample(full_reading(clock_event_mask=mask)))
+    active = {lab["reason"]: v for lab, v in m["gpu_clock_event_active"]}
+    assert active == {r: (1.0 if mask & bit else 0.0) for r, bit in ClockEventBits.items()}
+
+
+def test_no_clock_event_series_where_the_mask_cannot_be_read() -> None:
+    m = exported(synthetic_sample(full_reading(clock_event_mask=None)))
+    assert "gpu_clock_event_active" not in m
+    # the counters of time spent in each reason stay
+    seconds = {lab["reason"]: v for lab, v in m["gpu_clock_event_seconds_total"]}
+    assert seconds == {"idle": 3.5, "sw_power_cap": 0.25}
+
+
+maybe = st.one_of(st.none(), st.just(math.nan), st.floats(0.0, 1e12, allow_nan=False))
+# each reading field, and the series (name, extra labels) that shows it
+READING_SERIES: dict[str, tuple[str, dict[str, str]]] = {
+    "power_limit_w": ("gpu_power_limit_watts", {}),
+    "temperature_gpu_c": ("gpu_temperature_celsius", {"sensor": "gpu"}),
+    "temperature_memory_c": ("gpu_temperature_celsius", {"sensor": "memory"}),
+    "utilization_gpu_ratio": ("gpu_utilization_ratio", {}),
+    "utilization_memory_ratio": ("gpu_memory_utilization_ratio", {}),
+    "memory_used_bytes": ("gpu_memory_used_bytes", {}),
+    "memory_total_bytes": ("gpu_memory_total_bytes", {}),
+    "clock_sm_hz": ("gpu_clock_hertz", {"clock": "sm"}),
+    "clock_memory_hz": ("gpu_clock_hertz", {"clock": "memory"}),
+}
+INFO_SERIES: dict[str, str] = {
+    "power_limit_min_w": "gpu_power_limit_min_watts",
+    "power_limit_max_w": "gpu_power_limit_max_watts",
+    "power_limit_default_w": "gpu_power_limit_default_watts",
+}
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    fields=st.fixed_dictionaries({name: maybe for name in READING_SERIES}),
+    limits=st.fixed_dictionaries({name: maybe for name in INFO_SERIES}),
+    power_w=maybe,
+    process=st.tuples(
+        st.one_of(st.none(), st.integers(0, 2**40)), st.one_of(st.none(), st.floats(0, 1))
+    ),
+)
+def test_a_missing_or_nan_field_drops_its_series_and_any_other_value_is_exported_as_is(
+    fields: dict[str, float | None],
+    limits: dict[str, float | None],
+    power_w: float | None,
+    process: tuple[int | None, float | None],
+) -> None:
+    info = dataclasses.replace(INFO, **limits)
+    read = full_reading(**fields, processes=(ProcessUsage(4242, *process),))
+    m = exported(synthetic_sample(read, info=info, power_w=power_w))
+    for name, series in m.items():
+        assert not any(math.isnan(v) for _, v in series), name
+    given_values = [
+        *((READING_SERIES[f], v) for f, v in fields.items()),
+        *(((INFO_SERIES[f], {}), v) for f, v in limits.items()),
+        (("gpu_power_watts", {}), power_w),
+        (("gpu_power_peak_watts", {}), power_w),
+        (("gpu_process_memory_used_bytes", {"pid": "4242"}), process[0]),
+        (("gpu_process_utilization_ratio", {"pid": "4242"}), process[1]),
+    ]
+    for (name, labels), value in given_values:
+        want = [] if value is None or math.isnan(value) else [value]
+        assert gpu_series(m, name, "0", uuid=INFO.uuid, **labels) == want, (name, labels)
