@@ -14,13 +14,15 @@ from helpers import parse_metrics, require_binary
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wattwarden import __version__
 from wattwarden.api.state import state_json
 from wattwarden.collectors.gpu import GpuCollector
 from wattwarden.collectors.host import HostCollector
+from wattwarden.collectors.jobs import JobRegistry
 from wattwarden.collectors.sampler import Sampler
-from wattwarden.collectors.samples import GpuSample
+from wattwarden.collectors.samples import GpuSample, HostSample, RaplSample
 from wattwarden.collectors.store import MetricStore
-from wattwarden.exporters.prometheus import StoreCollector, make_registry, render
+from wattwarden.exporters.prometheus import StoreCollector, job_families, make_registry, render
 from wattwarden.hardware.device import GpuInfo, GpuReading, ProcessUsage
 from wattwarden.hardware.nvml import NvmlBackend
 from wattwarden.hardware.sim import ManualClock
@@ -511,3 +513,240 @@ def test_a_missing_or_nan_field_drops_its_series_and_any_other_value_is_exported
     for (name, labels), value in given_values:
         want = [] if value is None or math.isnan(value) else [value]
         assert gpu_series(m, name, "0", uuid=INFO.uuid, **labels) == want, (name, labels)
+
+
+# ----------------------------------------------- the rest of the exposition
+
+GPU = {"gpu", "uuid"}
+# every family: (type, label names, help); a new family or a renamed one is a contract change
+EXPOSITION: dict[str, tuple[str, set[str], str]] = {
+    "gpu_up": ("gauge", GPU, "1 if the GPU answers, 0 if it is lost (fell off the bus)."),
+    "gpu_info": (
+        "gauge", GPU | {"name", "pci_bus_id", "driver_version"}, "GPU identity; always 1.",
+    ),
+    "gpu_power_watts": ("gauge", GPU, "Mean power over the export window (sub-second samples)."),
+    "gpu_power_peak_watts": ("gauge", GPU, "Peak power over the export window."),
+    "gpu_energy_joules": (
+        "counter", GPU,
+        "Energy used by the GPU (hardware counter where supported, else integrated power).",
+    ),
+    "gpu_power_limit_watts": ("gauge", GPU, "Enforced power limit."),
+    "gpu_power_limit_default_watts": ("gauge", GPU, "Default power limit."),
+    "gpu_power_limit_min_watts": ("gauge", GPU, "Lowest settable power limit."),
+    "gpu_power_limit_max_watts": ("gauge", GPU, "Highest settable power limit."),
+    "gpu_temperature_celsius": ("gauge", GPU | {"sensor"}, "Temperature."),
+    "gpu_utilization_ratio": ("gauge", GPU, "Fraction of time a kernel ran."),
+    "gpu_memory_utilization_ratio": (
+        "gauge", GPU,
+        "Fraction of time device memory was read or written.",
+    ),
+    "gpu_memory_used_bytes": ("gauge", GPU, "Device memory in use."),
+    "gpu_memory_total_bytes": ("gauge", GPU, "Device memory in total."),
+    "gpu_clock_hertz": ("gauge", GPU | {"clock"}, "Current clock."),
+    "gpu_clock_event_active": (
+        "gauge", GPU | {"reason"},
+        "1 while the clock-event (throttle) reason is active.",
+    ),
+    "gpu_clock_event_seconds": (
+        "counter", GPU | {"reason"},
+        "Time the clock-event (throttle) reason was active.",
+    ),
+    "gpu_xid_errors": ("counter", GPU | {"xid"}, "XID errors reported."),
+    "gpu_process_memory_used_bytes": ("gauge", GPU | {"pid"}, "Device memory used by a process."),
+    "gpu_process_utilization_ratio": ("gauge", GPU | {"pid"}, "SM utilization of a process."),
+    "host_cpu_utilization_ratio": ("gauge", set(), "Host CPU utilization, all cores."),
+    "host_memory_used_bytes": ("gauge", set(), "Host memory in use (total - available)."),
+    "host_memory_total_bytes": ("gauge", set(), "Host memory in total."),
+    "host_energy_joules": ("counter", {"domain"}, "CPU/DRAM energy from RAPL."),
+    "host_power_watts": ("gauge", {"domain"}, "CPU/DRAM power from RAPL."),
+    "wattwarden_build_info": (
+        "gauge", {"version",
+        "backend"}, "wattwarden version and GPU backend; always 1.",
+    ),
+    "wattwarden_collector_up": ("gauge", {"collector"}, "1 if the collector's last pass worked."),
+    "wattwarden_collector_errors": ("counter", {"collector"}, "Failed collector passes."),
+    "wattwarden_collector_duration_seconds": (
+        "gauge", {"collector"},
+        "Duration of the collector's last pass.",
+    ),
+    "wattwarden_last_sample_timestamp_seconds": (
+        "gauge", set(),
+        "Unix time of the last completed sampler pass.",
+    ),
+    "wattwarden_power_budget_watts": ("gauge", {"scope"}, "Power budget in force."),
+    "wattwarden_policy_actions": (
+        "counter", {"policy",
+        "action", "mode"}, "Actions the policy engine took.",
+    ),
+    "gpu_job_energy_joules": (
+        "counter", GPU | {"job"},
+        "GPU energy attributed to a job (its share of the GPU's active energy).",
+    ),
+    "gpu_job_power_watts": ("gauge", GPU | {"job"}, "GPU power attributed to a job."),
+    "wattwarden_job_tokens": ("counter", {"job"}, "Tokens a job reported."),
+    "wattwarden_job_steps": ("counter", {"job"}, "Steps a job reported."),
+    "wattwarden_job_tokens_per_joule": (
+        "gauge", {"job"},
+        "Tokens per joule of attributed GPU energy.",
+    ),
+    "gpu_idle_energy_joules": ("counter", GPU, "GPU energy at idle power (not attributed)."),
+    "gpu_unattributed_energy_joules": (
+        "counter", GPU,
+        "Active GPU energy with no registered job on the GPU.",
+    ),
+}  # fmt: skip
+
+
+def attributed(
+    jobs: JobRegistry, clock: ManualClock, energies_j: dict[int, list[float]]
+) -> list[GpuSample]:
+    """Feed the registry one pass a second with these energy counters; the last samples."""
+    samples: list[GpuSample] = []
+    for k in range(len(next(iter(energies_j.values())))):
+        clock.advance(1.0)
+        samples = [
+            dataclasses.replace(
+                synthetic_sample(full_reading()),
+                info=dataclasses.replace(INFO, index=i, uuid=f"GPU-{i}"),
+                energy_j=joules[k],
+                read_mono_s=clock(),
+                slow_read_mono_s=clock(),
+            )
+            for i, joules in energies_j.items()
+        ]
+        jobs.attribute(samples)
+    return samples
+
+
+def full_store(clock: ManualClock) -> tuple[MetricStore, JobRegistry]:
+    """A store and a job registry with something in every family."""
+    jobs = JobRegistry(monotonic=clock)
+    jobs.register("train", 4000, 0)
+    jobs.progress("train", step=12, samples=96, tokens=6000)
+    jobs.register("eval", 4001, 0)
+    jobs.progress("eval", step=3, samples=24, tokens=0)
+    # GPU 0: 100 W (the lowest seen: idle), then 400 W shared by two jobs; GPU 1: 50 W, 250 W
+    samples = attributed(jobs, clock, {0: [0.0, 100.0, 500.0], 1: [0.0, 50.0, 300.0]})
+    jobs.unregister("eval")
+    store = MetricStore(monotonic=clock)
+    store.put([
+        *samples, HostSample(1.0, 0.375, 6 * 2**30, 64 * 2**30),
+        RaplSample(1.0, "package", 812.5, 95.25), RaplSample(1.0, "dram", 40.5, None),
+    ])  # fmt: skip
+    store.record_collector("gpu", up=True, duration_s=0.0125, failed=False)
+    store.record_collector("rapl", up=False, duration_s=0.5, error="EACCES", failed=True)
+    store.record_collector("rapl", up=False, duration_s=0.25, error="EACCES", failed=True)
+    store.set_power_budget("node", 2400.0)
+    store.set_power_budget("lease", 1800.0)
+    store.count_policy_action("budget", "cap", "apply")
+    store.count_policy_action("budget", "cap", "apply")
+    store.count_policy_action("thermal", "cap", "dry_run")
+    store.mark_pass(1_700_000_001.5)
+    return store, jobs
+
+
+def test_the_exposition_gives_every_family_its_type_labels_and_help() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    store, jobs = full_store(ManualClock())
+    registry = make_registry(
+        StoreCollector(store, backend="sim", extra=lambda snap: job_families(jobs, snap))
+    )
+    families = {
+        f.name: (f.type, {k for s in f.samples for k in s.labels}, f.documentation)
+        for f in text_string_to_metric_families(render(registry)[0].decode())
+    }
+    assert families == EXPOSITION
+
+
+def test_job_families_export_the_registrys_split_without_swapping_idle_and_unattributed() -> None:
+    clock = ManualClock()
+    store, jobs = full_store(clock)
+    m = metrics_of(store, extra=lambda snap: job_families(jobs, snap))
+    by = {name: {tuple(sorted(lab.items())): v for lab, v in m[name]} for name in m}
+
+    def job(gpu: int, name: str) -> tuple[tuple[str, str], ...]:
+        return (("gpu", str(gpu)), ("job", name), ("uuid", f"GPU-{gpu}"))
+
+    def gpu(i: int) -> tuple[tuple[str, str], ...]:
+        return (("gpu", str(i)), ("uuid", f"GPU-{i}"))
+
+    # GPU 0: 200 J idle (100 W x 2 s), 300 J active split between its two jobs
+    assert by["gpu_job_energy_joules_total"] == {job(0, "eval"): 150.0, job(0, "train"): 150.0}
+    assert by["gpu_job_power_watts"] == {job(0, "train"): 150.0}  # eval has finished
+    assert by["gpu_idle_energy_joules_total"] == {gpu(0): 200.0, gpu(1): 100.0}
+    # GPU 1 has no job: its 200 J over idle is unattributed
+    assert by["gpu_unattributed_energy_joules_total"] == {gpu(0): 0.0, gpu(1): 200.0}
+    assert by["wattwarden_job_tokens_total"] == {
+        (("job", "eval"),): 0.0,
+        (("job", "train"),): 6000.0,
+    }
+    assert by["wattwarden_job_steps_total"] == {(("job", "eval"),): 3.0, (("job", "train"),): 12.0}
+    assert by["wattwarden_job_tokens_per_joule"] == {(("job", "train"),): 40.0}
+    assert jobs.gpu_splits()[1].unattributed_j == 200.0  # the registry agrees
+
+
+def test_a_job_on_a_gpu_the_store_has_not_seen_gets_an_empty_uuid() -> None:
+    clock = ManualClock()
+    jobs = JobRegistry(monotonic=clock)
+    jobs.register("train", 4000, 5)
+    attributed(jobs, clock, {5: [0.0, 100.0, 500.0]})
+    m = metrics_of(MetricStore(monotonic=clock), extra=lambda snap: job_families(jobs, snap))
+    assert [(lab["gpu"], lab["uuid"]) for lab, _ in m["gpu_job_energy_joules_total"]] == [("5", "")]
+    assert [(lab["gpu"], lab["uuid"]) for lab, _ in m["gpu_idle_energy_joules_total"]] == [
+        ("5", "")
+    ]
+
+
+def test_host_rapl_and_self_health_are_exported_as_stored() -> None:
+    store, _ = full_store(ManualClock())
+    m = metrics_of(store)
+
+    def plain(name: str) -> dict[tuple[str, ...], float]:
+        """Series by their label values, in label-name order."""
+        return {tuple(v for _, v in sorted(lab.items())): value for lab, value in m[name]}
+
+    assert plain("host_cpu_utilization_ratio") == {(): 0.375}
+    assert plain("host_memory_used_bytes") == {(): 6 * 2**30}
+    assert plain("host_memory_total_bytes") == {(): 64 * 2**30}
+    assert plain("host_energy_joules_total") == {("dram",): 40.5, ("package",): 812.5}
+    assert plain("host_power_watts") == {("package",): 95.25}  # dram's power is unknown
+    assert plain("wattwarden_build_info") == {("sim", __version__): 1.0}
+    assert plain("wattwarden_collector_up") == {("gpu",): 1.0, ("rapl",): 0.0}
+    assert plain("wattwarden_collector_errors_total") == {("gpu",): 0.0, ("rapl",): 2.0}
+    assert plain("wattwarden_collector_duration_seconds") == {("gpu",): 0.0125, ("rapl",): 0.25}
+    assert plain("wattwarden_last_sample_timestamp_seconds") == {(): 1_700_000_001.5}
+    assert plain("wattwarden_power_budget_watts") == {("lease",): 1800.0, ("node",): 2400.0}
+    actions = {
+        (lab["policy"], lab["action"], lab["mode"]): v
+        for lab, v in m["wattwarden_policy_actions_total"]
+    }
+    assert actions == {("budget", "cap", "apply"): 2.0, ("thermal", "cap", "dry_run"): 1.0}
+    assert plain("gpu_info") == {
+        (INFO.driver_version, "0", INFO.name, INFO.pci_bus_id, "GPU-0"): 1.0,
+        (INFO.driver_version, "1", INFO.name, INFO.pci_bus_id, "GPU-1"): 1.0,
+    }
+
+
+def test_an_empty_store_exports_only_build_info_and_empty_families() -> None:
+    m = metrics_of(MetricStore(monotonic=ManualClock()))
+    assert set(m) == {"wattwarden_build_info"}
+
+
+def test_a_lost_gpu_exports_up_zero_its_identity_and_its_counters_only() -> None:
+    lost = synthetic_sample(full_reading(), up=False, power_w=None)
+    m = exported(lost)
+    families = {name for name, series in m.items() for lab, _ in series if lab.get("gpu") == "0"}
+    assert families == {
+        "gpu_up", "gpu_info", "gpu_energy_joules_total", "gpu_clock_event_seconds_total",
+        "gpu_xid_errors_total", "gpu_power_limit_default_watts", "gpu_power_limit_min_watts",
+        "gpu_power_limit_max_watts",
+    }  # fmt: skip
+    assert gpu_series(m, "gpu_up", "0", uuid=INFO.uuid) == [0.0]
+    assert gpu_series(m, "gpu_energy_joules_total", "0", uuid=INFO.uuid) == [1234.5]
+    assert gpu_series(m, "gpu_xid_errors_total", "0", xid="79") == [2.0]
+    assert gpu_series(m, "gpu_power_limit_min_watts", "0") == [200.0]
+    assert gpu_series(m, "gpu_power_limit_max_watts", "0") == [700.0]
+    assert gpu_series(m, "gpu_power_limit_default_watts", "0") == [650.0]
+    never_read = exported(synthetic_sample(None))  # up, but nothing read yet: the same
+    assert {n for n, s in never_read.items() for lab, _ in s if lab.get("gpu") == "0"} == families
