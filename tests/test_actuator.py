@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import sqlite3
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wattwarden.hardware.device import GpuDevice, GpuInfo, GpuReading
-from wattwarden.hardware.errors import HardwareError, InvalidArgument, NotSupported
+from wattwarden.hardware.device import GpuDevice, GpuInfo, GpuReading, PowerReading
+from wattwarden.hardware.errors import (
+    GpuLost,
+    HardwareError,
+    InvalidArgument,
+    NoPermission,
+    NotSupported,
+)
 from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml, uninstall_fake_nvml
 from wattwarden.hardware.sim import ManualClock, SimFleet
 from wattwarden.hardware.sim.backend import SimBackend, SimDevice
-from wattwarden.policies.actuator import LimitActuator
+from wattwarden.policies.actuator import LimitActuator, LimitChange, RateLimited
 
 H100_DEFAULT_W = 700.0
 
@@ -201,3 +210,355 @@ def test_no_sequence_of_changes_faults_and_crashes_leaves_a_gpu_capped(
         actuator.close()
     for gpu, watts in enumerate(baseline):
         assert true_limit(fleet, gpu) == expected.get(gpu, watts)
+
+
+# ---------------------------------------------------------------- the promises, on a fake GPU
+class FakeGpu:
+    """A GPU behind the GpuDevice protocol whose driver calls a test can watch and break.
+
+    ``enforce`` maps a requested limit to the one the driver enforces (a clamp); ``on_set`` runs
+    inside the driver call, before it takes effect (to look at the journal, or to die there).
+    """
+
+    def __init__(
+        self,
+        index: int,
+        uuid: str,
+        *,
+        limit_w: float = 500.0,
+        min_w: float | None = 100.0,
+        max_w: float | None = 700.0,
+        default_w: float | None = 700.0,
+    ) -> None:
+        self.index = index
+        self.uuid = uuid
+        self.limit_w = limit_w
+        self.min_w, self.max_w, self.default_w = min_w, max_w, default_w
+        self.sets: list[float] = []
+        self.enforce: Callable[[float], float] = lambda w: w
+        self.on_set: Callable[[float], None] | None = None
+        self.set_error: HardwareError | None = None
+        self.read_error: HardwareError | None = None
+        self.info_error: HardwareError | None = None
+
+    def info(self) -> GpuInfo:
+        if self.info_error is not None:
+            raise self.info_error
+        return GpuInfo(
+            self.index, self.uuid, "Fake", f"0000:{self.index:02x}:00.0", "1.0", None,
+            self.min_w, self.max_w, self.default_w,
+        )  # fmt: skip
+
+    def read(self) -> GpuReading:
+        raise AssertionError("the actuator must not do a full read (it races the sampler)")
+
+    def read_power(self) -> PowerReading:
+        raise AssertionError("the actuator does not read power")
+
+    def read_energy_j(self) -> float:
+        raise AssertionError("the actuator does not read energy")
+
+    def read_power_limit_w(self) -> float:
+        if self.read_error is not None:
+            raise self.read_error
+        return self.limit_w
+
+    def set_power_limit(self, watts: float) -> float:
+        self.sets.append(watts)
+        if self.on_set is not None:
+            self.on_set(watts)
+        if self.set_error is not None:
+            raise self.set_error
+        self.limit_w = self.enforce(watts)
+        return self.limit_w
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def journal_rows(path: Path) -> tuple[dict[str, tuple[int, float]], list[tuple[Any, ...]]]:
+    """What the journal file holds, read through a connection of its own: (originals, changes)."""
+    db = sqlite3.connect(path)
+    try:
+        originals = {u: (g, w) for u, g, w in db.execute("SELECT uuid, gpu, watts FROM originals")}
+        changes = db.execute(
+            "SELECT gpu, uuid, requested_watts, enforced_watts, reason, status FROM changes "
+            "ORDER BY id"
+        ).fetchall()
+    finally:
+        db.close()
+    return originals, changes
+
+
+@pytest.mark.parametrize("watts", [100.0, 700.0])
+def test_the_range_ends_themselves_are_allowed(tmp_path: Path, watts: float) -> None:
+    gpu = FakeGpu(0, "GPU-a", limit_w=400.0)
+    actuator = LimitActuator([gpu], tmp_path / "j.sqlite3", min_interval_s=0)
+    assert actuator.set_limit(0, watts, reason="edge") == LimitChange(0, watts, watts)
+    assert gpu.sets == [watts]
+    actuator.close()
+
+
+@pytest.mark.parametrize("watts", [99.9, 700.1, 0.0, -5.0, 10_000.0])
+def test_a_limit_outside_the_range_is_refused_before_the_driver_is_called(
+    tmp_path: Path, watts: float
+) -> None:
+    gpu = FakeGpu(0, "GPU-a", limit_w=400.0)
+    journal = tmp_path / "j.sqlite3"
+    actuator = LimitActuator([gpu], journal, min_interval_s=0)
+    with pytest.raises(InvalidArgument) as refused:
+        actuator.set_limit(0, watts, reason="out of range")
+    assert str(refused.value) == (
+        f"power limit {watts:g} W for GPU 0 is outside its range [100, 700] W"
+    )
+    assert gpu.sets == []
+    assert journal_rows(journal) == ({}, [])  # nothing journalled for a change never made
+    actuator.close()
+
+
+@pytest.mark.parametrize(("min_w", "max_w"), [(None, 700.0), (100.0, None), (None, None)])
+def test_a_gpu_that_does_not_report_its_range_is_never_changed(
+    tmp_path: Path, min_w: float | None, max_w: float | None
+) -> None:
+    gpu = FakeGpu(3, "GPU-a", min_w=min_w, max_w=max_w)
+    actuator = LimitActuator([gpu], tmp_path / "j.sqlite3", min_interval_s=0)
+    with pytest.raises(InvalidArgument, match=r"^GPU 3 does not report its power-limit range$"):
+        actuator.set_limit(3, 300, reason="test")
+    assert gpu.sets == []
+    actuator.close()
+
+
+def test_an_unknown_gpu_index_is_refused(tmp_path: Path) -> None:
+    actuator = LimitActuator([FakeGpu(0, "GPU-a")], tmp_path / "j.sqlite3", min_interval_s=0)
+    with pytest.raises(KeyError):
+        actuator.set_limit(1, 300, reason="test")
+    actuator.close()
+
+
+def test_restore_returns_to_the_limit_found_before_the_first_of_several_changes(
+    tmp_path: Path,
+) -> None:
+    gpu = FakeGpu(0, "GPU-a", limit_w=450.0)
+    journal = tmp_path / "j.sqlite3"
+    actuator = LimitActuator([gpu], journal, min_interval_s=0)
+    for watts in (300.0, 250.0, 400.0):
+        actuator.set_limit(0, watts, reason="cap")
+        assert actuator.originals() == {"GPU-a": (0, 450.0)}
+    assert gpu.limit_w == 400.0
+    assert actuator.restore_all() == []
+    assert gpu.limit_w == 450.0
+    assert actuator.originals() == {}
+    actuator.close()
+    assert journal_rows(journal)[0] == {}
+
+
+def test_after_a_restore_the_next_change_journals_the_limit_found_then(tmp_path: Path) -> None:
+    gpu = FakeGpu(0, "GPU-a", limit_w=450.0)
+    actuator = LimitActuator([gpu], tmp_path / "j.sqlite3", min_interval_s=0)
+    actuator.set_limit(0, 300, reason="cap")
+    assert actuator.restore_all() == []
+    gpu.limit_w = 600.0  # an operator changed it by hand while we held no cap
+    actuator.set_limit(0, 200, reason="cap")
+    assert actuator.originals() == {"GPU-a": (0, 600.0)}
+    actuator.close()
+
+
+class Died(BaseException):
+    """The process dying inside the driver call (not an error the actuator may handle)."""
+
+
+def test_the_journal_holds_the_original_and_the_intent_before_the_driver_is_called(
+    tmp_path: Path,
+) -> None:
+    gpu = FakeGpu(1, "GPU-b", limit_w=650.0)
+    journal = tmp_path / "j.sqlite3"
+    seen: list[tuple[dict[str, tuple[int, float]], list[tuple[Any, ...]]]] = []
+
+    def die(watts: float) -> None:
+        seen.append(journal_rows(journal))
+        raise Died
+
+    gpu.on_set = die
+    crashed = LimitActuator([gpu], journal, min_interval_s=0)
+    with pytest.raises(Died):
+        crashed.set_limit(1, 300, reason="budget")
+    assert seen == [({"GPU-b": (1, 650.0)}, [(1, "GPU-b", 300.0, None, "budget", "intended")])]
+    crashed.close()
+    # the limit may or may not have been taken when the process died: recover restores either way
+    gpu.on_set = None
+    gpu.limit_w = 300.0
+    restarted = LimitActuator([gpu], journal, min_interval_s=0)
+    assert restarted.recover() == []
+    assert gpu.limit_w == 650.0
+    assert restarted.originals() == {}
+    restarted.close()
+
+
+def test_a_driver_error_is_journalled_as_failed_and_raised(tmp_path: Path) -> None:
+    gpu = FakeGpu(0, "GPU-a", limit_w=500.0)
+    gpu.set_error = NoPermission("set calls need root")
+    journal = tmp_path / "j.sqlite3"
+    clock = Clock()
+    actuator = LimitActuator([gpu], journal, min_interval_s=10, monotonic=clock)
+    with pytest.raises(NoPermission):
+        actuator.set_limit(0, 300, reason="budget")
+    originals, changes = journal_rows(journal)
+    assert changes == [(0, "GPU-a", 300.0, None, "budget", "failed: set calls need root")]
+    assert originals == {"GPU-a": (0, 500.0)}
+    # a change that failed does not start the interval: the retry is not rate-limited
+    gpu.set_error = None
+    assert actuator.set_limit(0, 300, reason="retry").enforced_w == 300.0
+    assert journal_rows(journal)[1][-1] == (0, "GPU-a", 300.0, 300.0, "retry", "done")
+    actuator.close()
+
+
+def test_the_enforced_limit_is_read_back_returned_and_journalled(tmp_path: Path) -> None:
+    gpu = FakeGpu(0, "GPU-a", limit_w=500.0)
+    gpu.enforce = lambda w: max(w, 280.0)  # the driver holds a floor above the board's minimum
+    journal = tmp_path / "j.sqlite3"
+    actuator = LimitActuator([gpu], journal, min_interval_s=0)
+    change = actuator.set_limit(0, 150, reason="deep cap")
+    assert change == LimitChange(gpu=0, requested_w=150.0, enforced_w=280.0)
+    assert journal_rows(journal)[1] == [(0, "GPU-a", 150.0, 280.0, "deep cap", "done")]
+    actuator.close()
+
+
+def test_restore_finds_each_gpu_by_uuid_when_indices_moved_between_boots(tmp_path: Path) -> None:
+    journal = tmp_path / "j.sqlite3"
+    a, b = FakeGpu(0, "GPU-a", limit_w=600.0), FakeGpu(1, "GPU-b", limit_w=550.0)
+    crashed = LimitActuator([a, b], journal, min_interval_s=0)
+    crashed.set_limit(0, 300, reason="cap")
+    crashed.set_limit(1, 200, reason="cap")
+    crashed.close()  # the process died; after a reboot the bus enumerates them the other way
+    a.index, b.index = 1, 0
+    restarted = LimitActuator([b, a], journal, min_interval_s=0)
+    assert restarted.recover() == []
+    assert (a.limit_w, b.limit_w) == (600.0, 550.0)
+    assert a.sets == [300.0, 600.0] and b.sets == [200.0, 550.0]
+    restarted.close()
+
+
+def test_a_gpu_missing_at_restore_is_reported_and_stays_journalled(tmp_path: Path) -> None:
+    journal = tmp_path / "j.sqlite3"
+    a, b = FakeGpu(0, "GPU-a", limit_w=600.0), FakeGpu(1, "GPU-b", limit_w=550.0)
+    crashed = LimitActuator([a, b], journal, min_interval_s=0)
+    crashed.set_limit(0, 300, reason="cap")
+    crashed.set_limit(1, 200, reason="cap")
+    crashed.close()
+    b.info_error = GpuLost("fell off the bus")
+    restarted = LimitActuator([a, b], journal, min_interval_s=0)
+    assert restarted.recover() == ["GPU 1 (GPU-b) not present; its limit stays journalled"]
+    assert a.limit_w == 600.0
+    assert restarted.originals() == {"GPU-b": (1, 550.0)}
+    restarted.close()
+    b.info_error = None  # back on the bus: the next start restores it
+    again = LimitActuator([a, b], journal, min_interval_s=0)
+    assert again.recover() == []
+    assert b.limit_w == 550.0
+    assert again.originals() == {}
+    again.close()
+
+
+def test_a_failed_restore_keeps_the_row_and_the_next_recover_restores_it(tmp_path: Path) -> None:
+    journal = tmp_path / "j.sqlite3"
+    a, b = FakeGpu(0, "GPU-a", limit_w=600.0), FakeGpu(1, "GPU-b", limit_w=550.0)
+    actuator = LimitActuator([a, b], journal, min_interval_s=0)
+    actuator.set_limit(0, 300, reason="cap")
+    actuator.set_limit(1, 200, reason="cap")
+    a.set_error = NoPermission("no root")
+    assert actuator.restore_all() == ["GPU 0: restoring 600 W failed: no root"]
+    assert b.limit_w == 550.0  # one failure does not stop the others
+    assert actuator.originals() == {"GPU-a": (0, 600.0)}
+    actuator.close()
+    assert journal_rows(journal)[0] == {"GPU-a": (0, 600.0)}
+    a.set_error = None
+    restarted = LimitActuator([a, b], journal, min_interval_s=0)
+    assert restarted.recover() == []
+    assert a.limit_w == 600.0
+    assert restarted.originals() == {}
+    restarted.close()
+
+
+def test_recover_with_nothing_journalled_touches_no_gpu(tmp_path: Path) -> None:
+    gpu = FakeGpu(0, "GPU-a", limit_w=321.0)
+    actuator = LimitActuator([gpu], tmp_path / "j.sqlite3", min_interval_s=0)
+    assert actuator.recover() == []
+    assert gpu.sets == []
+    actuator.close()
+
+
+def test_the_rate_limit_is_per_gpu_and_ends_exactly_min_interval_later(tmp_path: Path) -> None:
+    a, b = FakeGpu(0, "GPU-a"), FakeGpu(1, "GPU-b")
+    clock = Clock()  # steps below are exact in binary floating point
+    actuator = LimitActuator([a, b], tmp_path / "j.sqlite3", min_interval_s=5, monotonic=clock)
+    actuator.set_limit(0, 300, reason="cap")
+    clock.now += 3.0
+    actuator.set_limit(1, 300, reason="cap")  # another GPU's change does not wait for GPU 0's
+    clock.now += 1.5
+    with pytest.raises(RateLimited) as refused:
+        actuator.set_limit(0, 250, reason="cap")
+    assert str(refused.value) == "GPU 0: limit changed 4.50 s ago; at most one change per 5 s"
+    assert a.sets == [300.0]  # refused before the driver
+    clock.now += 0.5  # exactly min_interval_s after GPU 0's last change: allowed
+    assert actuator.set_limit(0, 250, reason="cap").enforced_w == 250.0
+    with pytest.raises(RateLimited, match=r"^GPU 1: limit changed 2\.00 s ago"):
+        actuator.set_limit(1, 250, reason="cap")  # GPU 1 counts from its own change
+    assert b.sets == [300.0]
+    actuator.close()
+
+
+def test_the_default_interval_is_one_second(tmp_path: Path) -> None:
+    clock = Clock()
+    actuator = LimitActuator([FakeGpu(0, "GPU-a")], tmp_path / "j.sqlite3", monotonic=clock)
+    actuator.set_limit(0, 300, reason="cap")
+    clock.now += 0.999
+    with pytest.raises(RateLimited):
+        actuator.set_limit(0, 250, reason="cap")
+    clock.now += 0.001
+    actuator.set_limit(0, 250, reason="cap")
+    actuator.close()
+
+
+def test_concurrent_changes_never_interleave_a_journal_entry_and_a_driver_call(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "j.sqlite3"
+    gpus = [FakeGpu(i, f"GPU-{i}", limit_w=600.0) for i in range(2)]
+    problems: list[str] = []
+    calls = 0
+
+    def check(watts: float) -> None:
+        nonlocal calls
+        calls += 1
+        _, changes = journal_rows(journal)
+        intended = [c for c in changes if c[-1] == "intended"]
+        # exactly one change is in flight, and it is the one this driver call makes
+        if len(intended) != 1 or intended[0][2] != watts or changes[-1] != intended[0]:
+            problems.append(f"driver asked for {watts} W while the journal held {changes[-3:]}")
+
+    for g in gpus:
+        g.on_set = check
+    actuator = LimitActuator(gpus, journal, min_interval_s=0)
+    start = threading.Barrier(4)
+
+    def hammer(worker: int) -> None:
+        start.wait()
+        for i in range(15):
+            actuator.set_limit(worker % 2, 100 + worker * 100 + i, reason=f"w{worker}")
+
+    threads = [threading.Thread(target=hammer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert problems == []
+    assert calls == 60
+    _, changes = journal_rows(journal)
+    assert len(changes) == 60 and {c[-1] for c in changes} == {"done"}
+    assert actuator.originals() == {"GPU-0": (0, 600.0), "GPU-1": (1, 600.0)}
+    actuator.close()
