@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import tempfile
 import threading
@@ -112,8 +113,12 @@ def test_change_whose_original_is_unknown_is_refused_and_not_made(tmp_path: Path
     fleet = SimFleet(1, clock=ManualClock())
     device = NoDefaultDevice(SimBackend(fleet).devices()[0])
     actuator = LimitActuator([device], tmp_path / "journal.sqlite3", min_interval_s=0)
-    with pytest.raises(InvalidArgument, match="could not be undone"):
+    with pytest.raises(InvalidArgument) as refused:
         actuator.set_limit(0, 300, reason="test")
+    assert str(refused.value) == (
+        "GPU 0: its current power limit cannot be read (power limit not supported) and it "
+        "reports no default limit; refusing a change that could not be undone"
+    )
     assert true_limit(fleet, 0) == H100_DEFAULT_W
     assert actuator.originals() == {}
     actuator.close()
@@ -417,6 +422,23 @@ def test_a_driver_error_is_journalled_as_failed_and_raised(tmp_path: Path) -> No
     actuator.close()
 
 
+@pytest.mark.parametrize(
+    ("enforced_w", "warned"), [(280.0, True), (151.5, True), (151.0, False), (150.5, False)]
+)
+def test_an_enforced_limit_more_than_a_watt_off_the_request_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, enforced_w: float, warned: bool
+) -> None:
+    gpu = FakeGpu(0, "GPU-a", limit_w=500.0)
+    gpu.enforce = lambda w: enforced_w
+    actuator = LimitActuator([gpu], tmp_path / "j.sqlite3", min_interval_s=0)
+    with caplog.at_level(logging.WARNING, logger="wattwarden.policies.actuator"):
+        actuator.set_limit(0, 150, reason="cap")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    expected = [f"GPU 0: requested 150 W, driver enforces {enforced_w:.0f} W"] if warned else []
+    assert warnings == expected
+    actuator.close()
+
+
 def test_the_enforced_limit_is_read_back_returned_and_journalled(tmp_path: Path) -> None:
     gpu = FakeGpu(0, "GPU-a", limit_w=500.0)
     gpu.enforce = lambda w: max(w, 280.0)  # the driver holds a floor above the board's minimum
@@ -450,16 +472,16 @@ def test_a_gpu_missing_at_restore_is_reported_and_stays_journalled(tmp_path: Pat
     crashed.set_limit(0, 300, reason="cap")
     crashed.set_limit(1, 200, reason="cap")
     crashed.close()
-    b.info_error = GpuLost("fell off the bus")
+    a.info_error = GpuLost("fell off the bus")  # the first GPU listed, the first journalled
     restarted = LimitActuator([a, b], journal, min_interval_s=0)
-    assert restarted.recover() == ["GPU 1 (GPU-b) not present; its limit stays journalled"]
-    assert a.limit_w == 600.0
-    assert restarted.originals() == {"GPU-b": (1, 550.0)}
+    assert restarted.recover() == ["GPU 0 (GPU-a) not present; its limit stays journalled"]
+    assert b.limit_w == 550.0  # the others are still restored
+    assert restarted.originals() == {"GPU-a": (0, 600.0)}
     restarted.close()
-    b.info_error = None  # back on the bus: the next start restores it
+    a.info_error = None  # back on the bus: the next start restores it
     again = LimitActuator([a, b], journal, min_interval_s=0)
     assert again.recover() == []
-    assert b.limit_w == 550.0
+    assert a.limit_w == 600.0
     assert again.originals() == {}
     again.close()
 
@@ -561,4 +583,34 @@ def test_concurrent_changes_never_interleave_a_journal_entry_and_a_driver_call(
     _, changes = journal_rows(journal)
     assert len(changes) == 60 and {c[-1] for c in changes} == {"done"}
     assert actuator.originals() == {"GPU-0": (0, 600.0), "GPU-1": (1, 600.0)}
+    actuator.close()
+
+
+def test_after_a_damaged_journal_every_gpu_goes_back_to_its_default_whatever_fails(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "j.sqlite3"
+    journal.write_bytes(b"not a journal" * 100)
+    no_default = FakeGpu(0, "GPU-0", limit_w=300.0, default_w=None)
+    at_default = FakeGpu(1, "GPU-1", limit_w=700.0)
+    unreadable = FakeGpu(2, "GPU-2", limit_w=300.0)
+    unreadable.read_error = NotSupported("power limit not supported")
+    refuses = FakeGpu(3, "GPU-3", limit_w=300.0)
+    refuses.set_error = NoPermission("no root")
+    lost = FakeGpu(4, "GPU-4", limit_w=300.0)
+    lost.info_error = GpuLost("fell off the bus")
+    capped = FakeGpu(5, "GPU-5", limit_w=250.0, default_w=600.0)
+    gpus = [capped, lost, refuses, unreadable, at_default, no_default]  # listed out of order
+    actuator = LimitActuator(gpus, journal, min_interval_s=0)
+    assert actuator.damaged == "not an SQLite database"
+    assert actuator.recover() == [
+        "GPU 0: no default limit known; left as it is",
+        "GPU 3: restoring its default limit failed: no root",
+        "GPU 4: restoring its default limit failed: fell off the bus",
+    ]
+    assert [g.limit_w for g in sorted(gpus, key=lambda g: g.index)] == [
+        300.0, 700.0, 700.0, 300.0, 300.0, 600.0,
+    ]  # fmt: skip
+    assert at_default.sets == [] and no_default.sets == []  # nothing to do: not touched
+    assert unreadable.sets == [700.0]  # unreadable: set anyway
     actuator.close()
