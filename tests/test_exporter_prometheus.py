@@ -692,10 +692,13 @@ def test_a_job_on_a_gpu_the_store_has_not_seen_gets_an_empty_uuid() -> None:
     jobs.register("train", 4000, 5)
     attributed(jobs, clock, {5: [0.0, 100.0, 500.0]})
     m = metrics_of(MetricStore(monotonic=clock), extra=lambda snap: job_families(jobs, snap))
-    assert [(lab["gpu"], lab["uuid"]) for lab, _ in m["gpu_job_energy_joules_total"]] == [("5", "")]
-    assert [(lab["gpu"], lab["uuid"]) for lab, _ in m["gpu_idle_energy_joules_total"]] == [
-        ("5", "")
-    ]
+    for name in (
+        "gpu_job_energy_joules_total",
+        "gpu_job_power_watts",
+        "gpu_idle_energy_joules_total",
+        "gpu_unattributed_energy_joules_total",
+    ):
+        assert [(lab["gpu"], lab["uuid"]) for lab, _ in m[name]] == [("5", "")], name
 
 
 def test_host_rapl_and_self_health_are_exported_as_stored() -> None:
