@@ -478,7 +478,7 @@ def test_learned_idle_power_moves_a_fifth_of_the_way_with_each_idle_span() -> No
     jobs = JobRegistry()
     learn_idle(jobs, 50.0)
     learned = []
-    for t in (2.0, 3.0, 4.0):  # 1 s spans at 90 W: 50 -> 58 -> 64.4 -> 69.52
+    for t in (1.5, 2.0, 2.5):  # 0.5 s spans at 90 W: 50 -> 58 -> 64.4 -> 69.52
         jobs.attribute([gpu_sample(t, 50.0 + 90.0 * (t - 1.0), slow_t=t)])
         learned.append(split(jobs)[2])
     assert learned == pytest.approx([58.0, 64.4, 69.52], rel=1e-12)
@@ -534,6 +534,7 @@ def test_idle_power_in_use_never_exceeds_the_boards_idle_ceiling() -> None:
         ((None, 0.0, 240.0), 80.0),
         ((None, 0.75, None), 0.25),
         ((None, 0.0, None), None),  # no limit at all: no ceiling
+        ((None, None, 0.0), None),
         ((None, None, -3.0), None),
         ((None, None, None), None),
     ],
