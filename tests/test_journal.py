@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import re
 import shutil
 import signal
@@ -193,13 +192,6 @@ def gauge(url: str, name: str, gpu: str) -> float | None:
     return values[0] if values else None
 
 
-# Under mutation testing the agent subprocess would run the mutated API server, which uvicorn
-# cannot serve (its factory probe calls the app, and mutmut's wrapper defers the TypeError), and a
-# subprocess's calls are not seen by mutmut's per-test selection anyway: the in-process tests above
-# pin the same behaviour.
-@pytest.mark.skipif(
-    "MUTANT_UNDER_TEST" in os.environ, reason="a subprocess agent cannot run under mutmut"
-)
 def test_agent_with_a_garbage_journal_starts_says_so_and_uncaps_every_gpu(tmp_path: Path) -> None:
     state = tmp_path / "state"
     with run_agent(state, "--sim", "2", "--apply") as agent:
