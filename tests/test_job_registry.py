@@ -350,7 +350,7 @@ def test_a_job_with_no_pending_move_cannot_be_taken_over_on_any_gpu() -> None:
     jobs = JobRegistry()
     jobs.register("train", 100, 0)
     for gpu in (0, 1):
-        with pytest.raises(JobConflict, match="give another job another name"):
+        with pytest.raises(JobConflict, match=r"; give another job another name$"):
             jobs.register("train", 200, gpu)
 
 
