@@ -26,13 +26,12 @@ from starlette.routing import Route
 
 from wattwarden.agent import Agent
 from wattwarden.api import server as server_module
+from wattwarden.api.http import MAX_BODY_BYTES, HttpLimits
 from wattwarden.api.server import (
-    MAX_BODY_BYTES,
     MAX_JSON_DEPTH,
     AgentContext,
     ApiError,
     ApiServer,
-    HttpLimits,
     _Edge,
     _json_depth,
     build_app,

@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wattwarden.agent import Agent
-from wattwarden.api.server import ApiServer, HttpLimits
+from wattwarden.api.http import HttpLimits
+from wattwarden.api.server import ApiServer
 from wattwarden.config import AgentConfig
 from wattwarden.hardware.nvml import uninstall_fake_nvml
 
