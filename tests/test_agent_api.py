@@ -390,6 +390,37 @@ def test_every_read_but_healthz_needs_basic_auth_when_the_web_config_names_users
                 assert status == 200, (path, scheme, body)
 
 
+def test_basic_auth_refuses_credentials_with_characters_outside_base64(
+    live: Live, monkeypatch: pytest.MonkeyPatch, basic_users: dict[str, bytes]
+) -> None:
+    monkeypatch.setattr(live.ctx, "web", WebConfig(users=basic_users))
+    good = basic("prometheus", PASSWORD)["Authorization"]
+    assert live.call("GET", "/api/v1/state", headers={"Authorization": good})[0] == 200
+    for stray in ("!", "*", "\u00e9"):  # RFC 7617: the credentials are base64, nothing else
+        status, _, body = live.call("GET", "/api/v1/state", headers={"Authorization": good + stray})
+        assert (status, body) == (401, {"error": "basic auth required"}), stray
+
+
+def test_a_server_started_with_its_own_limits_serves_the_api_under_them(
+    tmp_path: Path,
+) -> None:
+    agent = Agent(AgentConfig(listen="127.0.0.1:0", state_dir=tmp_path / "state", sim=1))
+    server = ApiServer("127.0.0.1", 0, limits=HttpLimits(max_body_bytes=200))
+    try:
+        server.start(replace(agent.context))
+        conn = http.client.HTTPConnection("127.0.0.1", server.address[1], timeout=10)
+        body = json.dumps({"name": "j", "pid": 1, "gpu": 0, "pad": "x" * 200})
+        headers = {"Authorization": f"Bearer {agent.context.token}"}
+        conn.request("POST", "/api/v1/jobs", body=body, headers=headers)
+        resp = conn.getresponse()
+        assert (resp.status, json.loads(resp.read())) == (413, {"error": "body over 200 bytes"})
+        conn.close()
+    finally:
+        server.close()
+        agent.close()
+        uninstall_fake_nvml()
+
+
 def test_reads_are_open_with_a_web_config_without_users(
     live: Live, monkeypatch: pytest.MonkeyPatch
 ) -> None:
