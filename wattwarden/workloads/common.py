@@ -146,6 +146,25 @@ def open_meter(
         raise ConfigError(f"--energy-source {source}: {e}") from e
 
 
+def meter_for(
+    cfg: WorkloadConfig, device: torch.device, meter: EnergyMeter | None
+) -> tuple[EnergyMeter, bool, EnergyTarget]:
+    """The meter a workload reports from (the one given, else its own), and what it measures.
+
+    Returns (meter, whether the workload opened it and so closes it, its target).
+    """
+    own = meter is None
+    if meter is None:
+        meter = open_meter(
+            gpu=cfg.gpu,
+            source=cfg.energy_source,
+            agent_url=cfg.agent_url,
+            device=device,
+            rapl_root=cfg.rapl_root,
+        )
+    return meter, own, EnergyTarget.of(meter, device, cfg.energy_source)
+
+
 @dataclass(frozen=True, slots=True)
 class EnergyTarget:
     """Whose energy a workload reports: the device that did the work, and where it is read.

@@ -21,11 +21,10 @@ from wattwarden import __version__
 from wattwarden.config import ConfigError
 from wattwarden.workloads.checkpoint import CheckpointError, load_latest
 from wattwarden.workloads.common import (
-    EnergyTarget,
     WorkloadConfig,
     autocast,
     check_positive,
-    open_meter,
+    meter_for,
     resolve_device,
     seed_everything,
 )
@@ -141,15 +140,7 @@ def run_infer(
     prompts = SyntheticTokens(size.vocab_size, cfg.prompt_len - 1, cfg.batch_size, cfg.seed)
     tokens_per_request = cfg.batch_size * cfg.new_tokens
 
-    own_meter = meter is None
-    meter = meter or open_meter(
-        gpu=cfg.gpu,
-        source=cfg.energy_source,
-        agent_url=cfg.agent_url,
-        device=device,
-        rapl_root=cfg.rapl_root,
-    )
-    target = EnergyTarget.of(meter, device, cfg.energy_source)
+    meter, own_meter, target = meter_for(cfg, device, meter)
     reporter = ProgressReporter.from_env()
     display = ProgressDisplay(
         cfg.requests, label="infer", stream=out, tty=tty, interval_s=cfg.log_interval_s

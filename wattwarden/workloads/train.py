@@ -34,7 +34,7 @@ from wattwarden.workloads.common import (
     WorkloadConfig,
     autocast,
     check_positive,
-    open_meter,
+    meter_for,
     resolve_device,
     rng_state,
     seed_everything,
@@ -197,15 +197,7 @@ def run_train(
             resumed_from = str(path)
     model.train()
 
-    own_meter = meter is None
-    meter = meter or open_meter(
-        gpu=cfg.gpu,
-        source=cfg.energy_source,
-        agent_url=cfg.agent_url,
-        device=device,
-        rapl_root=cfg.rapl_root,
-    )
-    target = EnergyTarget.of(meter, device, cfg.energy_source)
+    meter, own_meter, target = meter_for(cfg, device, meter)
     reporter = ProgressReporter.from_env()
     display = ProgressDisplay(
         cfg.steps, label="train", stream=out, tty=tty, interval_s=cfg.log_interval_s
