@@ -155,10 +155,12 @@ def main() -> int:
     print(table(headers, rows))
 
     path = ROOT / "benchmarks" / "results" / "mutation.json"
-    previous = json.loads(path.read_text()).get("modules", {}) if path.exists() else {}
+    last = json.loads(path.read_text()) if path.exists() else {}
+    previous, previous_runs = last.get("modules", {}), last.get("elapsed_s_by_run", {})
     payload = {
         "tool": "mutmut",
-        "elapsed_s": elapsed,
+        "max_children": args.max_children,
+        "elapsed_s_by_run": {**previous_runs, **({args.only or "all": elapsed} if elapsed else {})},
         "modules": {**previous, **modules},
     }
     print(f"wrote {write_result('mutation', payload)}")
