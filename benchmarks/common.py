@@ -122,13 +122,23 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
         **payload,
     }
     path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps(doc, indent=2, sort_keys=False, default=_json_default) + "\n")
+    text = json.dumps(_finite(doc), indent=2, default=_json_default, allow_nan=False)
+    path.write_text(text + "\n")
     return path
 
 
-def _json_default(value: object) -> object:
-    if isinstance(value, float) and math.isnan(value):
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null: they are not JSON, and strict readers refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_default(value: object) -> object:
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
