@@ -259,15 +259,17 @@ class AgentClient:
             body["utilization"] = utilization
         return self._expect("POST", "/api/v1/jobs", body, auth=True)
 
-    def unregister_job(self, name: str) -> bool:
-        """``DELETE /api/v1/jobs/{name}``; False when the agent did not know it."""
+    def unregister_job(self, name: str) -> dict[str, Any] | None:
+        """``DELETE /api/v1/jobs/{name}``: the job's final record, or None if unknown (404)."""
         status, data = self.request("DELETE", f"/api/v1/jobs/{quote(name, safe='')}", auth=True)
         if status == 404:
-            return False
+            return None
         if status >= 400:
             message = data.get("error") if isinstance(data, dict) else data
-            raise AgentError(f"agent at {self.url} refused DELETE job {name}: {status} {message}")
-        return True
+            raise AgentError(
+                f"agent at {self.url} refused DELETE job {name}: {status} {message}", status
+            )
+        return data if isinstance(data, dict) else None
 
     def post_progress(self, name: str, step: int, samples: int, tokens: int) -> None:
         """``POST /api/v1/jobs/{name}/progress``."""

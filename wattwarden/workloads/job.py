@@ -30,7 +30,6 @@ import time
 from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import Any, TextIO
-from urllib.parse import quote
 
 from wattwarden.workloads.agent_client import (
     ENV_AGENT_URL,
@@ -160,19 +159,14 @@ class JobSupervisor:
         if not self._registered:
             return None
         self._registered = False
-        path = f"/api/v1/jobs/{quote(self.name, safe='')}"
         try:
-            status, data = self.client.request("DELETE", path, auth=True)
-            if status == 404:  # already ended there (reaped): its finished record, if kept
-                data = self.client.job(self.name)
-            elif status >= 400:
-                message = data.get("error") if isinstance(data, dict) else data
-                self._say(f"could not unregister job {self.name}: {status} {message}")
-                return None
+            record = self.client.unregister_job(self.name)
+            if record is None:  # already ended there (reaped): its finished record, if kept
+                record = self.client.job(self.name)
         except AgentError as e:
             self._say(f"could not unregister job {self.name}: {e}")
             return None
-        return data if isinstance(data, dict) else None
+        return record
 
     def _summary(self, code: int, record: dict[str, Any] | None) -> None:
         """What the job cost, on stderr."""
