@@ -168,3 +168,26 @@ def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
         for s in family.samples:
             out.setdefault(s.name, []).append((dict(s.labels), s.value))
     return out
+
+
+def gauge(url: str, name: str, gpu: str) -> float | None:
+    """One GPU's value of a metric, scraped from the agent at ``url`` now (None if absent)."""
+    metrics = parse_metrics(http_get(url + "/metrics")[1].decode())
+    values = [v for labels, v in metrics.get(name, []) if labels.get("gpu") == gpu]
+    return values[0] if values else None
+
+
+def sim_limits(state_dir: Path) -> list[float]:
+    """The power limits the simulated driver holds, from its saved state in the state dir."""
+    data = json.loads((state_dir / "sim" / "driver-state.json").read_text())
+    return [g["power_limit_w"] for g in data["gpus"]]
+
+
+def crash_with_a_cap(state_dir: Path, *, gpu: int = 1, watts: float = 250) -> None:
+    """Run an agent on 2 simulated GPUs with --apply, cap ``gpu``, and kill it with SIGKILL."""
+    with run_agent(state_dir, "--sim", "2", "--apply") as agent:
+        status, _ = http_json(
+            agent.url + "/api/v1/power-limits", {"gpu": gpu, "watts": watts}, token=agent.token
+        )
+        assert status == 200
+        agent.stop(signal.SIGKILL)

@@ -20,7 +20,15 @@ from typing import Any
 
 import bcrypt
 import pytest
-from helpers import http_get, http_json, parse_metrics, run_agent, wait_for
+from helpers import (
+    crash_with_a_cap,
+    gauge,
+    http_get,
+    http_json,
+    run_agent,
+    sim_limits,
+    wait_for,
+)
 from starlette.applications import Starlette
 from starlette.routing import Route
 
@@ -44,12 +52,6 @@ from wattwarden.config import AgentConfig
 from wattwarden.hardware.errors import HardwareError, InvalidArgument
 from wattwarden.hardware.nvml import uninstall_fake_nvml
 from wattwarden.policies.actuator import LimitChange, RateLimited
-
-
-def gauge(url: str, name: str, gpu: str) -> float | None:
-    metrics = parse_metrics(http_get(url + "/metrics")[1].decode())
-    values = [v for labels, v in metrics.get(name, []) if labels.get("gpu") == gpu]
-    return values[0] if values else None
 
 
 def test_agent_serves_health_state_history_and_metrics(tmp_path: Path) -> None:
@@ -113,11 +115,6 @@ def test_power_limit_changes_are_refused_in_dry_run(tmp_path: Path) -> None:
         assert status == 409 and "dry-run" in err["error"]
 
 
-def sim_limits(state_dir: Path) -> list[float]:
-    data = json.loads((state_dir / "sim" / "driver-state.json").read_text())
-    return [g["power_limit_w"] for g in data["gpus"]]
-
-
 def test_apply_sets_limits_in_range_and_restores_them_on_sigterm(tmp_path: Path) -> None:
     state = tmp_path / "state"
     with run_agent(state, "--sim", "2", "--apply") as agent:
@@ -135,12 +132,7 @@ def test_apply_sets_limits_in_range_and_restores_them_on_sigterm(tmp_path: Path)
 
 def test_limits_left_by_a_crashed_agent_are_restored_at_the_next_start(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    with run_agent(state, "--sim", "2", "--apply") as agent:
-        status, _ = http_json(
-            agent.url + "/api/v1/power-limits", {"gpu": 1, "watts": 250}, token=agent.token
-        )
-        assert status == 200
-        agent.stop(signal.SIGKILL)
+    crash_with_a_cap(state)
     assert sim_limits(state)[1] == 250.0  # crashed with the GPU capped
     with run_agent(state, "--sim", "2") as agent:
         assert gauge(agent.url, "gpu_power_limit_watts", "1") == 700.0

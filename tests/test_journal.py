@@ -6,7 +6,6 @@ import datetime
 import logging
 import re
 import shutil
-import signal
 import sqlite3
 import struct
 import tempfile
@@ -15,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from helpers import http_get, http_json, parse_metrics, run_agent, wait_for
+from helpers import crash_with_a_cap, gauge, run_agent, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -186,20 +185,9 @@ def test_a_damaged_wal_restores_every_gpu_to_its_default(
     assert list(crashed.glob(f"{JOURNAL}.damaged-*-wal"))
 
 
-def gauge(url: str, name: str, gpu: str) -> float | None:
-    metrics = parse_metrics(http_get(url + "/metrics")[1].decode())
-    values = [v for labels, v in metrics.get(name, []) if labels.get("gpu") == gpu]
-    return values[0] if values else None
-
-
 def test_agent_with_a_garbage_journal_starts_says_so_and_uncaps_every_gpu(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    with run_agent(state, "--sim", "2", "--apply") as agent:
-        status, _ = http_json(
-            agent.url + "/api/v1/power-limits", {"gpu": 1, "watts": 250}, token=agent.token
-        )
-        assert status == 200
-        agent.stop(signal.SIGKILL)
+    crash_with_a_cap(state)
     (state / JOURNAL).write_bytes(b"this is not a database\n" * 100)
     with run_agent(state, "--sim", "2") as agent:
         wait_for(lambda: gauge(agent.url, "gpu_power_limit_watts", "1") == 700.0, timeout_s=10)

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import free_port, http_get, http_json, run_agent
-
-
-def sim_limits(state_dir: Path) -> list[float]:
-    data = json.loads((state_dir / "sim" / "driver-state.json").read_text())
-    return [g["power_limit_w"] for g in data["gpus"]]
+from helpers import free_port, http_get, http_json, run_agent, sim_limits
 
 
 def test_second_agent_on_the_same_state_dir_exits_2_and_the_first_keeps_running(
