@@ -6,10 +6,12 @@ implement :class:`GpuBackend`; everything above the hardware layer uses only the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntFlag
 from typing import Protocol
+
+from wattwarden.hardware.errors import NotSupported
 
 
 class ClockEvent(IntFlag):
@@ -162,3 +164,15 @@ class GpuBackend(Protocol):
     def close(self) -> None:
         """Release the driver."""
         ...
+
+
+def enforced_or_requested(read_enforced_w: Callable[[], float], requested_mw: int) -> float:
+    """After a set: the enforced limit read back, in W, else the requested one.
+
+    Where the driver cannot report the enforced limit the set still went through: saying it
+    failed would hide a cap that is in place.
+    """
+    try:
+        return read_enforced_w()
+    except NotSupported:
+        return requested_mw / 1000.0

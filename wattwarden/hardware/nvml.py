@@ -21,7 +21,14 @@ from typing import Any, TypeVar
 
 import pynvml  # noqa: TID251 - this module is the one chokepoint for pynvml
 
-from wattwarden.hardware.device import GpuInfo, GpuReading, PowerReading, ProcessUsage, XidEvent
+from wattwarden.hardware.device import (
+    GpuInfo,
+    GpuReading,
+    PowerReading,
+    ProcessUsage,
+    XidEvent,
+    enforced_or_requested,
+)
 from wattwarden.hardware.errors import (
     GpuLost,
     HardwareError,
@@ -396,10 +403,7 @@ class NvmlGpu:
             self._handle,
             milliwatts,
         )
-        try:
-            return self.read_power_limit_w()
-        except NotSupported:
-            return milliwatts / 1000.0
+        return enforced_or_requested(self.read_power_limit_w, milliwatts)
 
 
 class NvmlBackend:

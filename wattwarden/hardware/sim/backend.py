@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from wattwarden.hardware.device import GpuInfo, GpuReading, PowerReading, ProcessUsage, XidEvent
+from wattwarden.hardware.device import (
+    GpuInfo,
+    GpuReading,
+    PowerReading,
+    ProcessUsage,
+    XidEvent,
+    enforced_or_requested,
+)
 from wattwarden.hardware.errors import NotSupported
 from wattwarden.hardware.sim.fleet import DRIVER_VERSION, SimFleet
 from wattwarden.hardware.sim.gpu import SimGpu
@@ -107,10 +114,7 @@ class SimDevice:
         """Set the limit and read back the enforced one (the requested one if unreadable)."""
         milliwatts = round(watts * 1000)
         self._gpu.set_power_limit_mw(milliwatts)
-        try:
-            return self.read_power_limit_w()
-        except NotSupported:
-            return milliwatts / 1000.0
+        return enforced_or_requested(self.read_power_limit_w, milliwatts)
 
 
 class SimBackend:
