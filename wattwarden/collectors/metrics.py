@@ -12,7 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
+
+from wattwarden.hardware.device import CLOCK_EVENT_LABELS, ClockEvent, GpuReading
+
+if TYPE_CHECKING:  # hints only, so that the store and samples may import this module
+    from wattwarden.collectors.samples import GpuSample
+    from wattwarden.collectors.store import GpuView
 
 S = TypeVar("S")
 
@@ -80,3 +86,254 @@ def json_values(spec: MetricSpec[S], subject: S) -> Iterator[tuple[str, float | 
     else:
         for labels, key in spec.json.items():
             yield key, found.get(labels)
+
+
+# ------------------------------------------------------------------------------------ GPU table
+HW_STATES = ("ok", "degraded", "failed", "predicted_failure")
+"""The ``hw.state`` values of the OpenTelemetry ``hw.status`` instrument, in export order."""
+_DEGRADED_EVENTS = (
+    ClockEvent.HW_SLOWDOWN
+    | ClockEvent.SW_THERMAL
+    | ClockEvent.HW_THERMAL
+    | ClockEvent.HW_POWER_BRAKE
+)
+
+
+def gpu_state(s: GpuSample) -> str:
+    """The ``hw.state`` of a GPU: failed (lost), degraded (slowed by hardware/heat), else ok."""
+    if not s.up:
+        return "failed"
+    mask = s.reading.clock_event_mask if s.reading is not None else None
+    if mask and mask & _DEGRADED_EVENTS:
+        return "degraded"
+    return "ok"
+
+
+def _live(fn: Callable[[GpuView, GpuReading], Series]) -> Callable[[GpuView], Series]:
+    """A read of a reachable GPU's current values: a lost GPU's (stale) reading gives nothing."""
+
+    def read(view: GpuView) -> Series:
+        r = view.sample.reading
+        if r is None or not view.sample.up:
+            return ()
+        return fn(view, r)
+
+    return read
+
+
+def _reading(fn: Callable[[GpuReading], float | None]) -> Callable[[GpuView], Series]:
+    """A single series read from a reachable GPU's reading."""
+    return _live(lambda _view, r: (((), fn(r)),))
+
+
+def _status(view: GpuView) -> Series:
+    state = gpu_state(view.sample)
+    return (((s,), 1 if s == state else 0) for s in HW_STATES)
+
+
+def _memory_limit(view: GpuView) -> Series:
+    r = view.sample.reading
+    total = r.memory_total_bytes if r is not None else None
+    return (((), view.sample.info.memory_total_bytes if total is None else total),)
+
+
+def _clock_events_active(_view: GpuView, r: GpuReading) -> Series:
+    mask = r.clock_event_mask
+    if mask is None:
+        return ()
+    return (((label,), 1.0 if mask & bit else 0.0) for bit, label in CLOCK_EVENT_LABELS)
+
+
+GPU_METRICS: tuple[MetricSpec[GpuView], ...] = (
+    MetricSpec(
+        "gpu_up",
+        "gauge",
+        "1 if the GPU answers, 0 if it is lost (fell off the bus).",
+        one(lambda v: 1.0 if v.sample.up else 0.0),
+        otel=OtelSpec(
+            "hw.status",
+            "updowncounter",
+            "1",
+            "Operational status: 1 for the GPU's current hw.state, 0 for the others.",
+            attrs=("hw.state",),
+            read=_status,
+        ),
+    ),
+    MetricSpec(
+        "gpu_info",
+        "gauge",
+        "GPU identity; always 1.",
+        lambda v: (
+            ((v.sample.info.name, v.sample.info.pci_bus_id, v.sample.info.driver_version), 1.0),
+        ),
+        labels=("name", "pci_bus_id", "driver_version"),
+    ),
+    MetricSpec(
+        "gpu_power_watts",
+        "gauge",
+        "Mean power over the export window (sub-second samples).",
+        _live(lambda v, _r: (((), v.power_mean_w),)),
+        otel=OtelSpec(
+            "hw.power",
+            "gauge",
+            "W",
+            "Power drawn by the GPU (mean over the agent's export window).",
+        ),
+        json="power_watts",
+    ),
+    MetricSpec(
+        "gpu_power_peak_watts",
+        "gauge",
+        "Peak power over the export window.",
+        _live(lambda v, _r: (((), v.power_peak_w),)),
+        json="power_peak_watts",
+    ),
+    MetricSpec(
+        "gpu_energy_joules",
+        "counter",
+        "Energy used by the GPU (hardware counter where supported, else integrated power).",
+        one(lambda v: v.sample.energy_j),
+        otel=OtelSpec("hw.energy", "counter", "J", "Energy consumed by the GPU."),
+        json="energy_joules",
+    ),
+    MetricSpec(
+        "gpu_power_limit_watts",
+        "gauge",
+        "Enforced power limit.",
+        _reading(lambda r: r.power_limit_w),
+        json="power_limit_watts",
+    ),
+    MetricSpec(
+        "gpu_power_limit_default_watts",
+        "gauge",
+        "Default power limit.",
+        one(lambda v: v.sample.info.power_limit_default_w),
+        json="power_limit_default_watts",
+    ),
+    MetricSpec(
+        "gpu_power_limit_min_watts",
+        "gauge",
+        "Lowest settable power limit.",
+        one(lambda v: v.sample.info.power_limit_min_w),
+        json="power_limit_min_watts",
+    ),
+    MetricSpec(
+        "gpu_power_limit_max_watts",
+        "gauge",
+        "Highest settable power limit.",
+        one(lambda v: v.sample.info.power_limit_max_w),
+        json="power_limit_max_watts",
+    ),
+    MetricSpec(
+        "gpu_temperature_celsius",
+        "gauge",
+        "Temperature.",
+        _live(
+            lambda _v, r: ((("gpu",), r.temperature_gpu_c), (("memory",), r.temperature_memory_c))
+        ),
+        labels=("sensor",),
+        otel=OtelSpec(
+            "hw.temperature",
+            "gauge",
+            "Cel",
+            "Temperature of a GPU sensor.",
+            attrs=("hw.sensor_location",),
+        ),
+        json={("gpu",): "temperature_celsius", ("memory",): "memory_temperature_celsius"},
+    ),
+    MetricSpec(
+        "gpu_utilization_ratio",
+        "gauge",
+        "Fraction of time a kernel ran.",
+        _reading(lambda r: r.utilization_gpu_ratio),
+        otel=OtelSpec(
+            "hw.gpu.utilization",
+            "gauge",
+            "1",
+            "Fraction of time the GPU ran a kernel.",
+            const=(("hw.gpu.task", "general"),),
+        ),
+        json="utilization_ratio",
+    ),
+    MetricSpec(
+        "gpu_memory_utilization_ratio",
+        "gauge",
+        "Fraction of time device memory was read or written.",
+        _reading(lambda r: r.utilization_memory_ratio),
+        json="memory_utilization_ratio",
+    ),
+    MetricSpec(
+        "gpu_memory_used_bytes",
+        "gauge",
+        "Device memory in use.",
+        _reading(lambda r: r.memory_used_bytes),
+        otel=OtelSpec("hw.gpu.memory.usage", "updowncounter", "By", "GPU memory used."),
+        json="memory_used_bytes",
+    ),
+    MetricSpec(
+        "gpu_memory_total_bytes",
+        "gauge",
+        "Device memory in total.",
+        _reading(lambda r: r.memory_total_bytes),
+        # the size does not change: OpenTelemetry keeps it for a lost GPU, from its identity
+        otel=OtelSpec(
+            "hw.gpu.memory.limit",
+            "updowncounter",
+            "By",
+            "Size of the GPU memory.",
+            read=_memory_limit,
+        ),
+        json="memory_total_bytes",
+    ),
+    MetricSpec(
+        "gpu_clock_hertz",
+        "gauge",
+        "Current clock.",
+        _live(lambda _v, r: ((("sm",), r.clock_sm_hz), (("memory",), r.clock_memory_hz))),
+        labels=("clock",),
+        json={("sm",): "clock_sm_hertz", ("memory",): "clock_memory_hertz"},
+    ),
+    MetricSpec(
+        "gpu_clock_event_active",
+        "gauge",
+        "1 while the clock-event (throttle) reason is active.",
+        _live(_clock_events_active),
+        labels=("reason",),
+    ),
+    MetricSpec(
+        "gpu_clock_event_seconds",
+        "counter",
+        "Time the clock-event (throttle) reason was active.",
+        lambda v: (((label,), s) for label, s in v.sample.clock_event_seconds.items()),
+        labels=("reason",),
+    ),
+    MetricSpec(
+        "gpu_xid_errors",
+        "counter",
+        "XID errors reported.",
+        lambda v: (((str(xid),), n) for xid, n in sorted(v.sample.xid_counts.items())),
+        labels=("xid",),
+        otel=OtelSpec(
+            "hw.errors",
+            "counter",
+            "{error}",
+            "XID errors the driver reported for the GPU (error.type is the XID).",
+            attrs=("error.type",),
+        ),
+    ),
+    MetricSpec(
+        "gpu_process_memory_used_bytes",
+        "gauge",
+        "Device memory used by a process.",
+        _live(lambda _v, r: (((str(p.pid),), p.memory_used_bytes) for p in r.processes)),
+        labels=("pid",),
+    ),
+    MetricSpec(
+        "gpu_process_utilization_ratio",
+        "gauge",
+        "SM utilization of a process.",
+        _live(lambda _v, r: (((str(p.pid),), p.sm_utilization_ratio) for p in r.processes)),
+        labels=("pid",),
+    ),
+)
+"""Every GPU metric. A GPU's own labels (``gpu``, ``uuid``) come first, then the row's."""
