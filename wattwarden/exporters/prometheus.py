@@ -6,8 +6,7 @@ Names and labels follow the metrics contract in DESIGN.md; units are base units 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -15,14 +14,29 @@ from prometheus_client.exposition import choose_encoder
 
 from wattwarden import __version__
 from wattwarden.collectors.jobs import JobRegistry
+from wattwarden.collectors.metrics import GPU_METRICS, MetricSpec, S, one, values
 from wattwarden.collectors.store import GpuView, MetricStore, StoreSnapshot
-from wattwarden.hardware.device import CLOCK_EVENT_LABELS
 
 GPU_LABELS = ["gpu", "uuid"]
 
 
-def _ok(value: float | None) -> bool:
-    return value is not None and not math.isnan(value)
+def table_families(
+    specs: Iterable[MetricSpec[S]],
+    own_labels: Sequence[str],
+    subjects: Sequence[tuple[Sequence[str], S]],
+) -> Iterator[Metric]:
+    """One family per row of a metric table, in table order, over every subject.
+
+    ``subjects`` pairs each subject with its own label values (``own_labels``: e.g. a GPU's
+    ``gpu`` and ``uuid``), which come before the row's labels. Missing and NaN values are skipped.
+    """
+    for spec in specs:
+        kind = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
+        family = kind(spec.name, spec.help, labels=[*own_labels, *spec.labels])
+        for lv, subject in subjects:
+            for labels, value in values(spec.read, subject):
+                family.add_metric([*lv, *labels], value)
+        yield family
 
 
 class StoreCollector:
@@ -53,141 +67,8 @@ class StoreCollector:
             yield from self._extra(snap)
 
     def _gpu_families(self, gpus: tuple[GpuView, ...]) -> Iterator[Metric]:
-        g = GaugeMetricFamily
-        up = g(
-            "gpu_up", "1 if the GPU answers, 0 if it is lost (fell off the bus).", labels=GPU_LABELS
-        )
-        info = g(
-            "gpu_info",
-            "GPU identity; always 1.",
-            labels=[*GPU_LABELS, "name", "pci_bus_id", "driver_version"],
-        )
-        power = g(
-            "gpu_power_watts",
-            "Mean power over the export window (sub-second samples).",
-            labels=GPU_LABELS,
-        )
-        peak = g("gpu_power_peak_watts", "Peak power over the export window.", labels=GPU_LABELS)
-        energy = CounterMetricFamily(
-            "gpu_energy_joules",
-            "Energy used by the GPU (hardware counter where supported, else integrated power).",
-            labels=GPU_LABELS,
-        )
-        limit = g("gpu_power_limit_watts", "Enforced power limit.", labels=GPU_LABELS)
-        limit_default = g(
-            "gpu_power_limit_default_watts", "Default power limit.", labels=GPU_LABELS
-        )
-        limit_min = g(
-            "gpu_power_limit_min_watts", "Lowest settable power limit.", labels=GPU_LABELS
-        )
-        limit_max = g(
-            "gpu_power_limit_max_watts", "Highest settable power limit.", labels=GPU_LABELS
-        )
-        temp = g("gpu_temperature_celsius", "Temperature.", labels=[*GPU_LABELS, "sensor"])
-        util = g("gpu_utilization_ratio", "Fraction of time a kernel ran.", labels=GPU_LABELS)
-        mem_util = g(
-            "gpu_memory_utilization_ratio",
-            "Fraction of time device memory was read or written.",
-            labels=GPU_LABELS,
-        )
-        mem_used = g("gpu_memory_used_bytes", "Device memory in use.", labels=GPU_LABELS)
-        mem_total = g("gpu_memory_total_bytes", "Device memory in total.", labels=GPU_LABELS)
-        clock = g("gpu_clock_hertz", "Current clock.", labels=[*GPU_LABELS, "clock"])
-        event_active = g(
-            "gpu_clock_event_active",
-            "1 while the clock-event (throttle) reason is active.",
-            labels=[*GPU_LABELS, "reason"],
-        )
-        event_seconds = CounterMetricFamily(
-            "gpu_clock_event_seconds",
-            "Time the clock-event (throttle) reason was active.",
-            labels=[*GPU_LABELS, "reason"],
-        )
-        xid = CounterMetricFamily(
-            "gpu_xid_errors", "XID errors reported.", labels=[*GPU_LABELS, "xid"]
-        )
-        proc_mem = g(
-            "gpu_process_memory_used_bytes",
-            "Device memory used by a process.",
-            labels=[*GPU_LABELS, "pid"],
-        )
-        proc_util = g(
-            "gpu_process_utilization_ratio",
-            "SM utilization of a process.",
-            labels=[*GPU_LABELS, "pid"],
-        )
-        for view in gpus:
-            s = view.sample
-            i = s.info
-            lv = [str(i.index), i.uuid]
-            up.add_metric(lv, 1.0 if s.up else 0.0)
-            info.add_metric([*lv, i.name, i.pci_bus_id, i.driver_version], 1.0)
-            energy.add_metric(lv, s.energy_j)
-            for label, seconds in s.clock_event_seconds.items():
-                event_seconds.add_metric([*lv, label], seconds)
-            for code, count in sorted(s.xid_counts.items()):
-                xid.add_metric([*lv, str(code)], count)
-            for gauge, value in (
-                (limit_default, i.power_limit_default_w),
-                (limit_min, i.power_limit_min_w),
-                (limit_max, i.power_limit_max_w),
-            ):
-                if _ok(value):
-                    gauge.add_metric(lv, value)  # type: ignore[arg-type]
-            r = s.reading
-            if r is None or not s.up:
-                continue  # a lost GPU keeps gpu_up 0, its identity and counters; no stale gauges
-            if _ok(view.power_mean_w):
-                power.add_metric(lv, view.power_mean_w)  # type: ignore[arg-type]
-            if _ok(view.power_peak_w):
-                peak.add_metric(lv, view.power_peak_w)  # type: ignore[arg-type]
-            for gauge, value in (
-                (limit, r.power_limit_w),
-                (util, r.utilization_gpu_ratio),
-                (mem_util, r.utilization_memory_ratio),
-                (mem_used, r.memory_used_bytes),
-                (mem_total, r.memory_total_bytes),
-            ):
-                if _ok(value):
-                    gauge.add_metric(lv, value)  # type: ignore[arg-type]
-            if _ok(r.temperature_gpu_c):
-                temp.add_metric([*lv, "gpu"], r.temperature_gpu_c)  # type: ignore[arg-type]
-            if _ok(r.temperature_memory_c):
-                temp.add_metric([*lv, "memory"], r.temperature_memory_c)  # type: ignore[arg-type]
-            if _ok(r.clock_sm_hz):
-                clock.add_metric([*lv, "sm"], r.clock_sm_hz)  # type: ignore[arg-type]
-            if _ok(r.clock_memory_hz):
-                clock.add_metric([*lv, "memory"], r.clock_memory_hz)  # type: ignore[arg-type]
-            if r.clock_event_mask is not None:
-                for bit, label in CLOCK_EVENT_LABELS:
-                    event_active.add_metric([*lv, label], 1.0 if r.clock_event_mask & bit else 0.0)
-            for p in r.processes:
-                if p.memory_used_bytes is not None:
-                    proc_mem.add_metric([*lv, str(p.pid)], p.memory_used_bytes)
-                if p.sm_utilization_ratio is not None:
-                    proc_util.add_metric([*lv, str(p.pid)], p.sm_utilization_ratio)
-        yield from (
-            up,
-            info,
-            power,
-            peak,
-            energy,
-            limit,
-            limit_default,
-            limit_min,
-            limit_max,
-            temp,
-            util,
-            mem_util,
-            mem_used,
-            mem_total,
-            clock,
-            event_active,
-            event_seconds,
-            xid,
-            proc_mem,
-            proc_util,
-        )
+        subjects = [((str(v.sample.info.index), v.sample.info.uuid), v) for v in gpus]
+        return table_families(GPU_METRICS, GPU_LABELS, subjects)
 
     def _host_families(self, snap: StoreSnapshot) -> Iterator[Metric]:
         if snap.host is not None:
@@ -214,8 +95,8 @@ class StoreCollector:
             )
             for r in snap.rapl:
                 energy.add_metric([r.domain], r.energy_j)
-                if _ok(r.power_w):
-                    power.add_metric([r.domain], r.power_w)  # type: ignore[arg-type]
+                for _, watts in values(one(lambda sample: sample.power_w), r):
+                    power.add_metric([r.domain], watts)
             yield energy
             yield power
 
