@@ -1,4 +1,7 @@
-"""Pieces the training and inference workloads share: device, precision, RNG state, the meter."""
+"""Settings and torch helpers train and infer share: config checks, device, precision, RNG state.
+
+The frame they run in (meter, progress, report) is :mod:`wattwarden.workloads.runner`.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +15,8 @@ from typing import Any
 
 import torch
 
-from wattwarden.collectors.rapl import DEFAULT_ROOT as RAPL_ROOT
 from wattwarden.config import ConfigError
-from wattwarden.workloads.meter import (
-    SOURCES,
-    EnergyMeter,
-    EnergySourceError,
-    Measurement,
-    visible_gpu,
-)
+from wattwarden.workloads.energy_sources import SOURCES
 from wattwarden.workloads.model import SIZES
 
 DEVICES = ("cpu", "cuda")
@@ -111,107 +107,6 @@ def autocast(device: torch.device) -> Iterator[None]:
             yield
     else:
         yield
-
-
-def open_meter(
-    *,
-    gpu: int | None,
-    source: str,
-    agent_url: str | None,
-    device: torch.device,
-    rapl_root: Path | None = None,
-) -> EnergyMeter:
-    """An EnergyMeter on the device that does the work.
-
-    On CUDA: the workload's GPU (``--gpu``, else ``CUDA_VISIBLE_DEVICES``) from ``source``, and
-    the host's RAPL counters beside it. On the CPU: RAPL only (``source`` ``none``: nothing);
-    never a GPU, which a CPU run does not use.
-    """
-    check_energy_source(source, device.type)
-    root = RAPL_ROOT if rapl_root is None else rapl_root
-    if device.type != "cuda":
-        return EnergyMeter(gpus=[], source="none", host=source != "none", rapl_root=root)
-    index = visible_gpu() if gpu is None else gpu
-    if index < 0:
-        raise ConfigError(f"--gpu must be a GPU index (0 or more), got {index}")
-    try:
-        return EnergyMeter(
-            gpus=[index],
-            source=source,
-            agent_url=agent_url,
-            sync=torch.cuda.synchronize,
-            rapl_root=root,
-        )
-    except EnergySourceError as e:
-        raise ConfigError(f"--energy-source {source}: {e}") from e
-
-
-def meter_for(
-    cfg: WorkloadConfig, device: torch.device, meter: EnergyMeter | None
-) -> tuple[EnergyMeter, bool, EnergyTarget]:
-    """The meter a workload reports from (the one given, else its own), and what it measures.
-
-    Returns (meter, whether the workload opened it and so closes it, its target).
-    """
-    own = meter is None
-    if meter is None:
-        meter = open_meter(
-            gpu=cfg.gpu,
-            source=cfg.energy_source,
-            agent_url=cfg.agent_url,
-            device=device,
-            rapl_root=cfg.rapl_root,
-        )
-    return meter, own, EnergyTarget.of(meter, device, cfg.energy_source)
-
-
-@dataclass(frozen=True, slots=True)
-class EnergyTarget:
-    """Whose energy a workload reports: the device that did the work, and where it is read.
-
-    ``device`` is ``cpu`` (CPU packages, from RAPL) or ``gpu`` (the measured GPUs); ``source``
-    is ``rapl``, ``nvml``, ``agent`` or ``none`` (not measured, for ``reason``).
-    """
-
-    device: str
-    source: str
-    reason: str = ""
-
-    @classmethod
-    def of(cls, meter: EnergyMeter, device: torch.device, requested: str) -> EnergyTarget:
-        """The target of ``meter`` on ``device`` (a meter given on GPUs measures those)."""
-        if device.type == "cuda" or meter.gpus:
-            if meter.source != "none":
-                return cls("gpu", meter.source)
-            why = "--energy-source none" if requested == "none" else "no NVML and no agent"
-            return cls("gpu", "none", why)
-        if meter.rapl_readable:
-            return cls("cpu", "rapl")
-        return cls("cpu", "none", "--energy-source none" if requested == "none" else "no RAPL")
-
-    @property
-    def measured(self) -> bool:
-        """Whether energy is measured at all."""
-        return self.source != "none"
-
-    def energy_j(self, m: Measurement) -> float | None:
-        """The target's energy in one measurement window, or None."""
-        if not self.measured:
-            return None
-        return m.gpu_total_j if self.device == "gpu" else m.cpu_energy_j
-
-    @property
-    def label(self) -> str:
-        """What the figure is, for a summary line: ``CPU (RAPL) energy``, ``GPU energy (nvml)``."""
-        return "CPU (RAPL) energy" if self.device == "cpu" else f"GPU energy ({self.source})"
-
-    def describe(self, energy_j: float | None) -> str:
-        """``12.3 J CPU (RAPL) energy``, or ``energy: not measured (no RAPL)``."""
-        if not self.measured:
-            return f"energy: not measured ({self.reason})"
-        if energy_j is None:
-            return f"{self.label}: not measured (a read failed)"
-        return f"{energy_j:.1f} J {self.label}"
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

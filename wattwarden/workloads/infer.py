@@ -7,9 +7,7 @@ initialised from the seed, or loaded from the newest training checkpoint in ``ch
 
 from __future__ import annotations
 
-import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,27 +15,13 @@ from typing import Any, TextIO
 
 import torch
 
-from wattwarden import __version__
 from wattwarden.config import ConfigError
 from wattwarden.workloads.checkpoint import CheckpointError, load_latest
-from wattwarden.workloads.common import (
-    WorkloadConfig,
-    autocast,
-    check_positive,
-    meter_for,
-    resolve_device,
-    seed_everything,
-)
+from wattwarden.workloads.common import WorkloadConfig, autocast, check_positive
 from wattwarden.workloads.meter import EnergyMeter
-from wattwarden.workloads.model import SIZES, SyntheticTokens, TinyLM
-from wattwarden.workloads.report import (
-    ProgressDisplay,
-    ProgressReporter,
-    fmt,
-    percentile,
-    ratio,
-    write_json_atomic,
-)
+from wattwarden.workloads.model import SyntheticTokens, TinyLM
+from wattwarden.workloads.report import fmt, percentile, ratio, total
+from wattwarden.workloads.runner import WorkloadRun, build_model
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,68 +111,48 @@ def run_infer(
     ``meter`` measures instead of one opened for ``cfg.device`` (a meter on GPUs reports theirs).
     """
     cfg.validate()
-    stop = stop or threading.Event()
-    out = sys.stderr if stream is None else stream
-    device = resolve_device(cfg.device)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    size = SIZES[cfg.size]
-    seed_everything(cfg.seed)
-    model = TinyLM(size).to(device)
+    device, model = build_model(cfg)
     loaded_from = _load_weights(model, cfg, device)
     model.eval()
-    prompts = SyntheticTokens(size.vocab_size, cfg.prompt_len - 1, cfg.batch_size, cfg.seed)
+    prompts = SyntheticTokens(model.size.vocab_size, cfg.prompt_len - 1, cfg.batch_size, cfg.seed)
     tokens_per_request = cfg.batch_size * cfg.new_tokens
 
-    meter, own_meter, target = meter_for(cfg, device, meter)
-    reporter = ProgressReporter.from_env()
-    display = ProgressDisplay(
-        cfg.requests, label="infer", stream=out, tty=tty, interval_s=cfg.log_interval_s
-    )
     records: list[RequestRecord] = []
-    wall_start = time.time()
-    try:
+    with WorkloadRun(
+        cfg, "infer", cfg.requests, device, model, meter=meter, stop=stop, stream=stream, tty=tty
+    ) as run:
         for _ in range(cfg.warmup):
             with autocast(device):
                 generate(model, prompts.next_batch().to(device), cfg.new_tokens)
-        meter.begin_window("run")
-        meter.begin_window("request")
-        while len(records) < cfg.requests and not stop.is_set():
+        run.meter.begin_window("run")
+        run.meter.begin_window("request")
+        while len(records) < cfg.requests and not run.stop.is_set():
             batch = prompts.next_batch().to(device, non_blocking=True)
             with autocast(device):
                 generate(model, batch, cfg.new_tokens)
-            m = meter.lap("request")
+            m = run.meter.lap("request")
             n = len(records) + 1
             rec = RequestRecord(
-                n, m.elapsed_s, tokens_per_request, target.energy_j(m), m.host_total_j
+                n, m.elapsed_s, tokens_per_request, run.target.energy_j(m), m.host_total_j
             )
             records.append(rec)
             if on_request is not None:
                 on_request(rec)
-            if reporter is not None:
-                reporter.update(n, n * cfg.batch_size, n * tokens_per_request)
-            display.update(
+            run.progress(
                 n,
-                f"{rec.latency_s * 1000:.1f} ms  {fmt(rec.energy_j, ' J/req', 3)}  "
+                samples=n * cfg.batch_size,
+                tokens=n * tokens_per_request,
+                text=f"{rec.latency_s * 1000:.1f} ms  {fmt(rec.energy_j, ' J/req', 3)}  "
                 f"{fmt(ratio(rec.tokens, rec.energy_j), ' tok/J', 1)}",
             )
-        run = meter.end_window("run")
-        meter.cancel_window("request")
-    finally:
-        display.close()
-        if reporter is not None:
-            reporter.close()
-        if own_meter:
-            meter.close()
+        whole = run.meter.end_window("run")
+        run.meter.cancel_window("request")
 
     interrupted = len(records) < cfg.requests
     latencies = [r.latency_s for r in records]
     n = len(records)
     busy = sum(latencies)
-    energies = [r.energy_j for r in records]
-    energy = sum(e for e in energies if e is not None) if n and None not in energies else None
-    hosts = [r.host_energy_j for r in records]
-    host = sum(h for h in hosts if h is not None) if n and None not in hosts else None
+    energy = total([r.energy_j for r in records])
 
     def ms(q: float) -> float | None:
         p = percentile(latencies, q)
@@ -197,7 +161,7 @@ def run_infer(
     summary = {
         "requests": n,
         "time_s": busy,
-        "wall_time_s": run.elapsed_s,
+        "wall_time_s": whole.elapsed_s,
         "latency_ms_p50": ms(50),
         "latency_ms_p95": ms(95),
         "latency_ms_p99": ms(99),
@@ -209,38 +173,25 @@ def run_infer(
         "energy_j": energy,
         "j_per_request": ratio(energy, n),
         "tokens_per_j": ratio(n * tokens_per_request, energy),
-        "host_energy_j": host,
+        "host_energy_j": total([r.host_energy_j for r in records]),
     }
-    report = {
-        "workload": "infer",
-        "wattwarden_version": __version__,
-        "torch_version": torch.__version__,
-        "started_at": wall_start,
-        "config": cfg.as_json(),
-        "device": str(device),
-        "precision": "bf16-autocast" if device.type == "cuda" else "fp32",
-        "model": {**size.as_dict(), "size": cfg.size, "parameters": model.parameter_count()},
-        "weights_from": loaded_from,
-        "energy_device": target.device,
-        "energy_source": target.source,
-        "gpus": list(meter.gpus),
-        "polled_gpus": list(meter.polled_gpus),
-        "interrupted": interrupted,
-        "requests": [asdict(r) for r in records],
-        "summary": summary,
-    }
-    if cfg.report is not None:
-        write_json_atomic(cfg.report, report)
+    report = run.report(
+        weights_from=loaded_from,
+        interrupted=interrupted,
+        requests=[asdict(r) for r in records],
+        summary=summary,
+    )
     per_request = summary["j_per_request"]
     energy_text = (
-        target.describe(None)
+        run.target.describe(None)
         if per_request is None
         else f"{per_request:.3f} J/request, {fmt(summary['tokens_per_j'], ' tok/J', 1)} "
-        f"({target.label})"
+        f"({run.target.label})"
     )
-    display.message(
+    run.finish(
+        report,
         f"{n} requests: p50 {fmt(summary['latency_ms_p50'], ' ms')}, "
         f"p95 {fmt(summary['latency_ms_p95'], ' ms')}, "
-        f"p99 {fmt(summary['latency_ms_p99'], ' ms')}; {energy_text}"
+        f"p99 {fmt(summary['latency_ms_p99'], ' ms')}; {energy_text}",
     )
     return InferResult(records, interrupted, report)

@@ -44,6 +44,13 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def total(values: Sequence[float | None]) -> float | None:
+    """The sum of ``values``, or None when there are none or any is unknown."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(v for v in values if v is not None)
+
+
 def fmt(value: float | None, unit: str = "", digits: int = 1) -> str:
     """A number for a progress line, ``-`` when unknown."""
     return "-" if value is None else f"{value:.{digits}f}{unit}"

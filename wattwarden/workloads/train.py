@@ -11,9 +11,7 @@ is the one the uninterrupted run would have had (bit for bit on the CPU).
 from __future__ import annotations
 
 import logging
-import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +19,6 @@ from typing import Any, TextIO
 
 import torch
 
-from wattwarden import __version__
 from wattwarden.config import ConfigError
 from wattwarden.workloads.checkpoint import (
     CheckpointError,
@@ -30,25 +27,16 @@ from wattwarden.workloads.checkpoint import (
     save_checkpoint,
 )
 from wattwarden.workloads.common import (
-    EnergyTarget,
     WorkloadConfig,
     autocast,
     check_positive,
-    meter_for,
-    resolve_device,
     rng_state,
-    seed_everything,
     set_rng_state,
 )
 from wattwarden.workloads.meter import EnergyMeter, Measurement
-from wattwarden.workloads.model import SIZES, SyntheticTokens, TinyLM, lr_at
-from wattwarden.workloads.report import (
-    ProgressDisplay,
-    ProgressReporter,
-    fmt,
-    ratio,
-    write_json_atomic,
-)
+from wattwarden.workloads.model import SyntheticTokens, lr_at
+from wattwarden.workloads.report import fmt, ratio, total
+from wattwarden.workloads.runner import EnergyTarget, WorkloadRun, build_model
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +145,11 @@ def run_train(
     measures instead of one opened for ``cfg.device`` (a meter on GPUs reports their energy).
     """
     cfg.validate()
-    stop = stop or threading.Event()
-    out = sys.stderr if stream is None else stream
-    device = resolve_device(cfg.device)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    size = SIZES[cfg.size]
-
-    seed_everything(cfg.seed)
-    model = TinyLM(size).to(device)
+    device, model = build_model(cfg)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1
     )
-    data = SyntheticTokens(size.vocab_size, cfg.seq_len, cfg.batch_size, cfg.seed)
+    data = SyntheticTokens(model.size.vocab_size, cfg.seq_len, cfg.batch_size, cfg.seed)
     totals = _Totals()
     start_step = 0
     resumed_from: str | None = None
@@ -197,43 +177,44 @@ def run_train(
             resumed_from = str(path)
     model.train()
 
-    meter, own_meter, target = meter_for(cfg, device, meter)
-    reporter = ProgressReporter.from_env()
-    display = ProgressDisplay(
-        cfg.steps, label="train", stream=out, tty=tty, interval_s=cfg.log_interval_s
-    )
-    if resumed_from is not None:
-        display.message(f"resumed from {resumed_from} at step {start_step}")
     records: list[StepRecord] = []
     checkpoints: list[dict[str, Any]] = []
     tokens_per_step = cfg.batch_size * cfg.seq_len
-
-    def checkpoint(step: int) -> None:
-        assert cfg.checkpoint_dir is not None
-        state = {
-            "config": {k: getattr(cfg, k) for k in _RESUME_KEYS},
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "data": data.state_dict(),
-            "rng": rng_state(device),
-            "totals": {
-                "time_s": totals.time_s,
-                "energy_j": totals.energy_j,
-                "host_energy_j": totals.host_energy_j,
-            },
-        }
-        path = save_checkpoint(cfg.checkpoint_dir, step, state, keep=cfg.keep_checkpoints)
-        m = meter.lap("step")  # the write is not part of the next step
-        checkpoints.append(
-            {"step": step, "path": str(path), "time_s": m.elapsed_s, "energy_j": target.energy_j(m)}
-        )
-
     step = start_step
-    wall_start = time.time()
-    try:
-        meter.begin_window("run")
-        meter.begin_window("step")
-        while step < cfg.steps and not stop.is_set():
+    with WorkloadRun(
+        cfg, "train", cfg.steps, device, model, meter=meter, stop=stop, stream=stream, tty=tty
+    ) as run:
+        if resumed_from is not None:
+            run.display.message(f"resumed from {resumed_from} at step {start_step}")
+
+        def checkpoint(step: int) -> None:
+            assert cfg.checkpoint_dir is not None
+            state = {
+                "config": {k: getattr(cfg, k) for k in _RESUME_KEYS},
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "data": data.state_dict(),
+                "rng": rng_state(device),
+                "totals": {
+                    "time_s": totals.time_s,
+                    "energy_j": totals.energy_j,
+                    "host_energy_j": totals.host_energy_j,
+                },
+            }
+            path = save_checkpoint(cfg.checkpoint_dir, step, state, keep=cfg.keep_checkpoints)
+            m = run.meter.lap("step")  # the write is not part of the next step
+            checkpoints.append(
+                {
+                    "step": step,
+                    "path": str(path),
+                    "time_s": m.elapsed_s,
+                    "energy_j": run.target.energy_j(m),
+                }
+            )
+
+        run.meter.begin_window("run")
+        run.meter.begin_window("step")
+        while step < cfg.steps and not run.stop.is_set():
             lr = lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -245,9 +226,9 @@ def run_train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             loss_value = float(loss.item())
-            m = meter.lap("step")
+            m = run.meter.lap("step")
             step += 1
-            energy = target.energy_j(m)
+            energy = run.target.energy_j(m)
             totals.add(m, energy)
             rec = StepRecord(
                 step=step,
@@ -263,11 +244,12 @@ def run_train(
             records.append(rec)
             if on_step is not None:
                 on_step(rec)
-            if reporter is not None:
-                reporter.update(step, step * cfg.batch_size, step * tokens_per_step)
-            display.update(
+            run.progress(
                 step,
-                f"loss {rec.loss:.3f}  {rec.time_s * 1000:.1f} ms  {rec.tokens_per_s:.0f} tok/s  "
+                samples=step * cfg.batch_size,
+                tokens=step * tokens_per_step,
+                text=f"loss {rec.loss:.3f}  {rec.time_s * 1000:.1f} ms  "
+                f"{rec.tokens_per_s:.0f} tok/s  "
                 f"{fmt(rec.energy_j, ' J', 2)}  {fmt(rec.tokens_per_j, ' tok/J', 1)}",
             )
             if (
@@ -280,113 +262,57 @@ def run_train(
         interrupted = step < cfg.steps
         if cfg.checkpoint_dir is not None and step > start_step:
             checkpoint(step)
-        display.close()
-        run = meter.end_window("run")
-        meter.cancel_window("step")
-    finally:
-        display.close()
-        if reporter is not None:
-            reporter.close()
-        if own_meter:
-            meter.close()
+        run.display.close()
+        whole = run.meter.end_window("run")
+        run.meter.cancel_window("step")
 
     if interrupted:
-        display.message(f"stopped at step {step} of {cfg.steps}; checkpoint written")
-    report = _report(
-        cfg,
-        model,
-        device,
-        meter,
-        target,
-        records=records,
-        checkpoints=checkpoints,
-        run=run,
-        totals=totals,
-        start_step=start_step,
-        step=step,
-        interrupted=interrupted,
+        run.display.message(f"stopped at step {step} of {cfg.steps}; checkpoint written")
+    report = run.report(
         resumed_from=resumed_from,
-        wall_start=wall_start,
-    )
-    if cfg.report is not None:
-        write_json_atomic(cfg.report, report)
-    s = report["summary"]
-    efficiency = "" if s["tokens_per_j"] is None else f", {s['tokens_per_j']:.1f} tok/J"
-    display.message(
-        f"{len(records)} steps in {s['time_s']:.2f} s, {s['tokens_per_s']:.0f} tok/s, "
-        f"{target.describe(s['energy_j'])}{efficiency}, final loss {fmt(s['final_loss'], '', 4)}"
-    )
-    return TrainResult(start_step, step, interrupted, records, report)
-
-
-def _report(
-    cfg: TrainConfig,
-    model: TinyLM,
-    device: torch.device,
-    meter: EnergyMeter,
-    target: EnergyTarget,
-    *,
-    records: list[StepRecord],
-    checkpoints: list[dict[str, Any]],
-    run: Measurement,
-    totals: _Totals,
-    start_step: int,
-    step: int,
-    interrupted: bool,
-    resumed_from: str | None,
-    wall_start: float,
-) -> dict[str, Any]:
-    n = len(records)
-    step_time = sum(r.time_s for r in records)
-    samples, tokens = n * cfg.batch_size, n * cfg.batch_size * cfg.seq_len
-    energies = [r.energy_j for r in records]
-    energy = (
-        sum(e for e in energies if e is not None)
-        if all(e is not None for e in energies) and n
-        else None
-    )
-    host = [r.host_energy_j for r in records]
-    host_energy = (
-        sum(h for h in host if h is not None) if n and all(h is not None for h in host) else None
-    )
-    return {
-        "workload": "train",
-        "wattwarden_version": __version__,
-        "torch_version": torch.__version__,
-        "started_at": wall_start,
-        "config": cfg.as_json(),
-        "device": str(device),
-        "precision": "bf16-autocast" if device.type == "cuda" else "fp32",
-        "model": {**model.size.as_dict(), "size": cfg.size, "parameters": model.parameter_count()},
-        "energy_device": target.device,
-        "energy_source": target.source,
-        "gpus": list(meter.gpus),
-        "polled_gpus": list(meter.polled_gpus),
-        "resumed_from": resumed_from,
-        "start_step": start_step,
-        "final_step": step,
-        "interrupted": interrupted,
-        "steps": [asdict(r) for r in records],
-        "checkpoints": checkpoints,
-        "summary": {
-            "steps": n,
-            "time_s": step_time,
-            "wall_time_s": run.elapsed_s,
-            "samples": samples,
-            "tokens": tokens,
-            "samples_per_s": samples / step_time if step_time > 0 else 0.0,
-            "tokens_per_s": tokens / step_time if step_time > 0 else 0.0,
-            "energy_j": energy,
-            "j_per_step": ratio(energy, n),
-            "tokens_per_j": ratio(tokens, energy),
-            "host_energy_j": host_energy,
-            "run_energy_j": target.energy_j(run),
-            "final_loss": records[-1].loss if records else None,
-        },
-        "total_since_step_0": {
+        start_step=start_step,
+        final_step=step,
+        interrupted=interrupted,
+        steps=[asdict(r) for r in records],
+        checkpoints=checkpoints,
+        summary=_summary(cfg, records, whole, run.target),
+        total_since_step_0={
             "steps": step,
             "time_s": totals.time_s,
             "energy_j": totals.energy_j,
             "host_energy_j": totals.host_energy_j,
         },
+    )
+    s = report["summary"]
+    efficiency = "" if s["tokens_per_j"] is None else f", {s['tokens_per_j']:.1f} tok/J"
+    run.finish(
+        report,
+        f"{len(records)} steps in {s['time_s']:.2f} s, {s['tokens_per_s']:.0f} tok/s, "
+        f"{run.target.describe(s['energy_j'])}{efficiency}, "
+        f"final loss {fmt(s['final_loss'], '', 4)}",
+    )
+    return TrainResult(start_step, step, interrupted, records, report)
+
+
+def _summary(
+    cfg: TrainConfig, records: list[StepRecord], whole: Measurement, target: EnergyTarget
+) -> dict[str, Any]:
+    n = len(records)
+    step_time = sum(r.time_s for r in records)
+    samples, tokens = n * cfg.batch_size, n * cfg.batch_size * cfg.seq_len
+    energy = total([r.energy_j for r in records])
+    return {
+        "steps": n,
+        "time_s": step_time,
+        "wall_time_s": whole.elapsed_s,
+        "samples": samples,
+        "tokens": tokens,
+        "samples_per_s": samples / step_time if step_time > 0 else 0.0,
+        "tokens_per_s": tokens / step_time if step_time > 0 else 0.0,
+        "energy_j": energy,
+        "j_per_step": ratio(energy, n),
+        "tokens_per_j": ratio(tokens, energy),
+        "host_energy_j": total([r.host_energy_j for r in records]),
+        "run_energy_j": target.energy_j(whole),
+        "final_loss": records[-1].loss if records else None,
     }
