@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wattwarden.collectors.samples import GpuSample, HostSample, RaplSample
+from wattwarden.collectors.host import HostSample
+from wattwarden.collectors.rapl import RaplSample
+from wattwarden.collectors.samples import GpuSample
 from wattwarden.collectors.store import CollectorHealth, HistoryPoint, MetricStore
 from wattwarden.hardware.device import GpuInfo, GpuReading
 from wattwarden.hardware.sim import ManualClock
@@ -403,3 +406,29 @@ def test_snapshot_holds_gpus_in_index_order_host_rapl_by_domain_and_the_last_pas
     assert snap.host is host
     assert snap.rapl == (dram, package)
     assert snap.last_sample_s == 1_700_000_005.5
+
+
+@dataclass(frozen=True, slots=True)
+class FanSample:
+    """A sample type the store has never heard of, as a new collector would bring."""
+
+    fan: str
+    rpm: float
+
+    @property
+    def key(self) -> str:
+        return self.fan
+
+
+def test_a_new_collectors_samples_are_kept_latest_per_key_in_key_order() -> None:
+    store = store_on(ManualClock())
+    old_a, b, a = FanSample("a", 900.0), FanSample("b", 1200.0), FanSample("a", 950.0)
+    store.put([old_a, b, sample(5.0, 1.0)])
+    before = store.snapshot()
+    store.put([a, RaplSample(5.0, "package", 100.0, 50.0)])
+    snap = store.snapshot()
+    assert snap.samples(FanSample) == (a, b)
+    assert snap.rapl == (RaplSample(5.0, "package", 100.0, 50.0),)
+    assert snap.host is None and snap.samples(HostSample) == ()
+    assert [v.sample.info.index for v in snap.gpus] == [0]
+    assert before.samples(FanSample) == (old_a, b)  # a snapshot is a copy

@@ -13,13 +13,31 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from wattwarden.collectors.base import CollectorSettings, Registration
 from wattwarden.collectors.errors import CollectorUnavailable
-from wattwarden.collectors.samples import RaplSample
+from wattwarden.collectors.metrics import MetricSpec
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("/sys/class/powercap")
 _ZONE_PREFIX = "intel-rapl:"
+
+
+@dataclass(frozen=True, slots=True)
+class RaplSample:
+    """One RAPL power-capping domain (package, core, uncore, dram, psys)."""
+
+    timestamp_s: float
+    domain: str
+    energy_j: float
+    """Monotonic since the agent started (wrap-arounds of the hardware counter handled)."""
+    power_w: float | None
+    """Mean power since the previous sample."""
+
+    @property
+    def key(self) -> str:
+        """One sample per domain."""
+        return self.domain
 
 
 @dataclass(slots=True)
@@ -115,3 +133,33 @@ class RaplCollector:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+RAPL_METRICS: tuple[MetricSpec[RaplSample], ...] = (
+    MetricSpec(
+        "host_energy_joules",
+        "counter",
+        "CPU/DRAM energy from RAPL.",
+        lambda r: (((r.domain,), r.energy_j),),
+        labels=("domain",),
+    ),
+    MetricSpec(
+        "host_power_watts",
+        "gauge",
+        "CPU/DRAM power from RAPL.",
+        lambda r: (((r.domain,), r.power_w),),
+        labels=("domain",),
+    ),
+)
+
+
+def _open(settings: CollectorSettings) -> RaplCollector:
+    rapl = RaplCollector(settings.rapl_root)
+    if not rapl.available():
+        raise CollectorUnavailable(
+            f"RAPL: no zones under {settings.rapl_root}; host CPU energy is not collected"
+        )
+    return rapl
+
+
+REGISTRATION = Registration("rapl", True, _open, RaplSample, RAPL_METRICS)

@@ -15,6 +15,34 @@ from wattwarden.collectors.store import MetricStore
 log = logging.getLogger(__name__)
 
 
+class Cadence:
+    """Says when a task run after sampler passes (job reaping, saving state) is due.
+
+    Due every ``every_s`` seconds of monotonic time, however long the passes take and whatever the
+    wall clock does.
+
+    Due times sit on a grid from the creation time; a pass that finds it fell behind by more than
+    one period runs the task once and starts the grid again from then (no burst of catch-ups).
+    """
+
+    def __init__(self, every_s: float, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+        if every_s <= 0:
+            raise ValueError("every_s must be positive")
+        self.every_s = every_s
+        self._monotonic = monotonic
+        self._due_s = monotonic() + every_s
+
+    def due(self) -> bool:
+        """Whether the task is due now; if so, the next due time is set."""
+        now = self._monotonic()
+        if now < self._due_s:
+            return False
+        self._due_s += self.every_s
+        if self._due_s <= now:
+            self._due_s = now + self.every_s
+        return True
+
+
 class Sampler:
     """Calls collectors every ``interval_s`` (or their own, longer interval) on one thread.
 

@@ -1,7 +1,9 @@
 """The in-memory store: latest samples, export windows and a short history, bounded in memory.
 
 The sampler writes; exporters and the HTTP API read snapshots. Nothing here touches hardware, so a
-scrape never waits on NVML.
+scrape never waits on NVML. GPU samples get export windows and history; every other collector's
+samples are kept as they come, the latest per sample type and :attr:`~Sample.key`, and read back
+with :meth:`StoreSnapshot.samples`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from wattwarden.collectors.samples import GpuSample, HostSample, RaplSample, Sample
+from wattwarden.collectors.base import Sample
+from wattwarden.collectors.host import HostSample
+from wattwarden.collectors.rapl import RaplSample
+from wattwarden.collectors.samples import GpuSample
 
 DEFAULT_WINDOW_S = 15.0
 DEFAULT_HISTORY_S = 3600
+
+S = TypeVar("S", bound=Sample)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +66,26 @@ class StoreSnapshot:
     """A consistent copy of everything exporters need."""
 
     gpus: tuple[GpuView, ...]
-    host: HostSample | None
-    rapl: tuple[RaplSample, ...]
     collectors: dict[str, CollectorHealth]
     last_sample_s: float | None
     power_budgets_w: dict[str, float] = field(default_factory=dict)
     policy_actions: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    latest: dict[type[Any], tuple[Any, ...]] = field(default_factory=dict)
+    """Every other collector's latest samples by sample type, in key order."""
+
+    def samples(self, kind: type[S]) -> tuple[S, ...]:
+        """The latest samples of one type (one per key, in key order); empty if none yet."""
+        return self.latest.get(kind, ())
+
+    @property
+    def host(self) -> HostSample | None:
+        """The host collector's sample, if any."""
+        return next(iter(self.samples(HostSample)), None)
+
+    @property
+    def rapl(self) -> tuple[RaplSample, ...]:
+        """One sample per RAPL domain, by domain."""
+        return self.samples(RaplSample)
 
 
 @dataclass(slots=True)
@@ -103,10 +125,10 @@ class MetricStore:
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._gpus: dict[int, _GpuSeries] = {}
-        self._host: HostSample | None = None
-        self._rapl: dict[str, RaplSample] = {}
+        self._latest: dict[type[Any], dict[str, Any]] = {}
         self._collectors: dict[str, CollectorHealth] = {}
         self._last_sample_s: float | None = None
+        self._last_pass_mono_s: float | None = None
         self._budgets: dict[str, float] = {}
         self._actions: dict[tuple[str, str, str], int] = {}
 
@@ -118,10 +140,8 @@ class MetricStore:
             for s in samples:
                 if isinstance(s, GpuSample):
                     self._put_gpu(s, now)
-                elif isinstance(s, HostSample):
-                    self._host = s
                 else:
-                    self._rapl[s.domain] = s
+                    self._latest.setdefault(type(s), {})[s.key] = s
 
     def _put_gpu(self, s: GpuSample, now: float) -> None:
         series = self._gpus.get(s.info.index)
@@ -171,6 +191,13 @@ class MetricStore:
         """Note the end of a sampler pass."""
         with self._lock:
             self._last_sample_s = wall_s
+            self._last_pass_mono_s = self._monotonic()
+
+    def seconds_since_pass(self) -> float | None:
+        """Monotonic seconds since the last sampler pass (None before the first)."""
+        with self._lock:
+            last = self._last_pass_mono_s
+        return None if last is None else self._monotonic() - last
 
     def set_power_budget(self, scope: str, watts: float | None) -> None:
         """Set or clear the exported power budget for a scope (e.g. ``node``)."""
@@ -208,12 +235,14 @@ class MetricStore:
                 )
             return StoreSnapshot(
                 gpus=tuple(gpus),
-                host=self._host,
-                rapl=tuple(self._rapl[d] for d in sorted(self._rapl)),
                 collectors=dict(self._collectors),
                 last_sample_s=self._last_sample_s,
                 power_budgets_w=dict(self._budgets),
                 policy_actions=dict(self._actions),
+                latest={
+                    kind: tuple(by_key[k] for k in sorted(by_key))
+                    for kind, by_key in self._latest.items()
+                },
             )
 
     def history(self, seconds: float) -> dict[int, list[HistoryPoint]]:

@@ -13,8 +13,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 from wattwarden import __version__
+from wattwarden.collectors.base import AnyRegistration
 from wattwarden.collectors.jobs import JobRegistry
-from wattwarden.collectors.metrics import GPU_METRICS, MetricSpec, S, one, values
+from wattwarden.collectors.metrics import GPU_METRICS, MetricSpec, S, values
+from wattwarden.collectors.registry import REGISTRATIONS
 from wattwarden.collectors.store import GpuView, MetricStore, StoreSnapshot
 
 GPU_LABELS = ["gpu", "uuid"]
@@ -48,10 +50,12 @@ class StoreCollector:
         *,
         backend: str,
         extra: Callable[[StoreSnapshot], Iterator[Metric]] | None = None,
+        registrations: Sequence[AnyRegistration] = REGISTRATIONS,
     ) -> None:
         self._store = store
         self._backend = backend
         self._extra = extra
+        self._registrations = registrations
 
     def describe(self) -> list[Metric]:
         """No description: registering must not trigger a collection."""
@@ -61,7 +65,7 @@ class StoreCollector:
         """Yield every family from one snapshot."""
         snap = self._store.snapshot()
         yield from self._gpu_families(snap.gpus)
-        yield from self._host_families(snap)
+        yield from self._collector_families(snap)
         yield from self._self_families(snap)
         if self._extra is not None:
             yield from self._extra(snap)
@@ -70,35 +74,12 @@ class StoreCollector:
         subjects = [((str(v.sample.info.index), v.sample.info.uuid), v) for v in gpus]
         return table_families(GPU_METRICS, GPU_LABELS, subjects)
 
-    def _host_families(self, snap: StoreSnapshot) -> Iterator[Metric]:
-        if snap.host is not None:
-            h = snap.host
-            yield GaugeMetricFamily(
-                "host_cpu_utilization_ratio",
-                "Host CPU utilization, all cores.",
-                value=h.cpu_utilization_ratio,
-            )
-            yield GaugeMetricFamily(
-                "host_memory_used_bytes",
-                "Host memory in use (total - available).",
-                value=h.memory_used_bytes,
-            )
-            yield GaugeMetricFamily(
-                "host_memory_total_bytes", "Host memory in total.", value=h.memory_total_bytes
-            )
-        if snap.rapl:
-            energy = CounterMetricFamily(
-                "host_energy_joules", "CPU/DRAM energy from RAPL.", labels=["domain"]
-            )
-            power = GaugeMetricFamily(
-                "host_power_watts", "CPU/DRAM power from RAPL.", labels=["domain"]
-            )
-            for r in snap.rapl:
-                energy.add_metric([r.domain], r.energy_j)
-                for _, watts in values(one(lambda sample: sample.power_w), r):
-                    power.add_metric([r.domain], watts)
-            yield energy
-            yield power
+    def _collector_families(self, snap: StoreSnapshot) -> Iterator[Metric]:
+        """Each registered collector's table, over its latest samples (none: no families)."""
+        for reg in self._registrations:
+            samples = snap.samples(reg.sample_type)
+            if samples:
+                yield from table_families(reg.metrics, (), [((), s) for s in samples])
 
     def _self_families(self, snap: StoreSnapshot) -> Iterator[Metric]:
         build = GaugeMetricFamily(
