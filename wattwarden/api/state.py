@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from wattwarden.collectors.jobs import JobView
+from wattwarden.collectors.metrics import GPU_METRICS, json_values
 from wattwarden.collectors.samples import GpuSample
-from wattwarden.collectors.store import HistoryPoint, StoreSnapshot
+from wattwarden.collectors.store import GpuView, HistoryPoint, StoreSnapshot
 from wattwarden.hardware.device import CLOCK_EVENT_LABELS
 
 
@@ -15,18 +16,22 @@ def gpu_json(
 ) -> dict[str, Any]:
     """One GPU as a JSON object (base units, ``null`` where unsupported or not read now).
 
-    A lost GPU keeps its identity, ``up: false`` and its counters, like /metrics: no reading
-    from before it was lost. ``power_watts`` is the store's window mean (None when this pass
-    could not tell the power), else this sample's power: never a reading frozen from before.
+    The readings are the GPU metric table's rows that name a JSON key. A lost GPU keeps its
+    identity, ``up: false`` and its counters, like /metrics: no reading from before it was lost.
+    ``power_watts`` is the store's window mean (None when this pass could not tell the power),
+    else this sample's power: never a reading frozen from before.
     """
     i = sample.info
     r = sample.reading if sample.up else None
     mask = None if r is None else r.clock_event_mask
     events = [label for bit, label in CLOCK_EVENT_LABELS if mask is not None and mask & bit]
-    if not sample.up:
-        power_mean_w = power_peak_w = None
-    elif power_mean_w is None:  # one sample, no window (``wattwarden status`` without an agent)
+    if sample.up and power_mean_w is None:  # one sample, no window (``status`` without an agent)
         power_mean_w = sample.power_w
+    view = GpuView(sample, power_mean_w, power_peak_w)
+    readings = {key: value for spec in GPU_METRICS for key, value in json_values(spec, view)}
+    if r is None:  # the size does not change: a lost or unread GPU's comes from its identity
+        readings["memory_total_bytes"] = i.memory_total_bytes
+    instant = sample.power_w if sample.up and sample.power_source == "instant" else None
     return {
         "index": i.index,
         "uuid": i.uuid,
@@ -35,24 +40,10 @@ def gpu_json(
         "driver_version": i.driver_version,
         "up": sample.up,
         "timestamp": sample.timestamp_s,
-        "power_watts": power_mean_w,
-        "power_peak_watts": power_peak_w,
-        "power_instant_watts": None if r is None else r.power_instant_w,
+        **readings,
+        "power_instant_watts": instant,
         "power_source": sample.power_source if sample.up else None,
-        "energy_joules": sample.energy_j,
         "energy_source": sample.energy_source,
-        "power_limit_watts": None if r is None else r.power_limit_w,
-        "power_limit_min_watts": i.power_limit_min_w,
-        "power_limit_max_watts": i.power_limit_max_w,
-        "power_limit_default_watts": i.power_limit_default_w,
-        "temperature_celsius": None if r is None else r.temperature_gpu_c,
-        "memory_temperature_celsius": None if r is None else r.temperature_memory_c,
-        "utilization_ratio": None if r is None else r.utilization_gpu_ratio,
-        "memory_utilization_ratio": None if r is None else r.utilization_memory_ratio,
-        "memory_used_bytes": None if r is None else r.memory_used_bytes,
-        "memory_total_bytes": i.memory_total_bytes if r is None else r.memory_total_bytes,
-        "clock_sm_hertz": None if r is None else r.clock_sm_hz,
-        "clock_memory_hertz": None if r is None else r.clock_memory_hz,
         "clock_events": events,
         "clock_event_seconds": sample.clock_event_seconds,
         "xid_errors": {str(k): v for k, v in sorted(sample.xid_counts.items())},

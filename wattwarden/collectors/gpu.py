@@ -14,7 +14,6 @@ from wattwarden.hardware.device import (
     GpuDevice,
     GpuInfo,
     GpuReading,
-    PowerReading,
 )
 from wattwarden.hardware.errors import GpuLost, HardwareError
 
@@ -57,30 +56,6 @@ class _Track:
         default_factory=lambda: {n: 0.0 for _, n in CLOCK_EVENT_LABELS}
     )
     xids: dict[int, int] = field(default_factory=dict)
-
-
-def _with_power(prev: GpuReading, fast: PowerReading) -> GpuReading:
-    """The last full reading with fresh power and energy.
-
-    Built field by field: this runs for every GPU on every pass, and ``dataclasses.replace``
-    cost more than the NVML call itself.
-    """
-    return GpuReading(
-        power_w=prev.power_w if fast.power_w is None else fast.power_w,
-        power_instant_w=fast.power_instant_w,
-        energy_j=fast.energy_j,
-        power_limit_w=prev.power_limit_w,
-        temperature_gpu_c=prev.temperature_gpu_c,
-        temperature_memory_c=prev.temperature_memory_c,
-        utilization_gpu_ratio=prev.utilization_gpu_ratio,
-        utilization_memory_ratio=prev.utilization_memory_ratio,
-        memory_used_bytes=prev.memory_used_bytes,
-        memory_total_bytes=prev.memory_total_bytes,
-        clock_sm_hz=prev.clock_sm_hz,
-        clock_memory_hz=prev.clock_memory_hz,
-        clock_event_mask=prev.clock_event_mask,
-        processes=prev.processes,
-    )
 
 
 def _placeholder_info(index: int) -> GpuInfo:
@@ -182,12 +157,12 @@ class GpuCollector:
         if full:
             reading = track.device.read()
             track.full_due_s = now + self._full_interval_s
-            instant, average = reading.power_instant_w, reading.power_w
-        else:  # fast tier: power and energy only; the rest changes slowly and keeps its value
+            instant, average, counter = reading.power_instant_w, reading.power_w, reading.energy_j
+        else:  # fast tier: power and energy only; the last full reading keeps the slow fields
             assert track.reading is not None
+            reading = track.reading
             fast = track.device.read_power()
-            reading = _with_power(track.reading, fast)
-            instant, average = fast.power_instant_w, fast.power_w
+            instant, average, counter = fast.power_instant_w, fast.power_w, fast.energy_j
         if not track.up:
             log.warning("GPU %d (%s) is back", track.info.index, track.info.uuid)
         track.up = True
@@ -197,7 +172,6 @@ class GpuCollector:
         # value behind (the fast tier would otherwise carry the last full read's average).
         power = instant if instant is not None else average
         dt = 0.0 if track.last_mono_s is None else max(0.0, now - track.last_mono_s)
-        counter = reading.energy_j
         if power is not None:
             track.power_w = power
             track.power_source = "instant" if instant is not None else "average"
