@@ -1,10 +1,19 @@
-"""Typed samples the collectors produce and the store keeps."""
+"""The GPU sample, which the store keeps in windows and history.
+
+Other samples live with their collector (:mod:`wattwarden.collectors.host`,
+:mod:`wattwarden.collectors.rapl`); they are re-exported here for existing importers.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from wattwarden.collectors.base import Sample
+from wattwarden.collectors.host import HostSample
+from wattwarden.collectors.rapl import RaplSample
 from wattwarden.hardware.device import GpuInfo, GpuReading
+
+__all__ = ["GpuSample", "HostSample", "RaplSample", "Sample"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,27 +45,7 @@ class GpuSample:
     clock_event_seconds: dict[str, float] = field(default_factory=dict)
     xid_counts: dict[int, int] = field(default_factory=dict)
 
-
-@dataclass(frozen=True, slots=True)
-class HostSample:
-    """Host CPU and memory."""
-
-    timestamp_s: float
-    cpu_utilization_ratio: float
-    memory_used_bytes: int
-    memory_total_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class RaplSample:
-    """One RAPL power-capping domain (package, core, uncore, dram, psys)."""
-
-    timestamp_s: float
-    domain: str
-    energy_j: float
-    """Monotonic since the agent started (wrap-arounds of the hardware counter handled)."""
-    power_w: float | None
-    """Mean power since the previous sample."""
-
-
-Sample = GpuSample | HostSample | RaplSample
+    @property
+    def key(self) -> str:
+        """One sample per GPU index."""
+        return str(self.info.index)
