@@ -397,14 +397,15 @@ def test_snapshot_holds_gpus_in_index_order_host_rapl_by_domain_and_the_last_pas
         RaplSample(5.0, "package", 100.0, 50.0),
     )
     empty = store.snapshot()
-    assert (empty.gpus, empty.host, empty.rapl, empty.last_sample_s) == ((), None, (), None)
+    assert (empty.gpus, empty.samples(HostSample), empty.samples(RaplSample)) == ((), (), ())
+    assert empty.last_sample_s is None
     store.put([sample(5.0, 1.0, index=3), package_old, host, sample(5.0, 1.0, index=1)])
     store.put([package, dram, sample(5.0, 1.0, index=0)])
     store.mark_pass(1_700_000_005.5)
     snap = store.snapshot()
     assert [v.sample.info.index for v in snap.gpus] == [0, 1, 3]
-    assert snap.host is host
-    assert snap.rapl == (dram, package)
+    assert snap.samples(HostSample) == (host,)
+    assert snap.samples(RaplSample) == (dram, package)
     assert snap.last_sample_s == 1_700_000_005.5
 
 
@@ -428,7 +429,7 @@ def test_a_new_collectors_samples_are_kept_latest_per_key_in_key_order() -> None
     store.put([a, RaplSample(5.0, "package", 100.0, 50.0)])
     snap = store.snapshot()
     assert snap.samples(FanSample) == (a, b)
-    assert snap.rapl == (RaplSample(5.0, "package", 100.0, 50.0),)
-    assert snap.host is None and snap.samples(HostSample) == ()
+    assert snap.samples(RaplSample) == (RaplSample(5.0, "package", 100.0, 50.0),)
+    assert snap.samples(HostSample) == ()
     assert [v.sample.info.index for v in snap.gpus] == [0]
     assert before.samples(FanSample) == (old_a, b)  # a snapshot is a copy

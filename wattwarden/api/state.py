@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from wattwarden.collectors.host import HOST_METRICS, HostSample
 from wattwarden.collectors.jobs import JobView
 from wattwarden.collectors.metrics import GPU_METRICS, json_values
+from wattwarden.collectors.rapl import RaplSample
 from wattwarden.collectors.samples import GpuSample
 from wattwarden.collectors.store import GpuView, HistoryPoint, StoreSnapshot
 from wattwarden.hardware.device import CLOCK_EVENT_LABELS
@@ -62,7 +64,7 @@ def gpu_json(
 
 def state_json(snap: StoreSnapshot, *, backend: str, node: str, mode: str) -> dict[str, Any]:
     """The agent's whole state, for ``GET /api/v1/state``."""
-    host = snap.host
+    host = next(iter(snap.samples(HostSample)), None)
     return {
         "node": node,
         "backend": backend,
@@ -72,14 +74,10 @@ def state_json(snap: StoreSnapshot, *, backend: str, node: str, mode: str) -> di
         "gpus": [gpu_json(v.sample, v.power_mean_w, v.power_peak_w) for v in snap.gpus],
         "host": None
         if host is None
-        else {
-            "cpu_utilization_ratio": host.cpu_utilization_ratio,
-            "memory_used_bytes": host.memory_used_bytes,
-            "memory_total_bytes": host.memory_total_bytes,
-        },
+        else {key: value for spec in HOST_METRICS for key, value in json_values(spec, host)},
         "rapl": [
             {"domain": r.domain, "energy_joules": r.energy_j, "power_watts": r.power_w}
-            for r in snap.rapl
+            for r in snap.samples(RaplSample)
         ],
         "collectors": {
             name: {

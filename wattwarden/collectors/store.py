@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from wattwarden.collectors.base import Sample
-from wattwarden.collectors.host import HostSample
-from wattwarden.collectors.rapl import RaplSample
 from wattwarden.collectors.samples import GpuSample
 
 DEFAULT_WINDOW_S = 15.0
@@ -76,16 +74,6 @@ class StoreSnapshot:
     def samples(self, kind: type[S]) -> tuple[S, ...]:
         """The latest samples of one type (one per key, in key order); empty if none yet."""
         return self.latest.get(kind, ())
-
-    @property
-    def host(self) -> HostSample | None:
-        """The host collector's sample, if any."""
-        return next(iter(self.samples(HostSample)), None)
-
-    @property
-    def rapl(self) -> tuple[RaplSample, ...]:
-        """One sample per RAPL domain, by domain."""
-        return self.samples(RaplSample)
 
 
 @dataclass(slots=True)
