@@ -20,10 +20,10 @@ from wattwarden.api.token import TokenError, ensure_token
 from wattwarden.api.webconfig import load_web_config
 from wattwarden.collectors.base import Collector
 from wattwarden.collectors.gpu import GpuCollector
-from wattwarden.collectors.host import HostCollector
 from wattwarden.collectors.jobs import Job, JobRegistry, process_alive
-from wattwarden.collectors.rapl import RaplCollector
-from wattwarden.collectors.sampler import Sampler
+from wattwarden.collectors.rapl import RaplSample
+from wattwarden.collectors.registry import open_collectors
+from wattwarden.collectors.sampler import Cadence, Sampler
 from wattwarden.collectors.store import MetricStore, StoreSnapshot
 from wattwarden.config import AgentConfig, ConfigError
 from wattwarden.exporters.otlp import OtlpExporter, otlp_metric_families
@@ -189,14 +189,12 @@ class Agent:
         interval_s = cfg.interval_ms / 1000.0
         self.store = MetricStore(window_s=cfg.window_s, interval_s=interval_s)
         self.gpu_collector = GpuCollector(self.opened.backend)
-        collectors: list[Collector] = [self.gpu_collector, HostCollector()]
-        rapl = RaplCollector(cfg.rapl_root)
-        if rapl.available():
-            collectors.append(rapl)
-        else:
-            log.info("RAPL: no zones under %s; host CPU energy is not collected", cfg.rapl_root)
-        self._since_save = 0.0
-        self._since_reap = 0.0
+        opened = open_collectors(cfg)
+        for reason in opened.absent:
+            log.info("%s", reason)
+        collectors: list[Collector] = [self.gpu_collector, *opened.collectors]
+        self._reap_cadence = Cadence(REAP_EVERY_S)
+        self._save_cadence = Cadence(SIM_SAVE_EVERY_S)
         self.jobs = JobRegistry(pid_alive=process_alive)
         if self.opened.fleet is not None:
             self.jobs.add_listener(self._place_on_sim)
@@ -239,16 +237,10 @@ class Agent:
 
     def _on_pass(self) -> None:
         self.jobs.attribute(self.gpu_collector.latest)
-        self._since_reap += self.sampler.interval_s
-        if self._since_reap >= REAP_EVERY_S:
-            self._since_reap = 0.0
+        if self._reap_cadence.due():
             self._reap_jobs()
         fleet = self.opened.fleet
-        if fleet is None:
-            return
-        self._since_save += self.sampler.interval_s
-        if self._since_save >= SIM_SAVE_EVERY_S:
-            self._since_save = 0.0
+        if fleet is not None and self._save_cadence.due():
             fleet.save()
 
     def _reap_jobs(self) -> None:
@@ -289,7 +281,7 @@ class Agent:
             except HardwareError as e:
                 entry["energy_joules"], entry["error"] = None, str(e)
             gpus.append(entry)
-        rapl = self.store.snapshot().rapl
+        rapl = self.store.snapshot().samples(RaplSample)
         return {
             "timestamp": time.time(),
             "gpus": gpus,
