@@ -8,9 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml
 from wattwarden.hardware.sim import ManualClock, SimFleet
-from wattwarden.hardware.sim.fake_nvml import FakeNvmlLib
+from wattwarden.hardware.sim.fake_nvml import FakeNvmlLib, install_fake_nvml, uninstall_fake_nvml
 
 #: For a test (or one parametrized case) that runs PyTorch: skipped, not failed, without it. A
 #: module that imports torch at the top uses ``pytest.importorskip("torch")`` there instead.

@@ -13,9 +13,8 @@ import socket
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import bcrypt
@@ -29,28 +28,31 @@ from helpers import (
     sim_limits,
     wait_for,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import Route
 
 from wattwarden.agent import Agent
-from wattwarden.api import server as server_module
-from wattwarden.api.http import MAX_BODY_BYTES, HttpLimits
-from wattwarden.api.server import (
+from wattwarden.api import auth as auth_module
+from wattwarden.api.contract import (
     MAX_JSON_DEPTH,
-    AgentContext,
     ApiError,
-    ApiServer,
-    _Edge,
+    ContractError,
+    JobProgress,
+    JobRecord,
+    JobRegistration,
     _json_depth,
-    build_app,
     parse_body,
 )
+from wattwarden.api.http import MAX_BODY_BYTES, HttpLimits
+from wattwarden.api.server import AgentContext, ApiServer, _Edge, build_app
 from wattwarden.api.webconfig import WebConfig
 from wattwarden.collectors.jobs import JobError, JobRegistry
 from wattwarden.collectors.store import MetricStore
 from wattwarden.config import AgentConfig
 from wattwarden.hardware.errors import HardwareError, InvalidArgument
-from wattwarden.hardware.nvml import uninstall_fake_nvml
+from wattwarden.hardware.sim.fake_nvml import uninstall_fake_nvml
 from wattwarden.policies.actuator import LimitChange, RateLimited
 
 
@@ -315,11 +317,11 @@ def test_the_token_is_compared_in_constant_time(
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(server_module.hmac, "compare_digest", spy)
+    monkeypatch.setattr(auth_module.hmac, "compare_digest", spy)
     assert live.call("DELETE", "/api/v1/jobs/x", token="guess")[0] == 401
     assert calls == [(b"guess", live.token.encode())]
     calls.clear()
-    monkeypatch.setattr(server_module.hmac, "compare_digest", lambda a, b: True)
+    monkeypatch.setattr(auth_module.hmac, "compare_digest", lambda a, b: True)
     assert live.call("DELETE", "/api/v1/jobs/x", token="guess")[0] == 404  # it alone decides
 
 
@@ -423,11 +425,9 @@ def test_reads_are_open_with_a_web_config_without_users(
 def test_healthz_is_503_once_the_last_sample_is_older_than_max_5s_or_10_intervals(
     live: Live, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = MetricStore()
-    monkeypatch.setattr(live.ctx, "store", store)
     now = [1000.0]
-    clock = SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic)
-    monkeypatch.setattr(server_module, "time", clock)
+    store = MetricStore(monotonic=lambda: now[0])
+    monkeypatch.setattr(live.ctx, "store", store)
     assert live.call("GET", "/healthz")[:1] == (503,)  # never sampled
     store.mark_pass(1000.0)
     for interval_s, stale_after_s in ((0.1, 5.0), (0.5, 5.0), (0.75, 7.5), (2.0, 20.0)):
@@ -439,6 +439,19 @@ def test_healthz_is_503_once_the_last_sample_is_older_than_max_5s_or_10_interval
             expected = (200, b"ok\n") if healthy else (503, b"sampler stalled\n")
             assert (status, body) == expected, (interval_s, age_s)
             assert got["content-type"] == "text/plain; charset=utf-8"
+
+
+def test_healthz_goes_by_monotonic_time_so_a_wall_clock_step_does_not_flip_it(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [50.0]
+    store = MetricStore(monotonic=lambda: now[0])
+    monkeypatch.setattr(live.ctx, "store", store)
+    store.mark_pass(time.time() - 3600.0)  # the wall clock stepped an hour ahead since the pass
+    assert live.call("GET", "/healthz")[::2] == (200, b"ok\n")
+    store.mark_pass(time.time() + 3600.0)  # and an hour back: a stalled sampler is still seen
+    now[0] += 5.01
+    assert live.call("GET", "/healthz")[::2] == (503, b"sampler stalled\n")
 
 
 # ------------------------------------------------------------------ fields, bounds and limits
@@ -981,3 +994,37 @@ def test_a_client_going_away_mid_body_is_not_logged_as_an_error(
     )
     assert live.call("GET", "/healthz")[0] == 200
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+# ------------------------------------------------------------------------------ the contract
+@given(
+    name=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", fullmatch=True),
+    pid=st.integers(1, 2**31 - 1),
+    gpu=st.integers(0, 7),
+    priority=st.sampled_from(["high", "normal", "low"]),
+    utilization=st.none() | st.floats(0.0, 1.0, exclude_min=True),
+)
+def test_a_registration_the_client_builds_is_the_one_the_server_reads(
+    name: str, pid: int, gpu: int, priority: str, utilization: float | None
+) -> None:
+    sent = JobRegistration(name, pid, gpu, priority, utilization)
+    assert JobRegistration.from_json(json.loads(json.dumps(sent.to_json())), 8) == sent
+
+
+@given(step=st.integers(0, 2**63 - 1), samples=st.integers(0, 2**63 - 1),
+       tokens=st.integers(0, 2**63 - 1))  # fmt: skip
+def test_progress_the_client_builds_is_the_progress_the_server_reads(
+    step: int, samples: int, tokens: int
+) -> None:
+    sent = JobProgress(step, samples, tokens)
+    assert JobProgress.from_json(json.loads(json.dumps(sent.to_json()))) == sent
+
+
+def test_a_job_record_out_of_shape_is_refused_naming_the_field(live: Live) -> None:
+    status, body = live.post("/api/v1/jobs", {"name": "shape", "pid": 1, "gpu": 0})
+    assert status == 201 and JobRecord.from_json(body).name == "shape"
+    assert set(body) == {f.name for f in fields(JobRecord)}
+    for key, bad in (("pid", "1"), ("target_gpu", True), ("energy_joules", None)):
+        with pytest.raises(ContractError, match=f"field '{key}'"):
+            JobRecord.from_json({**body, key: bad})
+    live.call("DELETE", "/api/v1/jobs/shape", token=live.token)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wattwarden.agent import JOB_SILENCE_S, Agent
-from wattwarden.api.state import job_json
+from wattwarden.api.contract import JobRecord
 from wattwarden.collectors.jobs import (
     COUNT_MAX,
     FINISHED_KEEP,
@@ -133,7 +133,8 @@ def test_a_finished_job_stays_readable_with_its_totals() -> None:
     assert view.finished_at_s is not None and view.finished_at_s >= view.registered_at_s
     assert view.power_w == 0.0 and view.tokens == 4000
     assert [j.name for j in jobs.jobs()] == ["train"]
-    body = job_json(view)
+    body = JobRecord.from_view(view).to_json()
+    assert JobRecord.from_json(body) == JobRecord.from_view(view)  # what clients read back
     assert body["state"] == "finished" and body["duration_seconds"] == pytest.approx(20.0)
     assert body["finished_at"] == view.finished_at_s and body["tokens"] == 4000
     jobs.touch("train")  # a supervisor's late poll: no error, still finished

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 from helpers import free_port, http_get, http_json, parse_metrics, run_agent, wait_for
 
-from wattwarden.workloads.testing import FakeAgent, RecordedRequest
+from wattwarden.api.testing import SimAgent
+from wattwarden.collectors.jobs import Job, JobError
+from wattwarden.hardware.sim.fleet import SimFleet
 
 TOKEN = "job-test-token"
 
@@ -45,10 +47,34 @@ sys.exit(7)
 """
 
 
+class Registrations:
+    """What the agent's job registry was told: (pid, gpu, priority) per registration."""
+
+    def __init__(self, agent: SimAgent) -> None:
+        self.seen: list[tuple[int, int, str]] = []
+        agent.jobs.add_listener(self._on_change)
+
+    def _on_change(self, old: Job | None, new: Job | None) -> None:
+        if new is not None:
+            self.seen.append((new.pid, new.gpu, new.priority))
+
+
 @pytest.fixture
-def agent() -> Iterator[FakeAgent]:
-    with FakeAgent(token=TOKEN) as a:
+def agent() -> Iterator[SimAgent]:
+    with SimAgent(SimFleet(4), token=TOKEN) as a:
         yield a
+
+
+def state_of(agent: SimAgent, name: str) -> str | None:
+    """The job's state at the agent (running, finished), None if it never heard of it."""
+    try:
+        return agent.jobs.get(name).state
+    except JobError:
+        return None
+
+
+def running_pid(agent: SimAgent, name: str) -> int | None:
+    return agent.jobs.get(name).pid if state_of(agent, name) == "running" else None
 
 
 @pytest.fixture
@@ -91,54 +117,51 @@ def finish(proc: subprocess.Popen[str], timeout_s: float = 60) -> tuple[int, str
     return proc.returncode, err
 
 
-def test_registers_the_child_with_its_env_and_exits_with_its_code(agent: FakeAgent, workdir: Path):
+def test_registers_the_child_with_its_env_and_exits_with_its_code(agent: SimAgent, workdir: Path):
+    registrations = Registrations(agent)
     proc = supervise(workdir, agent.url, "exit3", "--gpu", "1", "--priority", "high")
     code, err = finish(proc)
     assert code == 3, err
     (child,) = starts(workdir)
-    posts = agent.matching("POST", "/api/v1/jobs")
-    assert [p.body for p in posts] == [
-        {"name": "j1", "pid": child["pid"], "gpu": 1, "priority": "high"}
-    ]
-    assert posts[0].authorization == f"Bearer {TOKEN}"
+    assert registrations.seen == [(child["pid"], 1, "high")]
+    assert [r.status for r in agent.matching("POST", "/api/v1/jobs")] == [201]  # the token held
     assert child["env"] == {
         "CUDA_VISIBLE_DEVICES": "1",
         "WATTWARDEN_AGENT_URL": agent.url,
         "WATTWARDEN_JOB_NAME": "j1",
         "WATTWARDEN_TOKEN": TOKEN,
     }
-    deletes = agent.matching("DELETE", "/api/v1/jobs/j1")
-    assert len(deletes) == 1 and deletes[0].time_s >= posts[0].time_s
-    assert "j1" not in agent.jobs
+    assert [r.status for r in agent.matching("DELETE", "/api/v1/jobs/j1")] == [200]
+    assert state_of(agent, "j1") == "finished"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_forwards_the_signal_to_the_child_once_and_unregisters(
-    agent: FakeAgent, workdir: Path, sig: signal.Signals
+    agent: SimAgent, workdir: Path, sig: signal.Signals
 ):
     proc = supervise(workdir, agent.url, "wait")
     try:
         (child,) = wait_for(lambda: starts(workdir), what="the child to start")
-        agent.wait_until(lambda: "j1" in agent.jobs, what="registration")
+        agent.wait_until(lambda: running_pid(agent, "j1") == child["pid"], what="registration")
         proc.send_signal(sig)
     finally:
         code, err = finish(proc)
     assert code == 7, err  # the child's own exit code
     assert signals_of(workdir, child["pid"]) == [sig]
-    assert agent.matching("DELETE", "/api/v1/jobs/j1")
+    assert state_of(agent, "j1") == "finished"
     assert len(starts(workdir)) == 1  # a stop is not a migration
 
 
-def test_moves_the_job_when_the_agent_sets_a_target_gpu(agent: FakeAgent, workdir: Path):
+def test_moves_the_job_when_the_agent_sets_a_target_gpu(agent: SimAgent, workdir: Path):
+    registrations = Registrations(agent)
     proc = supervise(workdir, agent.url, "wait", "--gpu", "0")
     try:
         (first,) = wait_for(lambda: starts(workdir), what="the first child")
-        agent.wait_until(lambda: "j1" in agent.jobs, what="registration")
-        agent.set_target_gpu("j1", 2)
+        agent.wait_until(lambda: running_pid(agent, "j1") == first["pid"], what="registration")
+        status, body = http_json(f"{agent.url}/api/v1/jobs/j1/migrate", {"gpu": 2}, token=TOKEN)
+        assert status == 200 and body["target_gpu"] == 2
         second = wait_for(lambda: starts(workdir)[1:], what="a restart")[0]
-        agent.wait_until(
-            lambda: agent.jobs.get("j1", {}).get("pid") == second["pid"], what="re-registration"
-        )
+        agent.wait_until(lambda: running_pid(agent, "j1") == second["pid"], what="re-registration")
         proc.send_signal(signal.SIGTERM)
     finally:
         code, err = finish(proc)
@@ -148,13 +171,9 @@ def test_moves_the_job_when_the_agent_sets_a_target_gpu(agent: FakeAgent, workdi
     assert first["env"]["CUDA_VISIBLE_DEVICES"] == "0"
     assert second["env"]["CUDA_VISIBLE_DEVICES"] == "2"
     assert second["env"]["WATTWARDEN_JOB_NAME"] == "j1"
-    bodies = [p.body for p in agent.matching("POST", "/api/v1/jobs")]
-    assert bodies == [
-        {"name": "j1", "pid": first["pid"], "gpu": 0, "priority": "normal"},
-        {"name": "j1", "pid": second["pid"], "gpu": 2, "priority": "normal"},
-    ]
+    assert registrations.seen == [(first["pid"], 0, "normal"), (second["pid"], 2, "normal")]
     assert len(starts(workdir)) == 2
-    assert agent.matching("DELETE", "/api/v1/jobs/j1")
+    assert state_of(agent, "j1") == "finished" and agent.jobs.get("j1").target_gpu is None
 
 
 def test_unreachable_agent_at_start_exits_1_without_running_the_command(workdir: Path):
@@ -169,17 +188,17 @@ def test_unreachable_agent_at_start_exits_1_without_running_the_command(workdir:
 
 
 def test_a_wrong_token_is_a_clear_error_and_the_child_is_stopped(workdir: Path):
-    def answer_once_the_child_runs(req: RecordedRequest) -> None:
+    def answer_once_the_child_runs(method: str, path: str) -> None:
         # hold the 401 until the child has installed its SIGTERM handler and said so
-        if req.method == "POST" and req.path == "/api/v1/jobs":
+        if method == "POST" and path == "/api/v1/jobs":
             wait_for(lambda: starts(workdir) or None, timeout_s=4, what="the child's start record")
 
-    with FakeAgent(token="another-token") as agent:
+    with SimAgent(token="another-token") as agent:
         agent.on_request = answer_once_the_child_runs
         code, err = finish(supervise(workdir, agent.url, "wait"))
     assert code == 1
     assert "cannot register job j1" in err and "401" in err and "--token-file" in err
-    assert agent.jobs == {}
+    assert agent.jobs.jobs() == []
     # the supervisor stopped its child with SIGTERM and waited for it to exit
     (child,) = starts(workdir)
     assert signals_of(workdir, child["pid"]) == [signal.SIGTERM]
@@ -312,29 +331,53 @@ def test_a_second_job_run_under_a_running_jobs_name_is_refused_not_taken_over(
         assert code == 7, err
 
 
-def test_a_job_name_with_a_trailing_newline_is_a_usage_error(agent: FakeAgent, workdir: Path):
+def test_a_job_name_with_a_trailing_newline_is_a_usage_error(agent: SimAgent, workdir: Path):
     code, err = finish(supervise(workdir, agent.url, "exit3", name="a\n"))
     assert code == 2
     assert "--name must be" in err
-    assert starts(workdir) == [] and agent.jobs == {}
+    assert starts(workdir) == [] and agent.jobs.jobs() == [] and agent.requests == []
 
 
 def test_registers_again_when_the_agent_reports_the_job_finished_while_it_runs(
-    agent: FakeAgent, workdir: Path
+    agent: SimAgent, workdir: Path
 ):
+    registrations = Registrations(agent)
     proc = supervise(workdir, agent.url, "wait")
     try:
         (child,) = wait_for(lambda: starts(workdir), what="the child to start")
-        agent.wait_until(lambda: "j1" in agent.jobs, what="registration")
-        with agent._cond:
-            agent.jobs["j1"]["state"] = "finished"  # as after a reap while unreachable
+        agent.wait_until(lambda: running_pid(agent, "j1") == child["pid"], what="registration")
+        agent.jobs.unregister("j1")  # as after a reap while unreachable
+        agent.wait_until(lambda: len(registrations.seen) == 2, what="a new registration")
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        code, err = finish(proc)
+    assert code == 7, err
+    assert [pid for pid, _, _ in registrations.seen] == [child["pid"], child["pid"]]
+    assert len(starts(workdir)) == 1  # the process ran on, it was not restarted
+    assert state_of(agent, "j1") == "finished"
+
+
+def test_a_name_taken_by_another_process_is_neither_followed_nor_ended(
+    agent: SimAgent, workdir: Path
+):
+    proc = supervise(workdir, agent.url, "wait", "--gpu", "0")
+    try:
+        (child,) = wait_for(lambda: starts(workdir), what="the child to start")
+        agent.wait_until(lambda: running_pid(agent, "j1") == child["pid"], what="registration")
+        # the agent ended the job (a reap) and another process took the name, then was moved
+        agent.jobs.unregister("j1")
+        agent.jobs.register("j1", os.getpid(), 1)
+        agent.jobs.request_migration("j1", 3)
+        polls = len(agent.matching("GET", "/api/v1/jobs/j1"))
         agent.wait_until(
-            lambda: len(agent.matching("POST", "/api/v1/jobs")) == 2, what="a new registration"
+            lambda: len(agent.matching("GET", "/api/v1/jobs/j1")) >= polls + 2,
+            what="two polls after the name was taken",
         )
         proc.send_signal(signal.SIGTERM)
     finally:
         code, err = finish(proc)
     assert code == 7, err
-    bodies = [p.body for p in agent.matching("POST", "/api/v1/jobs")]
-    assert [b["pid"] for b in bodies] == [child["pid"], child["pid"]]
-    assert len(starts(workdir)) == 1  # the process ran on, it was not restarted
+    assert len(starts(workdir)) == 1  # the other job's move was not followed
+    assert running_pid(agent, "j1") == os.getpid()  # and it was not ended at exit
+    assert agent.matching("DELETE", "/api/v1/jobs/j1") == []
+    assert err.count(f"the agent's job j1 is now pid {os.getpid()}; job j1 runs on untracked") == 1

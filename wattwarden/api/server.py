@@ -1,10 +1,11 @@
-"""The agent's HTTP server: /metrics, health, JSON state, and authenticated control endpoints.
+"""The agent's HTTP server: routing, and the handlers of /metrics, health, state and jobs.
 
-One port: a Starlette application (this module: routes, auth, validation, handlers) served by
-uvicorn with production limits (:mod:`wattwarden.api.http`: strict parsing, backlog, connection
-cap, deadlines). Reads are open (bind to loopback, or use the exporter-toolkit-style TLS and basic
-auth); writes need ``Authorization: Bearer <token>``, compared in constant time. Every body field
-is checked at the edge: a bad one is a 4xx naming it.
+One port: a Starlette application (this module: the route table, auth and body plumbing, and
+handlers that validate a body with :mod:`.contract` and delegate) served by uvicorn with
+production limits (:mod:`.http`). Reads are open (bind to loopback, or use the
+exporter-toolkit-style TLS and basic auth); writes need ``Authorization: Bearer <token>``
+(:mod:`.auth`). Decisions are not taken here: a power-limit change is
+:func:`wattwarden.policies.manual.set_power_limit`'s, simulator controls are :mod:`.sim_routes`.
 
 Handlers are plain functions run in Starlette's thread pool (store snapshots, the /metrics render
 and bcrypt checks never block the event loop), and the event loop runs on its own thread.
@@ -12,17 +13,13 @@ and bcrypt checks never block the event loop), and the event loop runs on its ow
 
 from __future__ import annotations
 
-import base64
-import hmac
 import json
 import logging
-import math
-import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -33,38 +30,31 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from wattwarden.api.http import HttpLimits, HttpServer
-from wattwarden.api.state import history_json, job_json, state_json
-from wattwarden.api.webconfig import WebConfig
-from wattwarden.collectors.jobs import (
-    COUNT_MAX,
-    NAME_PATTERN,
-    PID_MAX,
-    PRIORITIES,
-    JobConflict,
-    JobError,
-    JobRegistry,
+from wattwarden.api import contract as c
+from wattwarden.api import sim_routes
+from wattwarden.api.auth import check_basic, check_bearer
+from wattwarden.api.contract import (
+    ApiError,
+    JobProgress,
+    JobRecord,
+    JobRegistration,
+    Migration,
+    PowerLimitRequest,
+    parse_body,
 )
+from wattwarden.api.http import HttpLimits, HttpServer
+from wattwarden.api.sim_routes import SimulatedGpus
+from wattwarden.api.state import history_json, state_json
+from wattwarden.api.webconfig import WebConfig
+from wattwarden.collectors.jobs import JobConflict, JobError, JobRegistry, JobView
 from wattwarden.collectors.store import MetricStore
 from wattwarden.exporters.prometheus import render
-from wattwarden.hardware.errors import HardwareError, InvalidArgument
-from wattwarden.hardware.sim.fleet import SimFleet
-from wattwarden.policies.actuator import LimitActuator, RateLimited
+from wattwarden.hardware.device import GpuDevice
+from wattwarden.hardware.errors import HardwareError, NotSupported
+from wattwarden.policies.actuator import LimitActuator
+from wattwarden.policies.manual import Refusal, Refused, set_power_limit
 
 log = logging.getLogger(__name__)
-
-MAX_JSON_DEPTH = 16
-SIM_FAULT_PARAMS = frozenset({"delta_c", "xid", "field"})
-JOBS_PREFIX = "/api/v1/jobs/"
-
-
-class ApiError(Exception):
-    """An error with an HTTP status, sent as ``{"error": message}``."""
-
-    def __init__(self, status: HTTPStatus, message: str, *, challenge: str = "Bearer") -> None:
-        super().__init__(message)
-        self.status = status
-        self.challenge = challenge
 
 
 @dataclass
@@ -78,7 +68,7 @@ class AgentContext:
     node: str
     interval_s: float
     actuator: LimitActuator | None = None
-    fleet: SimFleet | None = None
+    fleet: SimulatedGpus | None = None
     mode: str = "dry_run"
     jobs: JobRegistry = field(default_factory=JobRegistry)
     web: WebConfig | None = None
@@ -86,96 +76,13 @@ class AgentContext:
     """Reads the GPU energy counters now, for ``GET /api/v1/energy``."""
 
 
-# ------------------------------------------------------------------ bodies and fields
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _bad(message: str) -> ApiError:
     return ApiError(HTTPStatus.BAD_REQUEST, message)
 
 
-_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKETS = re.compile(rb"[\[\]{}]")
-
-
-def _json_depth(raw: bytes) -> int:
-    """How deep arrays and objects nest, counted without recursion (strings skipped)."""
-    depth = deepest = 0
-    for m in _BRACKETS.finditer(_STRINGS.sub(b"", raw)):
-        depth += 1 if m.group() in (b"[", b"{") else -1
-        deepest = max(deepest, depth)
-    return deepest
-
-
-class _NonFinite:
-    """``NaN``, ``Infinity`` or ``-Infinity`` in a body: kept, so the field check can name it."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """A request body as a JSON object; ApiError (400) naming what is wrong."""
-    if _json_depth(raw) > MAX_JSON_DEPTH:
-        raise _bad(f"body is nested more than {MAX_JSON_DEPTH} levels deep")
-    try:
-        body = json.loads(raw or b"null", parse_constant=_NonFinite)
-    except ValueError as e:
-        raise _bad(f"body is not JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise _bad("body must be a JSON object")
-    return body
-
-
-def _required(body: dict[str, Any], key: str) -> Any:
-    if key not in body:
-        raise _bad(f"missing field {key!r}")
-    return body[key]
-
-
-def _int(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
-    value = _required(body, key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(f"field {key!r} must be an integer, got {_short(value)}")
-    if not lo <= value <= hi:
-        raise _bad(f"field {key!r} must be within {lo}..{hi}, got {_short(value)}")
-    return value
-
-
-def _number(body: dict[str, Any], key: str) -> float:
-    value = _required(body, key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _bad(f"field {key!r} must be a number, got {_short(value)}")
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
-    if not math.isfinite(number):
-        raise _bad(f"field {key!r} must be a finite number, got {_short(value)}")
-    return number
-
-
-def _str(body: dict[str, Any], key: str) -> str:
-    value = _required(body, key)
-    if not isinstance(value, str):
-        raise _bad(f"field {key!r} must be a string, got {_short(value)}")
-    return value
-
-
-def _gpu(body: dict[str, Any], count: int) -> int:
-    value = _required(body, "gpu")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(f"field 'gpu' must be an integer, got {_short(value)}")
-    if not 0 <= value < count:
-        raise ApiError(
-            HTTPStatus.NOT_FOUND, f"field 'gpu': no GPU {_short(value)} (this node has {count})"
-        )
-    return value
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # ------------------------------------------------------------------------ responses
@@ -208,21 +115,21 @@ class _Api:
         read, write = self._read, self._write
         get, post, delete = ["GET"], ["POST"], ["DELETE"]
         return [
-            Route("/", read(self._index), methods=get),
-            Route("/metrics", read(self._metrics), methods=get),
-            Route("/healthz", read(self._healthz, open_=True), methods=get),
-            Route("/api/v1/state", read(self._state), methods=get),
-            Route("/api/v1/history", read(self._history), methods=get),
-            Route("/api/v1/energy", read(self._energy), methods=get),
-            Route("/api/v1/jobs", read(self._jobs), methods=get),
-            Route("/api/v1/jobs", write(self._register_job), methods=post),
-            Route(JOBS_PREFIX + "{name}", read(self._job), methods=get),
-            Route(JOBS_PREFIX + "{name}", write(self._unregister_job, body=False), methods=delete),
-            Route(JOBS_PREFIX + "{name}/progress", write(self._job_progress), methods=post),
-            Route(JOBS_PREFIX + "{name}/migrate", write(self._job_migrate), methods=post),
-            Route("/api/v1/power-limits", write(self._power_limit), methods=post),
-            Route("/api/v1/sim/faults", write(self._sim_fault), methods=post),
-            Route("/api/v1/sim/load", write(self._sim_load), methods=post),
+            Route(c.INDEX, read(self._index), methods=get),
+            Route(c.METRICS, read(self._metrics), methods=get),
+            Route(c.HEALTHZ, read(self._healthz, open_=True), methods=get),
+            Route(c.STATE, read(self._state), methods=get),
+            Route(c.HISTORY, read(self._history), methods=get),
+            Route(c.ENERGY, read(self._energy), methods=get),
+            Route(c.JOBS, read(self._jobs), methods=get),
+            Route(c.JOBS, write(self._register_job), methods=post),
+            Route(c.JOB, read(self._job), methods=get),
+            Route(c.JOB, write(self._unregister_job, body=False), methods=delete),
+            Route(c.JOB_PROGRESS, write(self._job_progress), methods=post),
+            Route(c.JOB_MIGRATE, write(self._job_migrate), methods=post),
+            Route(c.POWER_LIMITS, write(self._power_limit), methods=post),
+            Route(c.SIM_FAULTS, write(self._sim_fault), methods=post),
+            Route(c.SIM_LOAD, write(self._sim_load), methods=post),
         ]
 
     # ------------------------------------------------------------ plumbing
@@ -289,23 +196,10 @@ class _Api:
         return parse_body(b"".join(chunks))
 
     def _check_bearer(self, request: Request) -> None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        ok = hmac.compare_digest(given.strip().encode(), self.ctx.token.encode())
-        if scheme.lower() != "bearer" or not ok:
-            raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token")
+        check_bearer(request.headers, self.ctx.token)
 
     def _check_basic(self, request: Request) -> None:
-        """Basic auth for reads, where the web config names users."""
-        web = self.ctx.web
-        if web is None or not web.users:
-            return
-        scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
-        try:
-            user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
-            user, password = "", ""
-        if scheme.lower() != "basic" or not web.check_basic(user, password):
-            raise ApiError(HTTPStatus.UNAUTHORIZED, "basic auth required", challenge="Basic")
+        check_basic(request.headers, self.ctx.web)
 
     # --------------------------------------------------------------- reads
     def _index(self, request: Request) -> Response:
@@ -317,9 +211,9 @@ class _Api:
         return Response(body, HTTPStatus.OK, media_type=content_type)
 
     def _healthz(self, request: Request) -> Response:
-        last = self.ctx.store.snapshot().last_sample_s
+        age_s = self.ctx.store.seconds_since_pass()
         stale_after = max(5.0, 10 * self.ctx.interval_s)
-        if last is None or time.time() - last > stale_after:
+        if age_s is None or age_s > stale_after:
             return _text(HTTPStatus.SERVICE_UNAVAILABLE, b"sampler stalled\n")
         return _text(HTTPStatus.OK, b"ok\n")
 
@@ -346,113 +240,106 @@ class _Api:
         return _json(HTTPStatus.OK, self.ctx.energy())
 
     # ----------------------------------------------------------------- jobs
+    def _gpu_count(self) -> int:
+        return len(self.ctx.store.snapshot().gpus)
+
     def _jobs(self, request: Request) -> Response:
-        return _json(HTTPStatus.OK, {"jobs": [job_json(j) for j in self.ctx.jobs.jobs()]})
+        return _json(HTTPStatus.OK, {"jobs": [_record(j) for j in self.ctx.jobs.jobs()]})
 
     def _job(self, request: Request) -> Response:
         name = request.path_params["name"]
         self.ctx.jobs.touch(name)  # the supervisor's poll doubles as its heartbeat
-        return _json(HTTPStatus.OK, job_json(self.ctx.jobs.get(name)))
+        return _json(HTTPStatus.OK, _record(self.ctx.jobs.get(name)))
 
     def _unregister_job(self, request: Request, body: dict[str, Any]) -> Response:
-        return _json(HTTPStatus.OK, job_json(self.ctx.jobs.unregister(request.path_params["name"])))
+        return _json(HTTPStatus.OK, _record(self.ctx.jobs.unregister(request.path_params["name"])))
 
     def _register_job(self, request: Request, body: dict[str, Any]) -> Response:
-        name = _str(body, "name")
-        if not NAME_PATTERN.fullmatch(name):
-            raise _bad(
-                f"field 'name' must be 1-64 of A-Z a-z 0-9 _ . : - starting with a letter or "
-                f"digit, got {_short(name)}"
-            )
-        pid = _int(body, "pid", 1, PID_MAX)
-        gpu = _gpu(body, len(self.ctx.store.snapshot().gpus))
-        priority = body.get("priority", "normal")
-        if priority not in PRIORITIES:
-            raise _bad(f"field 'priority' must be one of {', '.join(PRIORITIES)}")
-        utilization = None
-        if body.get("utilization") is not None:
-            utilization = _number(body, "utilization")
-            if not 0.0 < utilization <= 1.0:
-                raise _bad(f"field 'utilization' must be within (0, 1], got {utilization}")
-        view, created = self.ctx.jobs.register(name, pid, gpu, priority, utilization=utilization)
+        req = JobRegistration.from_json(body, self._gpu_count())
+        view, created = self.ctx.jobs.register(
+            req.name, req.pid, req.gpu, req.priority, utilization=req.utilization
+        )
         log.info("job %s %s on GPU %d (pid %d)", view.name,
                  "registered" if created else "moved", view.gpu, view.pid)  # fmt: skip
-        return _json(HTTPStatus.CREATED if created else HTTPStatus.OK, job_json(view))
+        return _json(HTTPStatus.CREATED if created else HTTPStatus.OK, _record(view))
 
     def _job_progress(self, request: Request, body: dict[str, Any]) -> Response:
-        counts = {k: _int(body, k, 0, COUNT_MAX) for k in ("step", "samples", "tokens")}
-        view = self.ctx.jobs.progress(request.path_params["name"], **counts)
-        return _json(HTTPStatus.OK, job_json(view))
+        req = JobProgress.from_json(body)
+        view = self.ctx.jobs.progress(
+            request.path_params["name"], step=req.step, samples=req.samples, tokens=req.tokens
+        )
+        return _json(HTTPStatus.OK, _record(view))
 
     def _job_migrate(self, request: Request, body: dict[str, Any]) -> Response:
-        gpu = _gpu(body, len(self.ctx.store.snapshot().gpus))
-        view = self.ctx.jobs.request_migration(request.path_params["name"], gpu)
-        return _json(HTTPStatus.OK, job_json(view))
+        req = Migration.from_json(body, self._gpu_count())
+        view = self.ctx.jobs.request_migration(request.path_params["name"], req.gpu)
+        return _json(HTTPStatus.OK, _record(view))
 
     # -------------------------------------------------------- power limits
     def _power_limit(self, request: Request, body: dict[str, Any]) -> Response:
-        actuator = self.ctx.actuator
-        gpu = _gpu(body, len(self.ctx.store.snapshot().gpus))
-        watts = _number(body, "watts")
-        if self.ctx.mode != "apply" or actuator is None:
-            raise ApiError(
-                HTTPStatus.CONFLICT,
-                "the agent runs in dry-run mode; start it with --apply to change power limits",
-            )
+        req = PowerLimitRequest.from_json(body, self._gpu_count())
+        ctx = self.ctx
         try:
-            change = actuator.set_limit(gpu, watts, reason="api")
-        except InvalidArgument as e:
-            raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, f"field 'watts': {e}") from None
-        except RateLimited as e:
-            raise ApiError(HTTPStatus.TOO_MANY_REQUESTS, str(e)) from None
-        except HardwareError as e:
-            self.ctx.store.count_policy_action("api", "set_power_limit_failed", "apply")
-            raise ApiError(HTTPStatus.BAD_GATEWAY, f"driver refused: {e}") from None
-        self.ctx.store.count_policy_action("api", "set_power_limit", "apply")
+            change = set_power_limit(ctx.actuator, ctx.mode, ctx.store, req.gpu, req.watts)
+        except Refused as e:
+            status, message = _REFUSALS[e.kind]
+            raise ApiError(status, message.format(e)) from None
         return _json(
             HTTPStatus.OK,
-            {
-                "gpu": gpu,
-                "requested_watts": change.requested_w,
-                "enforced_watts": change.enforced_w,
-            },
-        )
+            {"gpu": req.gpu, "requested_watts": change.requested_w,
+             "enforced_watts": change.enforced_w},
+        )  # fmt: skip
 
     # ------------------------------------------------------------- the sim
-    def _fleet(self) -> SimFleet:
-        if self.ctx.fleet is None:
-            raise ApiError(
-                HTTPStatus.NOT_FOUND, "this agent reads real GPUs; sim endpoints are off"
-            )
-        return self.ctx.fleet
-
     def _sim_fault(self, request: Request, body: dict[str, Any]) -> Response:
-        fleet = self._fleet()
-        gpu = _gpu(body, len(fleet))
-        fault = _str(body, "fault")
-        params = {k: v for k, v in body.items() if k not in ("gpu", "fault")}
-        unknown = sorted(set(params) - SIM_FAULT_PARAMS)
-        if unknown:
-            raise _bad(f"field {_short(unknown[0])} is not a fault parameter")
-        try:
-            fleet[gpu].inject(fault, **params)
-        except InvalidArgument as e:
-            raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, str(e)) from None
-        log.warning("sim: injected %s on GPU %d %s", fault, gpu, params or "")
-        return _json(HTTPStatus.OK, {"gpu": gpu, "fault": fault})
+        return _json(HTTPStatus.OK, sim_routes.inject_fault(self.ctx.fleet, body))
 
     def _sim_load(self, request: Request, body: dict[str, Any]) -> Response:
-        fleet = self._fleet()
-        gpu = _gpu(body, len(fleet))
-        util = _number(body, "utilization")
-        memory = None
-        if body.get("memory_bytes") is not None:
-            memory = _int(body, "memory_bytes", 0, COUNT_MAX)
+        return _json(HTTPStatus.OK, sim_routes.set_load(self.ctx.fleet, body))
+
+
+_REFUSALS: dict[Refusal, tuple[HTTPStatus, str]] = {
+    Refusal.DRY_RUN: (HTTPStatus.CONFLICT, "{}"),
+    Refusal.OUT_OF_RANGE: (HTTPStatus.UNPROCESSABLE_ENTITY, "field 'watts': {}"),
+    Refusal.TOO_SOON: (HTTPStatus.TOO_MANY_REQUESTS, "{}"),
+    Refusal.DRIVER: (HTTPStatus.BAD_GATEWAY, "driver refused: {}"),
+}
+"""The status of each kind of refused power-limit change, and how its reason is worded."""
+
+
+class HostEnergy(Protocol):
+    """A host energy counter (a RAPL domain's sample)."""
+
+    @property
+    def domain(self) -> str:
+        """The domain's name."""
+
+    @property
+    def energy_j(self) -> float:
+        """Its energy since the agent started."""
+
+
+def energy_json(devices: Iterable[GpuDevice], host: Iterable[HostEnergy]) -> dict[str, Any]:
+    """``GET /api/v1/energy``: each GPU's energy counter read now, and the host's latest."""
+    gpus = []
+    for device in devices:
+        entry: dict[str, Any] = {"index": device.index, "uuid": device.info().uuid}
         try:
-            fleet[gpu].set_load(util, memory)
-        except InvalidArgument as e:
-            raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, str(e)) from None
-        return _json(HTTPStatus.OK, {"gpu": gpu, "utilization": util})
+            entry["energy_joules"] = device.read_energy_j()
+        except NotSupported:
+            entry["energy_joules"] = None
+        except HardwareError as e:
+            entry["energy_joules"], entry["error"] = None, str(e)
+        gpus.append(entry)
+    return {
+        "timestamp": time.time(),
+        "gpus": gpus,
+        "host": [{"domain": h.domain, "energy_joules": h.energy_j} for h in host],
+    }
+
+
+def _record(job: JobView) -> dict[str, Any]:
+    return JobRecord.from_view(job).to_json()
 
 
 def _client(request: Request) -> str:

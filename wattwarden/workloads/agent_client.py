@@ -5,6 +5,7 @@ own (about 1 ms on loopback). ``keep_alive=True`` reuses one connection (about 0
 disables Nagle's algorithm so that a kept connection does not wait out the client's delayed ACK
 (40 ms) between headers and body. An agent behind a web config takes ``https://user:pass@host``
 (basic auth for reads; writes send the bearer token) and the CA in ``$SSL_CERT_FILE``.
+Routes, bodies and answers are :mod:`wattwarden.api.contract`'s, the ones the agent checks.
 Errors are :class:`AgentError` with a one-line message naming the agent and the problem.
 """
 
@@ -16,12 +17,37 @@ import json
 import os
 import socket
 import threading
-from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
+from wattwarden.api.contract import (
+    ENERGY,
+    HEALTHZ,
+    JOB,
+    JOB_PROGRESS,
+    JOBS,
+    ContractError,
+    EnergySnapshot,
+    GpuEnergy,
+    JobProgress,
+    JobRecord,
+    JobRegistration,
+    job_path,
+)
 from wattwarden.config import DEFAULT_LISTEN, ConfigError, default_state_dir
+
+__all__ = [
+    "AgentClient",
+    "AgentError",
+    "AgentUnreachable",
+    "EnergySnapshot",
+    "GpuEnergy",
+    "JobRecord",
+    "check_url",
+    "resolve_token",
+]
 
 DEFAULT_AGENT_URL = f"http://{DEFAULT_LISTEN}"
 ENV_AGENT_URL = "WATTWARDEN_AGENT_URL"
@@ -41,24 +67,6 @@ class AgentError(Exception):
 
 class AgentUnreachable(AgentError):
     """No connection to the agent (refused, timed out, reset)."""
-
-
-@dataclass(frozen=True, slots=True)
-class GpuEnergy:
-    """One GPU's hardware energy counter as the agent read it."""
-
-    index: int
-    uuid: str
-    energy_j: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class EnergySnapshot:
-    """``GET /api/v1/energy``: counters read at request time."""
-
-    timestamp_s: float
-    gpus: tuple[GpuEnergy, ...]
-    host_j: dict[str, float]
 
 
 def check_url(url: str, what: str = "--agent") -> str:
@@ -212,69 +220,65 @@ class AgentClient:
             )
         return data
 
+    def _record(self, method: str, path: str, data: Any) -> JobRecord:
+        try:
+            return JobRecord.from_json(data)
+        except ContractError as e:
+            raise AgentError(f"agent at {self.url}: unexpected {method} {path} body ({e})") from e
+
     # ---------------------------------------------------------------- reads
     def healthz(self) -> int:
         """The status of ``GET /healthz`` (any answer means the agent is there)."""
-        status, _ = self.request("GET", "/healthz")
+        status, _ = self.request("GET", HEALTHZ)
         return status
 
     def energy(self) -> EnergySnapshot:
         """``GET /api/v1/energy``."""
-        data = self._expect("GET", "/api/v1/energy")
+        data = self._expect("GET", ENERGY)
         try:
-            gpus = tuple(
-                GpuEnergy(
-                    index=int(g["index"]),
-                    uuid=str(g.get("uuid", "")),
-                    energy_j=None if g.get("energy_joules") is None else float(g["energy_joules"]),
-                )
-                for g in data["gpus"]
-            )
-            host = {
-                str(h["domain"]): float(h["energy_joules"])
-                for h in data.get("host") or []
-                if h.get("energy_joules") is not None
-            }
-            return EnergySnapshot(float(data["timestamp"]), gpus, host)
-        except (KeyError, TypeError, ValueError) as e:
+            return EnergySnapshot.from_json(data)
+        except ContractError as e:
             raise AgentError(f"agent at {self.url}: unexpected /api/v1/energy body ({e})") from e
 
-    def job(self, name: str) -> dict[str, Any] | None:
+    def job(self, name: str) -> JobRecord | None:
         """``GET /api/v1/jobs/{name}``; None when the agent does not know the job (404)."""
-        status, data = self.request("GET", f"/api/v1/jobs/{quote(name, safe='')}")
-        if status == 404:
+        path = job_path(JOB, name)
+        status, data = self.request("GET", path)
+        if status == HTTPStatus.NOT_FOUND:
             return None
-        if status >= 400 or not isinstance(data, dict):
+        if status >= 400:
             message = data.get("error") if isinstance(data, dict) else data
             raise AgentError(f"agent at {self.url}: GET job {name}: {status} {message}", status)
-        return data
+        return self._record("GET", path, data)
 
     # --------------------------------------------------------------- writes
     def register_job(
         self, name: str, pid: int, gpu: int, priority: str, *, utilization: float | None = None
-    ) -> Any:
-        """``POST /api/v1/jobs``; ``utilization`` is the load a simulated GPU gets from the job."""
-        body: dict[str, Any] = {"name": name, "pid": pid, "gpu": gpu, "priority": priority}
-        if utilization is not None:
-            body["utilization"] = utilization
-        return self._expect("POST", "/api/v1/jobs", body, auth=True)
+    ) -> JobRecord:
+        """``POST /api/v1/jobs``; ``utilization`` is the load a simulated GPU gets from the job.
 
-    def unregister_job(self, name: str) -> dict[str, Any] | None:
+        A name that a running job of another process holds is refused: AgentError, status 409.
+        """
+        body = JobRegistration(name, pid, gpu, priority, utilization).to_json()
+        return self._record("POST", JOBS, self._expect("POST", JOBS, body, auth=True))
+
+    def unregister_job(self, name: str) -> JobRecord | None:
         """``DELETE /api/v1/jobs/{name}``: the job's final record, or None if unknown (404)."""
-        status, data = self.request("DELETE", f"/api/v1/jobs/{quote(name, safe='')}", auth=True)
-        if status == 404:
+        path = job_path(JOB, name)
+        status, data = self.request("DELETE", path, auth=True)
+        if status == HTTPStatus.NOT_FOUND:
             return None
         if status >= 400:
             message = data.get("error") if isinstance(data, dict) else data
             raise AgentError(
                 f"agent at {self.url} refused DELETE job {name}: {status} {message}", status
             )
-        return data if isinstance(data, dict) else None
+        return self._record("DELETE", path, data)
 
     def post_progress(self, name: str, step: int, samples: int, tokens: int) -> None:
         """``POST /api/v1/jobs/{name}/progress``."""
-        body = {"step": step, "samples": samples, "tokens": tokens}
-        self._expect("POST", f"/api/v1/jobs/{quote(name, safe='')}/progress", body, auth=True)
+        body = JobProgress(step, samples, tokens).to_json()
+        self._expect("POST", job_path(JOB_PROGRESS, name), body, auth=True)
 
     def close(self) -> None:
         """Close the connection."""

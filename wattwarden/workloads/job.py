@@ -13,6 +13,11 @@ registering it again with the new GPU and process id (the agent accepts a new pi
 job's name only for the move it asked for, or once the old process is gone; another job
 already running under the name is an error, never taken over).
 
+Should the name pass to another process while the job runs (the agent ended the job, say after
+losing touch with the supervisor, and another ``job run`` took the name: the agent's 409 on
+registering again, or a record with another pid), the job runs on untracked: the supervisor says
+so, never follows a move asked of the other job, and never ends the other job at exit.
+
 At exit it prints what the job cost on stderr: duration, energy (J and Wh), mean power and
 tokens per joule, per GPU where it moved, from the agent's final record of the job.
 """
@@ -21,16 +26,17 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 from types import FrameType
 from typing import Any, TextIO
 
+from wattwarden.api.contract import PRIORITIES, JobRecord, valid_job_name
 from wattwarden.workloads.agent_client import (
     ENV_AGENT_URL,
     ENV_JOB_NAME,
@@ -42,10 +48,7 @@ from wattwarden.workloads.agent_client import (
 
 log = logging.getLogger(__name__)
 
-# as the agent checks it; \Z, not $ (which also matches before a trailing newline)
-NAME_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
 JOULES_PER_WH = 3600.0
-PRIORITIES = ("high", "normal", "low")
 EXIT_FAILURE = 1
 EXIT_CANNOT_RUN = 127
 _FORWARDED = (signal.SIGTERM, signal.SIGINT)
@@ -73,7 +76,7 @@ class JobSupervisor:
         stream: TextIO | None = None,
         sim_utilization: float | None = None,
     ) -> None:
-        if not NAME_PATTERN.match(name):
+        if not valid_job_name(name):
             raise ValueError(f"bad job name {name!r}")
         if priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}")
@@ -94,6 +97,8 @@ class JobSupervisor:
         self._registered = False
         self._stopping = threading.Event()
         self._poll_failed = False
+        self._taken_by: int | None = None
+        """The pid that holds the job's name at the agent instead of the child (said once)."""
         self._started_s: float | None = None
         """Monotonic time the first child started (for the summary)."""
         self._ever_registered = False
@@ -153,8 +158,16 @@ class JobSupervisor:
             self.name, pid, self.gpu, self.priority, utilization=self.sim_utilization
         )
         self._registered = self._ever_registered = True
+        self._taken_by = None
 
-    def _unregister(self) -> dict[str, Any] | None:
+    def _name_taken(self, by: int | None, why: str) -> None:
+        """Another process holds the job's name at the agent: run on untracked, end nothing."""
+        if self._registered or by != self._taken_by:
+            self._say(f"{why}; job {self.name} runs on untracked")
+        self._registered = False
+        self._taken_by = by
+
+    def _unregister(self) -> JobRecord | None:
         """End the job at the agent; its final record (with totals), where the agent gives it."""
         if not self._registered:
             return None
@@ -168,42 +181,40 @@ class JobSupervisor:
             return None
         return record
 
-    def _summary(self, code: int, record: dict[str, Any] | None) -> None:
+    def _summary(self, code: int, record: JobRecord | None) -> None:
         """What the job cost, on stderr."""
         started = self._started_s
         duration_s = 0.0 if started is None else time.monotonic() - started
         self._say(f"job {self.name} ended (exit {code}) after {duration_s:.1f} s")
-        energy = None if record is None else record.get("energy_joules")
-        if not _number(energy):
+        if record is None:
             self._say("energy: not reported by the agent")
             return
-        assert isinstance(energy, int | float)
+        energy = record.energy_joules
         mean = f"{energy / duration_s:.1f} W" if duration_s > 0 else "n/a"
-        efficiency = record.get("tokens_per_joule") if record is not None else None
-        per_joule = f"{efficiency:.3g}" if _number(efficiency) else "n/a"
+        efficiency = record.tokens_per_joule
+        per_joule = "n/a" if efficiency is None else f"{efficiency:.3g}"
         self._say(
             f"energy {energy:.1f} J ({energy / JOULES_PER_WH:.4f} Wh), mean power {mean}, "
             f"tokens/J {per_joule}"
         )
-        by_gpu = record.get("energy_joules_by_gpu") if record is not None else None
-        if isinstance(by_gpu, dict) and len(by_gpu) > 1:
-            parts = [
-                f"GPU {gpu}: {joules:.1f} J"
-                for gpu, joules in sorted(by_gpu.items(), key=lambda kv: str(kv[0]))
-                if _number(joules)
-            ]
+        by_gpu = record.energy_joules_by_gpu
+        if len(by_gpu) > 1:
+            parts = [f"GPU {gpu}: {joules:.1f} J" for gpu, joules in sorted(by_gpu.items())]
             self._say("per GPU: " + ", ".join(parts))
 
     def _target_gpu(self, pid: int) -> int | None:
         """The GPU the agent wants the job on, or None (no wish, or no answer)."""
         try:
             job = self.client.job(self.name)
-            if job is None or job.get("state") == "finished":
+            if job is None or job.state == "finished":
                 # restarted, or it ended the job while the process runs: register it again
                 log.warning("the agent has no running job %s; registering it again", self.name)
                 self._register(pid)
                 return None
         except AgentError as e:
+            if e.status == HTTPStatus.CONFLICT:  # another process took the name meanwhile
+                self._name_taken(None, f"cannot register job {self.name} again: {e}")
+                return None
             if not self._poll_failed:
                 self._say(f"{e}; job {self.name} keeps running, retrying every second")
                 self._poll_failed = True
@@ -211,10 +222,11 @@ class JobSupervisor:
         if self._poll_failed:
             self._say(f"the agent at {self.client.url} answers again")
             self._poll_failed = False
-        target = job.get("target_gpu")
-        if isinstance(target, int) and not isinstance(target, bool) and target >= 0:
-            return target
-        return None
+        if job.pid != pid:  # the name is another process's now: its moves are not ours
+            self._name_taken(job.pid, f"the agent's job {self.name} is now pid {job.pid}")
+            return None
+        target = job.target_gpu
+        return target if target is not None and target >= 0 else None
 
     # ------------------------------------------------------------------ main
     def run(self) -> int:
@@ -290,7 +302,3 @@ class JobSupervisor:
                 return None  # told to stop while moving: do not start it again
             log.info("job %s stopped for the move (exit %d)", self.name, exit_code(code))
             return target
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

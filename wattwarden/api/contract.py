@@ -1,0 +1,456 @@
+"""The agent's HTTP contract, declared once: routes, request bodies with their checks, job JSON.
+
+The server validates each body with the ``from_json`` of its request class (a 4xx naming the
+field, never a 500); :class:`wattwarden.workloads.agent_client.AgentClient` builds its bodies with
+``to_json`` and reads answers with :meth:`JobRecord.from_json` and
+:meth:`EnergySnapshot.from_json`. A field, a bound or a route changes here, for both sides.
+
+Errors are ``{"error": message}`` with a status (:class:`ApiError`); a message is one line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import quote
+
+from wattwarden.collectors.jobs import COUNT_MAX, NAME_PATTERN, PID_MAX, JobView
+from wattwarden.collectors.jobs import PRIORITIES as _PRIORITIES
+
+PRIORITIES = _PRIORITIES
+"""A job's priority: one of these (``normal`` when not given)."""
+
+# ----------------------------------------------------------------------------------- routes
+INDEX = "/"
+METRICS = "/metrics"
+HEALTHZ = "/healthz"
+STATE = "/api/v1/state"
+HISTORY = "/api/v1/history"
+ENERGY = "/api/v1/energy"
+JOBS = "/api/v1/jobs"
+JOB = JOBS + "/{name}"
+JOB_PROGRESS = JOB + "/progress"
+JOB_MIGRATE = JOB + "/migrate"
+POWER_LIMITS = "/api/v1/power-limits"
+SIM_FAULTS = "/api/v1/sim/faults"
+SIM_LOAD = "/api/v1/sim/load"
+
+
+def job_path(route: str, name: str) -> str:
+    """``route`` (:data:`JOB`, :data:`JOB_PROGRESS`, :data:`JOB_MIGRATE`) for the job ``name``."""
+    return route.replace("{name}", quote(name, safe=""))
+
+
+# ----------------------------------------------------------------------------------- errors
+class ApiError(Exception):
+    """An error with an HTTP status, sent as ``{"error": message}``."""
+
+    def __init__(self, status: HTTPStatus, message: str, *, challenge: str = "Bearer") -> None:
+        super().__init__(message)
+        self.status = status
+        self.challenge = challenge
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(HTTPStatus.BAD_REQUEST, message)
+
+
+# ------------------------------------------------------------------------------------ bodies
+MAX_JSON_DEPTH = 16
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def _json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest, counted without recursion (strings skipped)."""
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(_STRINGS.sub(b"", raw)):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+class _NonFinite:
+    """``NaN``, ``Infinity`` or ``-Infinity`` in a body: kept, so the field check can name it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; ApiError (400) naming what is wrong."""
+    if _json_depth(raw) > MAX_JSON_DEPTH:
+        raise _bad(f"body is nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        body = json.loads(raw or b"null", parse_constant=_NonFinite)
+    except ValueError as e:
+        raise _bad(f"body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise _bad("body must be a JSON object")
+    return body
+
+
+# ------------------------------------------------------------------------------------ fields
+def _required(body: dict[str, Any], key: str) -> Any:
+    if key not in body:
+        raise _bad(f"missing field {key!r}")
+    return body[key]
+
+
+def integer(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    """Field ``key``: an integer (not a bool) within ``lo..hi``; else 400 naming it."""
+    value = _required(body, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"field {key!r} must be an integer, got {_short(value)}")
+    if not lo <= value <= hi:
+        raise _bad(f"field {key!r} must be within {lo}..{hi}, got {_short(value)}")
+    return value
+
+
+def number(body: dict[str, Any], key: str) -> float:
+    """Field ``key``: a finite number (not a bool), as a float; else 400 naming it."""
+    value = _required(body, key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad(f"field {key!r} must be a number, got {_short(value)}")
+    try:
+        result = float(value)
+    except OverflowError:
+        result = math.inf
+    if not math.isfinite(result):
+        raise _bad(f"field {key!r} must be a finite number, got {_short(value)}")
+    return result
+
+
+def string(body: dict[str, Any], key: str) -> str:
+    """Field ``key``: a string; else 400 naming it."""
+    value = _required(body, key)
+    if not isinstance(value, str):
+        raise _bad(f"field {key!r} must be a string, got {_short(value)}")
+    return value
+
+
+def gpu_index(body: dict[str, Any], count: int) -> int:
+    """Field ``gpu``: an integer index below ``count``; 400 if not an integer, 404 if no GPU."""
+    value = _required(body, "gpu")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"field 'gpu' must be an integer, got {_short(value)}")
+    if not 0 <= value < count:
+        raise ApiError(
+            HTTPStatus.NOT_FOUND, f"field 'gpu': no GPU {_short(value)} (this node has {count})"
+        )
+    return value
+
+
+def valid_job_name(name: str) -> bool:
+    """Whether ``name`` is a job name the agent takes (1-64 of A-Z a-z 0-9 _ . : -)."""
+    return bool(NAME_PATTERN.fullmatch(name))
+
+
+# ---------------------------------------------------------------------------------- requests
+@dataclass(frozen=True, slots=True)
+class JobRegistration:
+    """``POST /api/v1/jobs``: a job's process on a GPU (201 new, 200 moved, 409 name taken)."""
+
+    name: str
+    pid: int
+    gpu: int
+    priority: str = "normal"
+    utilization: float | None = None
+    """The load a simulated GPU gets from the job, in (0, 1]; None for the agent's default."""
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any], gpu_count: int) -> JobRegistration:
+        """Checked, field by field in this order; ApiError naming the first bad one."""
+        name = string(body, "name")
+        if not valid_job_name(name):
+            raise _bad(
+                f"field 'name' must be 1-64 of A-Z a-z 0-9 _ . : - starting with a letter or "
+                f"digit, got {_short(name)}"
+            )
+        pid = integer(body, "pid", 1, PID_MAX)
+        gpu = gpu_index(body, gpu_count)
+        priority = body.get("priority", "normal")
+        if priority not in PRIORITIES:
+            raise _bad(f"field 'priority' must be one of {', '.join(PRIORITIES)}")
+        utilization = None
+        if body.get("utilization") is not None:
+            utilization = number(body, "utilization")
+            if not 0.0 < utilization <= 1.0:
+                raise _bad(f"field 'utilization' must be within (0, 1], got {utilization}")
+        return cls(name, pid, gpu, priority, utilization)
+
+    def to_json(self) -> dict[str, Any]:
+        """The body (``utilization`` only where given)."""
+        body: dict[str, Any] = {
+            "name": self.name, "pid": self.pid, "gpu": self.gpu, "priority": self.priority,
+        }  # fmt: skip
+        if self.utilization is not None:
+            body["utilization"] = self.utilization
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    """``POST /api/v1/jobs/{name}/progress``: cumulative counts, each within 0..2**63-1."""
+
+    step: int
+    samples: int
+    tokens: int
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> JobProgress:
+        """Checked in the order step, samples, tokens."""
+        return cls(*(integer(body, k, 0, COUNT_MAX) for k in ("step", "samples", "tokens")))
+
+    def to_json(self) -> dict[str, Any]:
+        """The body."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """``POST /api/v1/jobs/{name}/migrate``: the GPU the job's supervisor should move it to."""
+
+    gpu: int
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any], gpu_count: int) -> Migration:
+        """Checked against this node's GPUs."""
+        return cls(gpu_index(body, gpu_count))
+
+    def to_json(self) -> dict[str, Any]:
+        """The body."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class PowerLimitRequest:
+    """``POST /api/v1/power-limits`` (409 in dry-run, 422 out of range, 429 too soon)."""
+
+    gpu: int
+    watts: float
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any], gpu_count: int) -> PowerLimitRequest:
+        """Checked in the order gpu, watts."""
+        gpu = gpu_index(body, gpu_count)
+        return cls(gpu, number(body, "watts"))
+
+    def to_json(self) -> dict[str, Any]:
+        """The body."""
+        return asdict(self)
+
+
+SIM_FAULT_PARAMS = frozenset({"delta_c", "xid", "field"})
+
+
+@dataclass(frozen=True, slots=True)
+class SimFault:
+    """``POST /api/v1/sim/faults``: a fault on a simulated GPU, with its parameters."""
+
+    gpu: int
+    fault: str
+    params: dict[str, Any] = field(default_factory=dict)
+    """Any of ``delta_c``, ``xid``, ``field``; the simulated GPU checks their values (422)."""
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any], gpu_count: int) -> SimFault:
+        """Checked in the order gpu, fault, parameter names."""
+        gpu = gpu_index(body, gpu_count)
+        fault = string(body, "fault")
+        params = {k: v for k, v in body.items() if k not in ("gpu", "fault")}
+        unknown = sorted(set(params) - SIM_FAULT_PARAMS)
+        if unknown:
+            raise _bad(f"field {_short(unknown[0])} is not a fault parameter")
+        return cls(gpu, fault, params)
+
+    def to_json(self) -> dict[str, Any]:
+        """The body."""
+        return {"gpu": self.gpu, "fault": self.fault, **self.params}
+
+
+@dataclass(frozen=True, slots=True)
+class SimLoad:
+    """``POST /api/v1/sim/load``: a synthetic load on one simulated GPU."""
+
+    gpu: int
+    utilization: float
+    memory_bytes: int | None = None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any], gpu_count: int) -> SimLoad:
+        """Checked in the order gpu, utilization, memory_bytes (optional)."""
+        gpu = gpu_index(body, gpu_count)
+        utilization = number(body, "utilization")
+        memory = None
+        if body.get("memory_bytes") is not None:
+            memory = integer(body, "memory_bytes", 0, COUNT_MAX)
+        return cls(gpu, utilization, memory)
+
+    def to_json(self) -> dict[str, Any]:
+        """The body (``memory_bytes`` only where given)."""
+        body: dict[str, Any] = {"gpu": self.gpu, "utilization": self.utilization}
+        if self.memory_bytes is not None:
+            body["memory_bytes"] = self.memory_bytes
+        return body
+
+
+# --------------------------------------------------------------------------------- responses
+class ContractError(ValueError):
+    """An answer that does not have the contract's shape."""
+
+
+def _typed(data: dict[str, Any], key: str, kinds: tuple[type, ...], optional: bool) -> Any:
+    value: Any = data.get(key)
+    if value is None and optional:
+        return None
+    ok = not isinstance(value, bool) and isinstance(value, kinds)
+    if not ok:
+        raise ContractError(f"field {key!r} is {_short(value)}")
+    return float(value) if float in kinds else value
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A job as the API answers it (its fields are the JSON keys): running, or finished.
+
+    A finished job stays readable for a bounded retention, with its totals.
+    """
+
+    name: str
+    state: str
+    """``running`` or ``finished``."""
+    pid: int
+    gpu: int
+    priority: str
+    registered_at: float
+    """Wall-clock time, seconds since the epoch."""
+    finished_at: float | None
+    duration_seconds: float
+    step: int
+    samples: int
+    tokens: int
+    target_gpu: int | None
+    """The GPU the agent asks the job's supervisor to move it to."""
+    energy_joules: float
+    energy_joules_by_gpu: dict[str, float]
+    power_watts: float
+    mean_power_watts: float | None
+    tokens_per_joule: float | None
+
+    @classmethod
+    def from_view(cls, job: JobView) -> JobRecord:
+        """The record of a job the registry holds."""
+        return cls(
+            name=job.name,
+            state=job.state,
+            pid=job.pid,
+            gpu=job.gpu,
+            priority=job.priority,
+            registered_at=job.registered_at_s,
+            finished_at=job.finished_at_s,
+            duration_seconds=job.duration_s,
+            step=job.step,
+            samples=job.samples,
+            tokens=job.tokens,
+            target_gpu=job.target_gpu,
+            energy_joules=job.energy_j,
+            energy_joules_by_gpu={str(k): v for k, v in sorted(job.energy_by_gpu_j.items())},
+            power_watts=job.power_w,
+            mean_power_watts=job.mean_power_w,
+            tokens_per_joule=job.tokens_per_joule,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> JobRecord:
+        """A record from an answer; ContractError naming the first field out of shape."""
+        if not isinstance(data, dict):
+            raise ContractError(f"a job is {_short(data)}, not an object")
+        by_gpu = data.get("energy_joules_by_gpu")
+        if not isinstance(by_gpu, dict):
+            raise ContractError(f"field 'energy_joules_by_gpu' is {_short(by_gpu)}")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "energy_joules_by_gpu":
+                values[f.name] = {str(k): _typed(by_gpu, k, (int, float), False) for k in by_gpu}
+                continue
+            kinds, optional = _JOB_TYPES[f.name]
+            values[f.name] = _typed(data, f.name, kinds, optional)
+        return cls(**values)
+
+
+_NUMBER = (int, float)
+_JOB_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
+    "name": ((str,), False),
+    "state": ((str,), False),
+    "pid": ((int,), False),
+    "gpu": ((int,), False),
+    "priority": ((str,), False),
+    "registered_at": (_NUMBER, False),
+    "finished_at": (_NUMBER, True),
+    "duration_seconds": (_NUMBER, False),
+    "step": ((int,), False),
+    "samples": ((int,), False),
+    "tokens": ((int,), False),
+    "target_gpu": ((int,), True),
+    "energy_joules": (_NUMBER, False),
+    "power_watts": (_NUMBER, False),
+    "mean_power_watts": (_NUMBER, True),
+    "tokens_per_joule": (_NUMBER, True),
+}
+"""JSON types of :class:`JobRecord`'s fields (numbers are read as floats), and which may be null."""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuEnergy:
+    """One GPU's hardware energy counter as the agent read it."""
+
+    index: int
+    uuid: str
+    energy_j: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class EnergySnapshot:
+    """``GET /api/v1/energy``: counters read at request time."""
+
+    timestamp_s: float
+    gpus: tuple[GpuEnergy, ...]
+    host_j: dict[str, float]
+
+    @classmethod
+    def from_json(cls, data: Any) -> EnergySnapshot:
+        """The snapshot from an answer; ContractError where it is out of shape."""
+        try:
+            gpus = tuple(
+                GpuEnergy(
+                    index=int(g["index"]),
+                    uuid=str(g.get("uuid", "")),
+                    energy_j=None if g.get("energy_joules") is None else float(g["energy_joules"]),
+                )
+                for g in data["gpus"]
+            )
+            host = {
+                str(h["domain"]): float(h["energy_joules"])
+                for h in data.get("host") or []
+                if h.get("energy_joules") is not None
+            }
+            return cls(float(data["timestamp"]), gpus, host)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ContractError(str(e)) from e
