@@ -3,18 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import io
+import logging
+import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import free_port, run_agent
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
-from wattwarden.cli import build_parser
-from wattwarden.config import ConfigError, build_config, load_config_file
+from wattwarden.cli import agent_config, build_parser
+from wattwarden.cliutil import stop_on_signals
+from wattwarden.config import (
+    SETTINGS,
+    AgentConfig,
+    Choice,
+    ConfigError,
+    FilePath,
+    Integer,
+    Listen,
+    Number,
+    Setting,
+    Switch,
+    Text,
+    Url,
+    build_config,
+    load_config_file,
+    validate,
+)
 
 
 def wattwarden(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -278,3 +305,160 @@ def test_status_into_a_closed_pipe_exits_quietly() -> None:
         os.close(write_end)
     assert result.stderr == ""
     assert result.returncode == 1
+
+
+# ------------------------------------------------------------------ one declaration per setting
+AGENT_PARSER = build_parser()
+
+
+def _agent_parser() -> argparse.ArgumentParser:
+    for action in AGENT_PARSER._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices["agent"]
+    raise AssertionError("no agent command")
+
+
+def test_every_setting_is_a_field_a_flag_and_a_toml_key_and_nothing_else_is() -> None:
+    assert list(SETTINGS) == [f.name for f in dataclasses.fields(AgentConfig)]
+    flags = {s.flag for s in SETTINGS.values()}
+    flags |= {"--no-" + s.flag[2:] for s in SETTINGS.values() if isinstance(s.kind, Switch)}
+    options = {o for a in _agent_parser()._actions for o in a.option_strings}
+    assert options == flags | {"-h", "--help", "--config"}
+    with pytest.raises(ConfigError) as e:
+        validate({"nope": 1}, source="config x")
+    assert str(e.value).endswith(f"(known keys: {', '.join(sorted(SETTINGS))})")
+    assert all(getattr(AgentConfig(), s.name) == s.default for s in SETTINGS.values())
+
+
+def _toml(value: Any) -> str:
+    """``value`` as a TOML literal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return (
+            "nan"
+            if math.isnan(value)
+            else {math.inf: "inf", -math.inf: "-inf"}.get(value, repr(value))
+        )
+    if isinstance(value, int):
+        return str(value)
+    out = []
+    for c in value:
+        if c in '"\\' or ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+def _flag(s: Setting, value: Any) -> list[str]:
+    """``value`` as ``wattwarden agent`` flags (``--name=text``: a text may start with a dash)."""
+    if isinstance(s.kind, Switch):
+        return [s.flag if value else "--no-" + s.flag[2:]]
+    return [f"{s.flag}={repr(value) if isinstance(value, float) else value}"]
+
+
+def _outcome(argv: list[str]) -> tuple[str, Any]:
+    """("ok", the config) or ("refused", the one-line error) for ``wattwarden agent ARGV``."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = AGENT_PARSER.parse_args(["agent", *argv])
+        return "ok", agent_config(args)
+    except SystemExit as e:
+        assert e.code == 2
+        return "refused", err.getvalue().strip()
+    except ConfigError as e:
+        return "refused", str(e)
+
+
+def _two_valid_values(s: Setting) -> tuple[Any, Any]:
+    """Two different values the setting accepts, the first not its default."""
+    k = s.kind
+    if isinstance(k, Integer | Number):
+        return k.hi, k.lo
+    if isinstance(k, Choice):
+        first = next(o for o in k.options if o != s.default)
+        return first, next(o for o in k.options if o != first)
+    return {
+        Text: ("Authorization=Bearer x", "k=v"),
+        Url: ("https://127.0.0.1:4318", "http://[::1]:4318/v1/metrics"),
+        Listen: ("[::1]:0", "localhost:1"),
+        FilePath: ("/srv/wattwarden", "relative/dir"),
+        Switch: (True, False),
+    }[type(k)]
+
+
+@pytest.mark.parametrize("s", SETTINGS.values(), ids=lambda s: s.name)
+def test_each_setting_reaches_the_config_from_its_flag_and_its_key_and_the_flag_wins(
+    s: Setting, tmp_path: Path
+) -> None:
+    value, other = _two_valid_values(s)
+    expected = s.kind.check(value)
+    assert expected != s.default
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"{s.name} = {_toml(value)}\n")
+    from_flag, from_file = _outcome(_flag(s, value)), _outcome(["--config", str(cfg)])
+    assert from_flag == from_file == ("ok", replace(AgentConfig(), **{s.name: expected}))
+    overridden = _outcome(["--config", str(cfg), *_flag(s, other)])
+    assert overridden == ("ok", replace(AgentConfig(), **{s.name: s.kind.check(other)}))
+
+
+def _values(s: Setting) -> st.SearchStrategy[Any]:
+    """Values a user may give the setting, inside and outside what its kind allows."""
+    k = s.kind
+    text = st.just("") | st.text(max_size=30)
+    if isinstance(k, Integer):
+        near = st.integers(k.lo - 3, k.lo + 3) | st.integers(k.hi - 3, k.hi + 3)
+        return near | st.integers() | st.floats()
+    if isinstance(k, Number):
+        near = st.floats(k.lo - 1, k.lo + 1) | st.floats(k.hi - 1, k.hi + 1)
+        return near | st.integers(int(k.lo) - 3, int(k.hi) + 3) | st.floats() | st.integers()
+    if isinstance(k, Choice):
+        near = [o.upper() for o in k.options] + [f" {o}" for o in k.options] + [k.options[0][:-1]]
+        return st.sampled_from(k.options) | st.sampled_from(near) | text
+    if isinstance(k, Url):
+        scheme = st.sampled_from(["http://", "https://", "ftp://", "", "HTTP://"])
+        return st.builds(str.__add__, scheme, text)
+    if isinstance(k, Listen):
+        host = st.sampled_from(["127.0.0.1", "[::1]", "::1", "localhost", "", "example.org"])
+        port = st.integers(-3, 65540).map(str) | text
+        hostport = st.builds("{}{}{}".format, host, st.sampled_from([":", "", "::"]), port)
+        return hostport | text
+    if isinstance(k, Switch):
+        return st.booleans()
+    return text
+
+
+@pytest.mark.parametrize("s", SETTINGS.values(), ids=lambda s: s.name)
+@settings(deadline=None)
+@given(data=st.data())
+def test_a_flag_and_its_toml_key_accept_and_refuse_the_same_values(
+    s: Setting, data: st.DataObject, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    value = data.draw(_values(s), label=s.name)
+    cfg = tmp_path_factory.mktemp("cfg") / "agent.toml"
+    cfg.write_text(f"{s.name} = {_toml(value)}\n", encoding="utf-8")
+    flag_status, flag_result = _outcome(_flag(s, value))
+    file_status, file_result = _outcome(["--config", str(cfg)])
+    assert flag_status == file_status, (flag_result, file_result)
+    event(flag_status)
+    if flag_status == "ok":
+        assert repr(getattr(flag_result, s.name)) == repr(getattr(file_result, s.name))
+    else:
+        assert len(flag_result.splitlines()) == len(file_result.splitlines()) == 1
+        assert s.flag in flag_result
+        assert f"key {s.name!r}" in file_result
+
+
+def test_a_signal_sets_the_stop_event_is_logged_and_the_old_handlers_come_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    log = logging.getLogger("wattwarden.agent")
+    with caplog.at_level(logging.INFO, logger=log.name), stop_on_signals(log) as (stop, got):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(10)
+    assert got == [signal.SIGTERM]
+    assert [r.getMessage() for r in caplog.records] == ["SIGTERM: shutting down"]
+    assert {s: signal.getsignal(s) for s in before} == before

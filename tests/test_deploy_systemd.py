@@ -25,7 +25,7 @@ import pytest
 from helpers import free_port, http_get, parse_metrics, require_binary, wait_for
 
 from wattwarden.cli import build_parser
-from wattwarden.config import VALIDATORS, load_config_file, validate
+from wattwarden.config import SETTINGS, load_config_file, validate
 
 SYSTEMD_DIR = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
 EXPORTER = "wattwarden-exporter.service"
@@ -224,12 +224,12 @@ def test_example_agent_toml_is_a_valid_config_and_so_is_every_commented_key() ->
     commented = {}
     for line in path.read_text().splitlines():
         m = re.fullmatch(r"# (\w+) = (.+)", line)
-        if m and m.group(1) in VALIDATORS:
+        if m and m.group(1) in SETTINGS:
             commented.update(tomllib.loads(f"{m.group(1)} = {m.group(2)}"))
     validate(commented, source=str(path))
     documented = set(values) | set(commented)
     # Every key but the two the units own (state_dir, apply) and the simulator's is shown.
-    assert documented == set(VALIDATORS) - {"state_dir", "apply", "sim", "sim_model"}
+    assert documented == set(SETTINGS) - {"state_dir", "apply", "sim", "sim_model"}
 
 
 # ------------------------------------------------------------------ the agent in the sandbox

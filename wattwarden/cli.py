@@ -6,43 +6,35 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
-from typing import Any, NoReturn
+from typing import Any
 
 from wattwarden import __version__
-from wattwarden.config import DEFAULT_LISTEN, ConfigError, build_config, parse_listen
+from wattwarden.cliutil import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    Parser,
+    add_setting_flags,
+    int_arg,
+    setup_logging,
+    stop_on_signals,
+)
+from wattwarden.config import (
+    DEFAULT_LISTEN,
+    SETTINGS,
+    AgentConfig,
+    ConfigError,
+    build_config,
+    validate,
+)
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_AGENT_URL = f"http://{DEFAULT_LISTEN}"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line on stderr and exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def _agent_url(text: str) -> str:
@@ -58,22 +50,14 @@ def _agent_url(text: str) -> str:
     return text
 
 
-def _listen(text: str) -> str:
-    try:
-        parse_listen(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree."""
-    parser = _Parser(
+    parser = Parser(
         prog="wattwarden",
         description="GPU energy monitoring and power management for AI hosts.",
     )
     parser.add_argument("--version", action="version", version=f"wattwarden {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     agent = sub.add_parser(
         "agent",
@@ -82,74 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "present) and the host, and serve Prometheus metrics and a JSON API.",
     )
     agent.add_argument("--config", type=Path, help="TOML file; flags override its keys")
-    agent.add_argument("--sim", type=_positive_int, metavar="N", help="simulate N GPUs (1..64)")
-    agent.add_argument("--sim-model", help="simulated model: h100-sxm (default), a100-sxm")
-    agent.add_argument(
-        "--backend",
-        help="auto (default: NVML if a driver is present, else simulate), nvml (exit 1 without "
-        "a driver: for GPU hosts, so a broken driver never looks like a healthy fleet), sim",
-    )
-    agent.add_argument(
-        "--listen",
-        type=_listen,
-        metavar="HOST:PORT",
-        help=f"address to serve on (default {DEFAULT_LISTEN})",
-    )
-    agent.add_argument(
-        "--state-dir",
-        type=Path,
-        metavar="DIR",
-        help="token, journal and simulated driver state "
-        "(default $STATE_DIRECTORY or ~/.local/state/wattwarden)",
-    )
-    agent.add_argument(
-        "--interval-ms",
-        type=_positive_int,
-        metavar="MS",
-        help="GPU sampling interval (default 100)",
-    )
-    agent.add_argument(
-        "--window-s",
-        type=_number,
-        metavar="S",
-        help="export window for mean/peak power (default 15, the scrape interval)",
-    )
-    agent.add_argument(
-        "--rapl-root",
-        type=Path,
-        metavar="DIR",
-        help="powercap sysfs root (default /sys/class/powercap)",
-    )
-    agent.add_argument(
-        "--power-budget-watts",
-        type=_number,
-        metavar="W",
-        help="node power budget, exported for the over-budget alert",
-    )
-    agent.add_argument(
-        "--apply",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="act on power limits (default: dry-run); --no-apply forces dry-run",
-    )
-    agent.add_argument(
-        "--otlp-endpoint",
-        metavar="URL",
-        help="export OTLP/HTTP metrics there (also OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT)",
-    )
-    agent.add_argument(
-        "--otlp-headers", metavar="K=V,...", help="OTLP request headers, e.g. for auth"
-    )
-    agent.add_argument(
-        "--otlp-interval-s", type=_number, metavar="S", help="OTLP export interval (default 60)"
-    )
-    agent.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    agent.add_argument(
-        "--web-config",
-        type=Path,
-        metavar="FILE",
-        help="TLS and basic auth (Prometheus exporter-toolkit web-config YAML)",
-    )
+    add_setting_flags(agent, SETTINGS.values())
     agent.set_defaults(func=cmd_agent)
 
     status = sub.add_parser(
@@ -166,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"agent to ask (default {DEFAULT_AGENT_URL}, else read locally)",
     )
     source.add_argument(
-        "--sim", type=_positive_int, metavar="N", help="read a fresh simulated fleet of N GPUs"
+        "--sim",
+        type=int_arg,
+        metavar="N",
+        help="read a fresh simulated fleet of N GPUs",
     )
     status.add_argument("--json", action="store_true", help="print the JSON state instead")
     status.set_defaults(func=cmd_status)
@@ -179,56 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------- agent
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def agent_config(args: argparse.Namespace) -> AgentConfig:
+    """The agent's settings: defaults, then ``--config``'s keys, then the flags given."""
+    return build_config(args.config, {name: getattr(args, name) for name in SETTINGS})
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
     """Run the agent until SIGTERM or SIGINT."""
-    flags = {
-        "listen": args.listen,
-        "interval_ms": args.interval_ms,
-        "window_s": args.window_s,
-        "state_dir": str(args.state_dir) if args.state_dir else None,
-        "sim": args.sim,
-        "sim_model": args.sim_model,
-        "backend": args.backend,
-        "rapl_root": str(args.rapl_root) if args.rapl_root else None,
-        "power_budget_watts": args.power_budget_watts,
-        "apply": args.apply,
-        "otlp_endpoint": args.otlp_endpoint,
-        "otlp_headers": args.otlp_headers,
-        "otlp_interval_s": args.otlp_interval_s,
-        "log_level": args.log_level,
-        "web_config": str(args.web_config) if args.web_config else None,
-    }
-    cfg = build_config(args.config, flags)
-    _setup_logging(cfg.log_level)
+    cfg = agent_config(args)
+    setup_logging(cfg.log_level, timestamps=True)
     # imported late: `status` and `--help` need not load the agent stack
     from wattwarden.agent import Agent, BackendError
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        logging.getLogger("wattwarden.agent").info("%s: shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        agent = Agent(cfg)
-    except BackendError as e:
-        print(f"wattwarden agent: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    try:
-        agent.start()
-        stop.wait()
-    finally:
-        agent.close()
+    with stop_on_signals(logging.getLogger("wattwarden.agent")) as (stop, _):
+        try:
+            agent = Agent(cfg)
+        except BackendError as e:
+            print(f"wattwarden agent: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        try:
+            agent.start()
+            stop.wait()
+        finally:
+            agent.close()
     return EXIT_OK
 
 
@@ -319,9 +212,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Print the table once."""
     try:
         if args.sim is not None:
-            if not 1 <= args.sim <= 64:
-                raise ConfigError(f"command line: --sim must be within 1..64, got {args.sim}")
-            state = _local_state(args.sim)
+            sim = validate({"sim": args.sim}, source="command line", flags=True)["sim"]
+            state = _local_state(sim)
         elif args.agent is not None:
             state = _fetch_state(args.agent)
         else:

@@ -1,6 +1,10 @@
 """Agent configuration: defaults, then a TOML file, then command-line flags.
 
-Validation errors are one line naming the key and the problem.
+Each setting is declared once, as a field of :class:`AgentConfig` made by :func:`setting`: its
+default, its :class:`Kind` (how its value is read and what is allowed), help and metavar. Its
+TOML key is the field's name and its flag ``--`` + the name with dashes; the keys ``--config``
+accepts, the flags of ``wattwarden agent`` and the validation of both come from :data:`SETTINGS`.
+Validation errors are one line naming the key or flag and the problem.
 """
 
 from __future__ import annotations
@@ -8,15 +12,18 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from wattwarden.hardware.sim.models import MODELS
 
 DEFAULT_PORT = 9767
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -33,40 +40,6 @@ def default_state_dir() -> Path:
         return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "wattwarden"
-
-
-@dataclass(frozen=True, slots=True)
-class AgentConfig:
-    """Everything ``wattwarden agent`` runs with."""
-
-    listen: str = DEFAULT_LISTEN
-    interval_ms: int = 100
-    window_s: float = 15.0
-    state_dir: Path | None = None
-    sim: int | None = None
-    sim_model: str = "h100-sxm"
-    backend: str = "auto"
-    """``auto`` (NVML if a driver is present, else simulate), ``nvml`` (fail without), ``sim``."""
-    rapl_root: Path = Path("/sys/class/powercap")
-    power_budget_watts: float | None = None
-    apply: bool = False
-    otlp_endpoint: str | None = None
-    otlp_headers: str | None = None
-    """``k=v,k2=v2`` (e.g. an Authorization header); OTEL_EXPORTER_OTLP_HEADERS is added too."""
-    otlp_interval_s: float | None = None
-    log_level: str = "info"
-    web_config: Path | None = None
-    """TLS and basic auth, in the exporter-toolkit web-config format."""
-
-    @property
-    def host_port(self) -> tuple[str, int]:
-        """The listen address split into host and port."""
-        return parse_listen(self.listen)
-
-    @property
-    def resolved_state_dir(self) -> Path:
-        """The state directory, defaulted."""
-        return self.state_dir if self.state_dir is not None else default_state_dir()
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -90,26 +63,31 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
-def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
-    def check(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"must be an integer, got {v!r}")
-        if not lo <= v <= hi:
-            raise ValueError(f"must be within {lo}..{hi}, got {v}")
-        return v
-
-    return check
+def parse_int(text: str) -> int:
+    """A flag's text as an integer; ValueError says what is wrong."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
 
 
-def _float_in(lo: float, hi: float) -> Callable[[Any], float]:
-    def check(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise ValueError(f"must be a number, got {v!r}")
-        if not lo <= v <= hi:
-            raise ValueError(f"must be within {lo:g}..{hi:g}, got {v:g}")
-        return float(v)
+def parse_number(text: str) -> float:
+    """A flag's text as a number; ValueError says what is wrong."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
 
-    return check
+
+# ------------------------------------------------------------------ kinds of setting
+class Kind(Protocol):
+    """How one setting's value is read from a flag and checked, whichever way it came."""
+
+    def parse(self, text: str) -> Any:
+        """A flag's text as the value :meth:`check` takes; ValueError says what is wrong."""
+
+    def check(self, value: Any) -> Any:
+        """A TOML value, or a flag's parsed value, as the config value; ValueError says why not."""
 
 
 def _string(v: Any) -> str:
@@ -118,64 +96,244 @@ def _string(v: Any) -> str:
     return v
 
 
-def _path(v: Any) -> Path:
-    return Path(_string(v))
+@dataclass(frozen=True, slots=True)
+class Integer:
+    """An integer within ``lo..hi``."""
+
+    lo: int
+    hi: int
+
+    def parse(self, text: str) -> int:
+        """See :class:`Kind`."""
+        return parse_int(text)
+
+    def check(self, value: Any) -> int:
+        """See :class:`Kind`."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an integer, got {value!r}")
+        if not self.lo <= value <= self.hi:
+            raise ValueError(f"must be within {self.lo}..{self.hi}, got {value}")
+        return value
 
 
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError(f"must be true or false, got {v!r}")
-    return v
+@dataclass(frozen=True, slots=True)
+class Number:
+    """A number (integer or float) within ``lo..hi``, kept as a float."""
+
+    lo: float
+    hi: float
+
+    def parse(self, text: str) -> float:
+        """See :class:`Kind`."""
+        return parse_number(text)
+
+    def check(self, value: Any) -> float:
+        """See :class:`Kind`."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"must be a number, got {value!r}")
+        if not self.lo <= value <= self.hi:
+            # an integer as it was written: one too large for a float cannot be formatted as one
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            raise ValueError(f"must be within {self.lo:g}..{self.hi:g}, got {shown}")
+        return float(value)
 
 
-def _listen(v: Any) -> str:
-    parse_listen(_string(v))
-    return str(v)
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A non-empty string."""
+
+    def parse(self, text: str) -> str:
+        """See :class:`Kind`."""
+        return text
+
+    def check(self, value: Any) -> str:
+        """See :class:`Kind`."""
+        return _string(value)
 
 
-def _model(v: Any) -> str:
-    if v not in MODELS:
-        raise ValueError(f"must be one of {', '.join(sorted(MODELS))}, got {v!r}")
-    return str(v)
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One of a few words."""
+
+    options: tuple[str, ...]
+
+    def parse(self, text: str) -> str:
+        """See :class:`Kind`."""
+        return text
+
+    def check(self, value: Any) -> str:
+        """See :class:`Kind`."""
+        if not isinstance(value, str) or value not in self.options:
+            raise ValueError(f"must be one of {', '.join(self.options)}; got {value!r}")
+        return value
 
 
-def _backend(v: Any) -> str:
-    if v not in ("auto", "nvml", "sim"):
-        raise ValueError(f"must be one of auto, nvml, sim; got {v!r}")
-    return str(v)
+@dataclass(frozen=True, slots=True)
+class Url:
+    """An ``http://`` or ``https://`` URL."""
+
+    def parse(self, text: str) -> str:
+        """See :class:`Kind`."""
+        return text
+
+    def check(self, value: Any) -> str:
+        """See :class:`Kind`."""
+        s = _string(value)
+        if not s.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, got {s!r}")
+        return s
 
 
-def _log_level(v: Any) -> str:
-    if v not in ("debug", "info", "warning", "error"):
-        raise ValueError(f"must be one of debug, info, warning, error; got {v!r}")
-    return str(v)
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """``HOST:PORT`` (see :func:`parse_listen`); a flag's text is checked as it is parsed."""
+
+    def parse(self, text: str) -> str:
+        """See :class:`Kind`."""
+        parse_listen(text)
+        return text
+
+    def check(self, value: Any) -> str:
+        """See :class:`Kind`."""
+        parse_listen(_string(value))
+        return str(value)
 
 
-def _url(v: Any) -> str:
-    s = _string(v)
-    if not s.startswith(("http://", "https://")):
-        raise ValueError(f"must be an http:// or https:// URL, got {s!r}")
-    return s
+@dataclass(frozen=True, slots=True)
+class FilePath:
+    """A path (a non-empty string in TOML)."""
+
+    def parse(self, text: str) -> Path:
+        """See :class:`Kind`."""
+        return Path(_string(text))
+
+    def check(self, value: Any) -> Path:
+        """See :class:`Kind`."""
+        return value if isinstance(value, Path) else Path(_string(value))
 
 
-VALIDATORS: dict[str, Callable[[Any], Any]] = {
-    "listen": _listen,
-    "interval_ms": _int_in(10, 60_000),
-    "window_s": _float_in(1.0, 3600.0),
-    "state_dir": _path,
-    "sim": _int_in(1, 64),
-    "sim_model": _model,
-    "backend": _backend,
-    "rapl_root": _path,
-    "power_budget_watts": _float_in(1.0, 1e6),
-    "apply": _bool,
-    "otlp_endpoint": _url,
-    "otlp_headers": _string,
-    "otlp_interval_s": _float_in(1.0, 3600.0),
-    "log_level": _log_level,
-    "web_config": _path,
+@dataclass(frozen=True, slots=True)
+class Switch:
+    """True or false; on the command line ``--name`` and ``--no-name``."""
+
+    def parse(self, text: str) -> bool:
+        """See :class:`Kind`; a switch takes no text, so there is none to parse."""
+        raise ValueError(f"takes no value, got {text!r}")
+
+    def check(self, value: Any) -> bool:
+        """See :class:`Kind`."""
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {value!r}")
+        return value
+
+
+# ------------------------------------------------------------------ the settings
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One agent setting: an :class:`AgentConfig` field, a TOML key and a flag."""
+
+    name: str
+    """The field's name and the TOML key."""
+    default: Any
+    kind: Kind
+    help: str | None
+    metavar: str | None
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag: ``--`` and the name with dashes."""
+        return "--" + self.name.replace("_", "-")
+
+
+def setting(default: T, kind: Kind, help: str | None = None, metavar: str | None = None) -> T:
+    """Declare an :class:`AgentConfig` field as a setting (a TOML key and a flag)."""
+    return field(default=default, metadata={"kind": kind, "help": help, "metavar": metavar})
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything ``wattwarden agent`` runs with; each field is a setting, in ``--help`` order."""
+
+    sim: int | None = setting(None, Integer(1, 64), "simulate N GPUs (1..64)", "N")
+    sim_model: str = setting(
+        "h100-sxm", Choice(tuple(sorted(MODELS))), "simulated model: h100-sxm (default), a100-sxm"
+    )
+    backend: str = setting(
+        "auto",
+        Choice(("auto", "nvml", "sim")),
+        "auto (default: NVML if a driver is present, else simulate), nvml (exit 1 without "
+        "a driver: for GPU hosts, so a broken driver never looks like a healthy fleet), sim",
+    )
+    listen: str = setting(
+        DEFAULT_LISTEN, Listen(), f"address to serve on (default {DEFAULT_LISTEN})", "HOST:PORT"
+    )
+    state_dir: Path | None = setting(
+        None,
+        FilePath(),
+        "token, journal and simulated driver state "
+        "(default $STATE_DIRECTORY or ~/.local/state/wattwarden)",
+        "DIR",
+    )
+    interval_ms: int = setting(
+        100, Integer(10, 60_000), "GPU sampling interval (default 100)", "MS"
+    )
+    window_s: float = setting(
+        15.0,
+        Number(1.0, 3600.0),
+        "export window for mean/peak power (default 15, the scrape interval)",
+        "S",
+    )
+    rapl_root: Path = setting(
+        Path("/sys/class/powercap"),
+        FilePath(),
+        "powercap sysfs root (default /sys/class/powercap)",
+        "DIR",
+    )
+    power_budget_watts: float | None = setting(
+        None, Number(1.0, 1e6), "node power budget, exported for the over-budget alert", "W"
+    )
+    apply: bool = setting(
+        False, Switch(), "act on power limits (default: dry-run); --no-apply forces dry-run"
+    )
+    otlp_endpoint: str | None = setting(
+        None,
+        Url(),
+        "export OTLP/HTTP metrics there (also OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT)",
+        "URL",
+    )
+    otlp_headers: str | None = setting(
+        None, Text(), "OTLP request headers, e.g. for auth", "K=V,..."
+    )
+    """``k=v,k2=v2`` (e.g. an Authorization header); OTEL_EXPORTER_OTLP_HEADERS is added too."""
+    otlp_interval_s: float | None = setting(
+        None, Number(1.0, 3600.0), "OTLP export interval (default 60)", "S"
+    )
+    log_level: str = setting("info", Choice(LOG_LEVELS), metavar="{" + ",".join(LOG_LEVELS) + "}")
+    web_config: Path | None = setting(
+        None,
+        FilePath(),
+        "TLS and basic auth (Prometheus exporter-toolkit web-config YAML)",
+        "FILE",
+    )
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        """The listen address split into host and port."""
+        return parse_listen(self.listen)
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        """The state directory, defaulted."""
+        return self.state_dir if self.state_dir is not None else default_state_dir()
+
+
+#: Every setting by name (the TOML key), in ``--help`` order.
+SETTINGS: dict[str, Setting] = {
+    f.name: Setting(
+        f.name, f.default, f.metadata["kind"], f.metadata["help"], f.metadata["metavar"]
+    )
+    for f in fields(AgentConfig)
 }
-assert set(VALIDATORS) == {f.name for f in fields(AgentConfig)}
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -190,23 +348,26 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 def validate(raw: Mapping[str, Any], *, source: str, flags: bool = False) -> dict[str, Any]:
-    """Check every key; the first problem raises a ConfigError naming it."""
+    """Check every key (or, with ``flags``, every flag's parsed value); the first problem raises.
+
+    The ConfigError names the key (or the flag) and the problem.
+    """
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        check = VALIDATORS.get(key)
-        if check is None:
-            known = ", ".join(sorted(VALIDATORS))
+        s = SETTINGS.get(key)
+        if s is None:
+            known = ", ".join(sorted(SETTINGS))
             raise ConfigError(f"{source}: unknown key {key!r} (known keys: {known})")
         try:
-            out[key] = check(value)
+            out[key] = s.kind.check(value)
         except ValueError as e:
-            name = "--" + key.replace("_", "-") if flags else f"key {key!r}"
+            name = s.flag if flags else f"key {key!r}"
             raise ConfigError(f"{source}: {name} {e}") from None
     return out
 
 
 def build_config(file: Path | None, flags: Mapping[str, Any]) -> AgentConfig:
-    """Defaults, then the file, then flags that were given (not None).
+    """Defaults, then the file, then flags that were given (not None), by setting name.
 
     Settings that contradict each other (wherever each came from) are refused, naming both.
     """
@@ -220,7 +381,7 @@ def build_config(file: Path | None, flags: Mapping[str, Any]) -> AgentConfig:
         {k: v for k, v in flags.items() if v is not None}, source="command line", flags=True
     )
     values.update(given)
-    where.update({k: f"--{k.replace('_', '-')} {v}" for k, v in given.items()})
+    where.update({k: f"{SETTINGS[k].flag} {v}" for k, v in given.items()})
     _check_conflicts(values, where)
     return replace(AgentConfig(), **values)
 

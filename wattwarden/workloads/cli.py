@@ -11,15 +11,13 @@ import argparse
 import importlib.util
 import logging
 import os
-import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+from wattwarden.cliutil import EXIT_FAILURE, float_arg, int_arg, setup_logging, stop_on_signals
 from wattwarden.config import ConfigError
 from wattwarden.workloads.agent_client import (
     DEFAULT_AGENT_URL,
@@ -28,7 +26,6 @@ from wattwarden.workloads.agent_client import (
     resolve_token,
 )
 
-EXIT_FAILURE = 1
 SIZES = ("tiny", "small", "medium")
 #: The load a simulated GPU gets from a job that does not say (the agent's default, kept equal
 #: to ``wattwarden.agent.SIM_JOB_UTILIZATION``; workloads talk to the agent over HTTP only).
@@ -36,36 +33,22 @@ SIM_JOB_UTILIZATION = 0.8
 ENERGY_SOURCES = ("auto", "nvml", "agent", "none")
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
 def _common_flags(p: argparse.ArgumentParser, *, steps_help: str, batch_default: int) -> None:
-    p.add_argument("--steps", type=_int, default=100, metavar="N", help=steps_help)
+    p.add_argument("--steps", type=int_arg, default=100, metavar="N", help=steps_help)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
     p.add_argument("--size", choices=SIZES, default="tiny", help="model size (default tiny)")
     p.add_argument(
         "--batch-size",
-        type=_int,
+        type=int_arg,
         default=batch_default,
         metavar="B",
         help=f"default {batch_default}",
     )
-    p.add_argument("--seed", type=_int, default=0, metavar="S", help="data and init seed")
+    p.add_argument("--seed", type=int_arg, default=0, metavar="S", help="data and init seed")
     p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report here")
     p.add_argument(
         "--gpu",
-        type=_int,
+        type=int_arg,
         metavar="I",
         help="NVML index of the GPU to measure (default: first of CUDA_VISIBLE_DEVICES, else 0)",
     )
@@ -88,10 +71,10 @@ def _common_flags(p: argparse.ArgumentParser, *, steps_help: str, batch_default:
         metavar="URL",
         help=f"agent to read energy from (default ${ENV_AGENT_URL}, else {DEFAULT_AGENT_URL})",
     )
-    p.add_argument("--threads", type=_int, metavar="N", help="torch CPU threads")
+    p.add_argument("--threads", type=int_arg, metavar="N", help="torch CPU threads")
     p.add_argument(
         "--log-interval",
-        type=_float,
+        type=float_arg,
         default=5.0,
         metavar="S",
         help="seconds between progress lines when stderr is not a terminal (default 5)",
@@ -118,21 +101,23 @@ def add_workload_parser(subparsers: Any) -> None:
     _common_flags(
         train, steps_help="train up to this step, counted across resumes", batch_default=8
     )
-    train.add_argument("--seq-len", type=_int, default=64, metavar="L", help="default 64")
-    train.add_argument("--lr", type=_float, default=1e-3, help="peak learning rate (default 1e-3)")
-    train.add_argument("--warmup-steps", type=_int, default=10, metavar="N", help="default 10")
+    train.add_argument("--seq-len", type=int_arg, default=64, metavar="L", help="default 64")
+    train.add_argument(
+        "--lr", type=float_arg, default=1e-3, help="peak learning rate (default 1e-3)"
+    )
+    train.add_argument("--warmup-steps", type=int_arg, default=10, metavar="N", help="default 10")
     train.add_argument(
         "--checkpoint-dir", type=Path, metavar="DIR", help="checkpoints (and resume)"
     )
     train.add_argument(
         "--checkpoint-every",
-        type=_int,
+        type=int_arg,
         default=0,
         metavar="N",
         help="also checkpoint every N steps (default 0: only at the end and on SIGTERM)",
     )
     train.add_argument(
-        "--keep-checkpoints", type=_int, default=2, metavar="K", help="newest K kept (default 2)"
+        "--keep-checkpoints", type=int_arg, default=2, metavar="K", help="newest K kept (default 2)"
     )
     train.set_defaults(func=cmd_train)
 
@@ -143,9 +128,9 @@ def add_workload_parser(subparsers: Any) -> None:
         "training checkpoint in --checkpoint-dir) and report latency and energy per request.",
     )
     _common_flags(infer, steps_help="number of requests (default 100)", batch_default=1)
-    infer.add_argument("--prompt-len", type=_int, default=32, metavar="L", help="default 32")
-    infer.add_argument("--new-tokens", type=_int, default=16, metavar="N", help="default 16")
-    infer.add_argument("--warmup", type=_int, default=2, metavar="N", help="unmeasured requests")
+    infer.add_argument("--prompt-len", type=int_arg, default=32, metavar="L", help="default 32")
+    infer.add_argument("--new-tokens", type=int_arg, default=16, metavar="N", help="default 16")
+    infer.add_argument("--warmup", type=int_arg, default=2, metavar="N", help="unmeasured requests")
     infer.add_argument("--checkpoint-dir", type=Path, metavar="DIR", help="load trained weights")
     infer.set_defaults(func=cmd_infer)
 
@@ -169,7 +154,7 @@ def add_job_parser(subparsers: Any) -> None:
         "[--token-file F] [--sim-utilization U] -- CMD [ARG ...]",
     )
     run.add_argument("--name", required=True, help="job name (A-Z a-z 0-9 _ . : -)")
-    run.add_argument("--gpu", type=_int, default=0, metavar="I", help="GPU index (default 0)")
+    run.add_argument("--gpu", type=int_arg, default=0, metavar="I", help="GPU index (default 0)")
     run.add_argument("--priority", choices=("high", "normal", "low"), default="normal")
     run.add_argument(
         "--agent", metavar="URL", help=f"agent (default ${ENV_AGENT_URL}, else {DEFAULT_AGENT_URL})"
@@ -182,17 +167,17 @@ def add_job_parser(subparsers: Any) -> None:
     )
     run.add_argument(
         "--sim-utilization",
-        type=_float,
+        type=float_arg,
         metavar="U",
         help="GPU load a simulated fleet gives this job, 0 < U <= 1 (default: the agent's, "
         f"{SIM_JOB_UTILIZATION:g}); real GPUs ignore it",
     )
     run.add_argument(
-        "--poll-interval", type=_float, default=1.0, metavar="S", help=argparse.SUPPRESS
+        "--poll-interval", type=float_arg, default=1.0, metavar="S", help=argparse.SUPPRESS
     )
     run.add_argument(
         "--stop-timeout",
-        type=_float,
+        type=float_arg,
         default=120.0,
         metavar="S",
         help="seconds a stopped job gets to checkpoint before SIGKILL (default 120)",
@@ -202,37 +187,12 @@ def add_job_parser(subparsers: Any) -> None:
 
 
 # ------------------------------------------------------------------ handlers
-def _setup_logging(level: int) -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
-
-
 def _require_torch(workload: str) -> None:
     if importlib.util.find_spec("torch") is None:
         raise SystemExit(
             f"wattwarden workload {workload}: needs PyTorch, which is not installed: "
             "pip install 'wattwarden[workloads]' (the README says how to get the CPU build)"
         )
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
-    """An event set by SIGTERM/SIGINT (the workload checkpoints and stops), and which came."""
-    stop = threading.Event()
-    received: list[int] = []
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop, received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _shared_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -253,7 +213,7 @@ def _shared_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run ``workload train``."""
-    _setup_logging(logging.WARNING)
+    setup_logging(logging.WARNING, timestamps=False)
     if args.agent is not None:
         check_url(args.agent)
     _require_torch("train")
@@ -281,7 +241,7 @@ def _run_until_signalled(
     checkpoint_error: type[Exception],
 ) -> int:
     """Run a workload that stops at a checkpoint on SIGTERM/SIGINT; exit 128+N when signalled."""
-    with _stop_on_signals() as (stop, received):
+    with stop_on_signals() as (stop, received):
         try:
             result = run(stop)
         except (checkpoint_error, OSError) as e:
@@ -294,7 +254,7 @@ def _run_until_signalled(
 
 def cmd_infer(args: argparse.Namespace) -> int:
     """Run ``workload infer``."""
-    _setup_logging(logging.WARNING)
+    setup_logging(logging.WARNING, timestamps=False)
     if args.agent is not None:
         check_url(args.agent)
     _require_torch("infer")
@@ -319,7 +279,7 @@ def cmd_job_run(args: argparse.Namespace) -> int:
     from wattwarden.workloads.agent_client import AgentClient  # noqa: PLC0415
     from wattwarden.workloads.job import NAME_PATTERN, JobSupervisor  # noqa: PLC0415
 
-    _setup_logging(logging.INFO)
+    setup_logging(logging.INFO, timestamps=False)
     command = list(args.cmd)
     if command and command[0] == "--":
         command = command[1:]
