@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 from wattwarden import __version__
 from wattwarden.api.state import state_json
 from wattwarden.collectors.gpu import GpuCollector
-from wattwarden.collectors.host import HostCollector
+from wattwarden.collectors.host import HostCollector, HostSample
 from wattwarden.collectors.jobs import JobRegistry
+from wattwarden.collectors.rapl import RaplSample
 from wattwarden.collectors.sampler import Sampler
-from wattwarden.collectors.samples import GpuSample, HostSample, RaplSample
+from wattwarden.collectors.samples import GpuSample
 from wattwarden.collectors.store import MetricStore
 from wattwarden.exporters.prometheus import StoreCollector, job_families, make_registry, render
 from wattwarden.hardware.device import GpuInfo, GpuReading, ProcessUsage

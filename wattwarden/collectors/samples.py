@@ -1,19 +1,13 @@
 """The GPU sample, which the store keeps in windows and history.
 
-Other samples live with their collector (:mod:`wattwarden.collectors.host`,
-:mod:`wattwarden.collectors.rapl`); they are re-exported here for existing importers.
+Other samples live with their collector (e.g. :mod:`wattwarden.collectors.host`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from wattwarden.collectors.base import Sample
-from wattwarden.collectors.host import HostSample
-from wattwarden.collectors.rapl import RaplSample
 from wattwarden.hardware.device import GpuInfo, GpuReading
-
-__all__ = ["GpuSample", "HostSample", "RaplSample", "Sample"]
 
 
 @dataclass(frozen=True, slots=True)
