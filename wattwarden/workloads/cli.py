@@ -276,8 +276,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 def cmd_job_run(args: argparse.Namespace) -> int:
     """Run ``job run``."""
+    from wattwarden.api.contract import valid_job_name  # noqa: PLC0415
     from wattwarden.workloads.agent_client import AgentClient  # noqa: PLC0415
-    from wattwarden.workloads.job import NAME_PATTERN, JobSupervisor  # noqa: PLC0415
+    from wattwarden.workloads.job import JobSupervisor  # noqa: PLC0415
 
     setup_logging(logging.INFO, timestamps=False)
     command = list(args.cmd)
@@ -285,7 +286,7 @@ def cmd_job_run(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise ConfigError("no command to run; put it after --, e.g. `-- python train.py`")
-    if not NAME_PATTERN.match(args.name):
+    if not valid_job_name(args.name):
         raise ConfigError(
             f"--name must be 1-64 of A-Z a-z 0-9 _ . : - (a letter or digit first), "
             f"got {args.name!r}"
