@@ -1,9 +1,11 @@
-"""Shared test helpers: free ports, polling with deadlines, running the agent."""
+"""Shared test helpers: polling with deadlines, running the agent on a port it picks."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,10 +27,19 @@ T = TypeVar("T")
 
 
 def free_port() -> int:
-    """A TCP port on loopback that was free a moment ago."""
+    """A TCP port on loopback that was free a moment ago (racy: for programs that cannot bind
+    port 0 and say which port they got)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections while held: bound, never listening."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
 
 
 def wait_for(
@@ -102,6 +113,7 @@ class AgentProcess:
     url: str
     state_dir: Path
     port: int
+    log_path: Path
 
     @property
     def token(self) -> str:
@@ -113,16 +125,21 @@ class AgentProcess:
         return self.proc.wait(timeout=timeout_s)
 
 
+_RUNS = itertools.count()
+_SERVING = re.compile(r"serving (https?)://127\.0\.0\.1:(\d+)/metrics")
+"""The agent's start line, with the port it bound (``--listen 127.0.0.1:0``)."""
+
+
 @contextmanager
 def run_agent(
-    state_dir: Path, *args: str, port: int | None = None, tls: ssl.SSLContext | None = None
+    state_dir: Path, *args: str, port: int = 0, tls: ssl.SSLContext | None = None
 ) -> Iterator[AgentProcess]:
     """Start the agent on loopback and wait until /healthz answers; stop it afterwards.
 
-    With ``tls`` (a client context trusting the agent's certificate) the agent is reached over
-    https; its web config comes in ``args``.
+    By default the agent binds port 0 and its start line says which port it got. With ``tls``
+    (a client context trusting the agent's certificate) the agent is reached over https; its
+    web config comes in ``args``.
     """
-    port = port or free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -134,13 +151,22 @@ def run_agent(
         str(state_dir),
         *args,
     ]
-    log_path = state_dir.parent / f"agent-{port}.log"
+    log_path = state_dir.parent / f"agent-{state_dir.name}-{next(_RUNS)}.log"
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-        scheme = "https" if tls is not None else "http"
-        agent = AgentProcess(proc, f"{scheme}://127.0.0.1:{port}", state_dir, port)
         try:
+
+            def started() -> re.Match[str] | None:
+                if proc.poll() is not None:
+                    raise AssertionError(f"agent exited {proc.returncode}: {log_path.read_text()}")
+                return _SERVING.search(log_path.read_text())
+
+            serving = wait_for(started, timeout_s=30, what="the agent's start line")
+            bound = int(serving[2])
+            assert port in (0, bound), (port, bound)
+            url = f"{serving[1]}://127.0.0.1:{bound}"
+            agent = AgentProcess(proc, url, state_dir, bound, log_path)
 
             def healthy() -> bool:
                 if proc.poll() is not None:

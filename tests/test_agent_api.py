@@ -138,10 +138,7 @@ def test_limits_left_by_a_crashed_agent_are_restored_at_the_next_start(tmp_path:
     assert sim_limits(state)[1] == 250.0  # crashed with the GPU capped
     with run_agent(state, "--sim", "2") as agent:
         assert gauge(agent.url, "gpu_power_limit_watts", "1") == 700.0
-        assert (
-            "previous run that did not exit cleanly"
-            in (tmp_path / f"agent-{agent.port}.log").read_text()
-        )
+        assert "previous run that did not exit cleanly" in agent.log_path.read_text()
 
 
 def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:

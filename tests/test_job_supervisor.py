@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_port, http_get, http_json, parse_metrics, run_agent, wait_for
+from helpers import http_get, http_json, parse_metrics, refused_port, run_agent, wait_for
 
 from wattwarden.api.testing import SimAgent
 from wattwarden.collectors.jobs import Job, JobError
@@ -177,8 +177,9 @@ def test_moves_the_job_when_the_agent_sets_a_target_gpu(agent: SimAgent, workdir
 
 
 def test_unreachable_agent_at_start_exits_1_without_running_the_command(workdir: Path):
-    url = f"http://127.0.0.1:{free_port()}"
-    code, err = finish(supervise(workdir, url, "exit3"))
+    with refused_port() as port:
+        url = f"http://127.0.0.1:{port}"
+        code, err = finish(supervise(workdir, url, "exit3"))
     assert code == 1
     assert err.strip().splitlines() == [
         f"wattwarden job: cannot reach the agent at {url}: [Errno 111] Connection refused; "
