@@ -7,7 +7,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 from prometheus_client.core import Metric
 
-from wattwarden.api.server import AgentContext, ApiServer
+from wattwarden.api.server import AgentContext, ApiServer, energy_json
 from wattwarden.api.token import TokenError, ensure_token
 from wattwarden.api.webconfig import load_web_config
 from wattwarden.collectors.base import Collector
@@ -29,7 +28,7 @@ from wattwarden.config import AgentConfig, ConfigError
 from wattwarden.exporters.otlp import OtlpExporter, otlp_metric_families
 from wattwarden.exporters.prometheus import StoreCollector, job_families, make_registry
 from wattwarden.hardware.device import GpuBackend
-from wattwarden.hardware.errors import HardwareError, HardwareUnavailable, NotSupported
+from wattwarden.hardware.errors import HardwareUnavailable
 from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml
 from wattwarden.hardware.sim.fleet import SimFleet
 from wattwarden.hardware.sim.gpu import SimProcess
@@ -271,22 +270,8 @@ class Agent:
 
     def _read_energy(self) -> dict[str, Any]:
         """GPU energy counters read now (not from the store), for EnergyMeter windows."""
-        gpus = []
-        for device in self.opened.backend.devices():
-            entry: dict[str, Any] = {"index": device.index, "uuid": device.info().uuid}
-            try:
-                entry["energy_joules"] = device.read_energy_j()
-            except NotSupported:
-                entry["energy_joules"] = None
-            except HardwareError as e:
-                entry["energy_joules"], entry["error"] = None, str(e)
-            gpus.append(entry)
         rapl = self.store.snapshot().samples(RaplSample)
-        return {
-            "timestamp": time.time(),
-            "gpus": gpus,
-            "host": [{"domain": r.domain, "energy_joules": r.energy_j} for r in rapl],
-        }
+        return energy_json(self.opened.backend.devices(), rapl)
 
     @property
     def url(self) -> str:
