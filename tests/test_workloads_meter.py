@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from helpers import wait_for
 
+from wattwarden.api.testing import SimAgent
 from wattwarden.hardware.errors import HardwareUnavailable
 from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml
 from wattwarden.hardware.sim import ManualClock, SimFleet
 from wattwarden.workloads.meter import EnergyMeter, EnergySourceError, visible_gpu
-from wattwarden.workloads.testing import FakeAgent
 
 
 @pytest.fixture
@@ -175,15 +175,22 @@ def test_counter_lost_mid_run_switches_to_polling(real_fleet: SimFleet):
     assert within(m.gpu_energy_j[0], truth, rel=0.02), (m.gpu_energy_j[0], truth)
 
 
-def test_agent_source_matches_ground_truth(clock: ManualClock):
+def rapl_tree(root: Path, joules: float) -> Path:
+    """A powercap sysfs tree with one package zone at ``joules``."""
+    zone = root / "intel-rapl:0"
+    zone.mkdir(parents=True, exist_ok=True)
+    (zone / "name").write_text("package-0\n")
+    (zone / "max_energy_range_uj").write_text("262143328850\n")
+    (zone / "energy_uj").write_text(f"{round(joules * 1e6)}\n")
+    return root
+
+
+def test_agent_source_matches_ground_truth(clock: ManualClock, tmp_path: Path):
     fleet = SimFleet(3, clock=clock)
     fleet[1].set_load(0.8)
-    host = {"package-0": 100.0}
+    rapl = rapl_tree(tmp_path / "powercap", 100.0)
 
-    def host_energy() -> dict[str, float]:
-        return dict(host)
-
-    with FakeAgent(fleet, host_energy=host_energy) as agent:
+    with SimAgent(fleet, rapl_root=rapl) as agent:
         meter = EnergyMeter(
             gpus=[1, 2], source="agent", agent_url=agent.url, clock=clock, host=True
         )
@@ -192,7 +199,8 @@ def test_agent_source_matches_ground_truth(clock: ManualClock):
             before = [g.true_energy_j() for g in fleet]
             meter.begin_window("w")
             clock.advance(7.0)
-            host["package-0"] = 142.5
+            rapl_tree(rapl, 142.5)
+            agent.sample()  # the agent's sampler reads the host's counters
             m = meter.end_window("w")
             truth = [g.true_energy_j() - b for g, b in zip(fleet, before, strict=True)]
             for _ in range(3):  # more windows
@@ -216,7 +224,7 @@ def test_auto_uses_nvml_when_present(fleet: SimFleet):
 
 def test_auto_falls_back_to_agent_then_to_none(clock: ManualClock, free_agent_url: str):
     fleet = SimFleet(1, clock=clock)
-    with FakeAgent(fleet) as agent:
+    with SimAgent(fleet) as agent:
         meter = EnergyMeter(gpus=[0], agent_url=agent.url, backend_factory=no_nvml, host=False)
         with meter:
             assert meter.source == "agent"
@@ -261,7 +269,8 @@ def test_visible_gpu_reads_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.fixture
-def free_agent_url() -> str:
-    from helpers import free_port
+def free_agent_url() -> Iterator[str]:
+    from helpers import refused_port
 
-    return f"http://127.0.0.1:{free_port()}"
+    with refused_port() as port:
+        yield f"http://127.0.0.1:{port}"

@@ -19,12 +19,12 @@ from helpers import wait_for
 
 torch = pytest.importorskip("torch")
 
+from wattwarden.api.testing import SimAgent  # noqa: E402
 from wattwarden.config import ConfigError  # noqa: E402
 from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml  # noqa: E402
 from wattwarden.hardware.sim import ManualClock, SimFleet  # noqa: E402
 from wattwarden.workloads import checkpoint as ckpt  # noqa: E402
 from wattwarden.workloads.meter import EnergyMeter, Measurement  # noqa: E402
-from wattwarden.workloads.testing import FakeAgent  # noqa: E402
 from wattwarden.workloads.train import StepRecord, TrainConfig, run_train  # noqa: E402
 
 # Small enough for a 2-core machine: a few ms per step.
@@ -198,17 +198,18 @@ def test_progress_bar_on_a_terminal():
 def test_progress_is_posted_to_the_agent_with_the_token(monkeypatch: pytest.MonkeyPatch):
     fleet = SimFleet(2)
     fleet[0].set_load(0.5)
-    with FakeAgent(fleet, token="s3cret") as agent:
-        agent.jobs["lm"] = {"name": "lm", "pid": os.getpid(), "gpu": 0, "priority": "normal"}
+    with SimAgent(fleet, token="s3cret") as agent:
+        agent.jobs.register("lm", os.getpid(), 0)
         monkeypatch.setenv("WATTWARDEN_AGENT_URL", agent.url)
         monkeypatch.setenv("WATTWARDEN_JOB_NAME", "lm")
         monkeypatch.setenv("WATTWARDEN_TOKEN", "s3cret")
         with EnergyMeter(gpus=[0], source="agent", agent_url=agent.url) as meter:
             result = run_train(config(steps=3), stream=quiet(), meter=meter)
         posts = agent.matching("POST", "/api/v1/jobs/lm/progress")
+        job = agent.jobs.get("lm")
     assert posts, "no progress posted"
-    assert posts[-1].body == {"step": 3, "samples": 6, "tokens": 96}
-    assert all(p.authorization == "Bearer s3cret" for p in posts)
+    assert (job.step, job.samples, job.tokens) == (3, 6, 96)
+    assert all(p.status == 200 for p in posts)  # the token held
     assert result.report["energy_source"] == "agent"
     assert result.report["summary"]["energy_j"] > 0
 
