@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from wattwarden.collectors.host import HOST_METRICS, HostSample
-from wattwarden.collectors.jobs import JobView
 from wattwarden.collectors.metrics import GPU_METRICS, json_values
 from wattwarden.collectors.rapl import RaplSample
 from wattwarden.collectors.samples import GpuSample
@@ -108,27 +107,4 @@ def history_json(history: dict[int, list[HistoryPoint]]) -> dict[str, Any]:
             ]
             for index, points in history.items()
         },
-    }
-
-
-def job_json(job: JobView) -> dict[str, Any]:
-    """A job as JSON: running, or finished (kept for a bounded retention) with its totals."""
-    return {
-        "name": job.name,
-        "state": job.state,
-        "pid": job.pid,
-        "gpu": job.gpu,
-        "priority": job.priority,
-        "registered_at": job.registered_at_s,
-        "finished_at": job.finished_at_s,
-        "duration_seconds": job.duration_s,
-        "step": job.step,
-        "samples": job.samples,
-        "tokens": job.tokens,
-        "target_gpu": job.target_gpu,
-        "energy_joules": job.energy_j,
-        "energy_joules_by_gpu": {str(k): v for k, v in sorted(job.energy_by_gpu_j.items())},
-        "power_watts": job.power_w,
-        "mean_power_watts": job.mean_power_w,
-        "tokens_per_joule": job.tokens_per_joule,
     }
