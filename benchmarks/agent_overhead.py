@@ -21,7 +21,6 @@ sampler pass spends its CPU.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -37,7 +36,7 @@ from typing import IO, Any
 
 import psutil
 
-from benchmarks.common import summary, table, write_result
+from benchmarks.common import Option, run_benchmark, summary, table
 
 NAME = "agent_overhead"
 GPUS = 8
@@ -163,6 +162,7 @@ def cpu_s(ps: psutil.Process) -> float:
 
 def measure(warmup_s: float, measure_s: float) -> dict[str, Any]:
     """Run both agents side by side; return the JSON payload."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     with tempfile.TemporaryDirectory(prefix="wattwarden-bench-") as tmp:
         agents = [start_agent(ms, Path(tmp)) for ms in INTERVALS_MS]
         try:
@@ -299,21 +299,15 @@ def report(payload: dict[str, Any]) -> str:
     )
 
 
+OPTIONS = (
+    Option("--measure-s", 60.0, quick=15.0),
+    Option("--warmup-s", 10.0, quick=3.0),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run, print the table, write ``results/agent_overhead.json``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--measure-s", type=float, default=60.0)
-    parser.add_argument("--warmup-s", type=float, default=10.0)
-    parser.add_argument("--quick", action="store_true", help="15 s measured, 3 s warm-up")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.measure_s, args.warmup_s = 15.0, 3.0
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    payload = measure(args.warmup_s, args.measure_s)
-    print(report(payload))
-    path = write_result(NAME, payload)
-    print(f"wrote {path.name} under benchmarks/results/")
-    return 0
+    return run_benchmark(NAME, __doc__, measure, report, options=OPTIONS, argv=argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Also the energy each contender measured over one 0.5 s window, against ``SimGpu.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -39,7 +38,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import summary, table, write_result
+from benchmarks.common import Option, run_benchmark, summary, table
 from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml
 from wattwarden.hardware.sim.fake_nvml import FakeNvmlLib
 from wattwarden.hardware.sim.fleet import SimFleet
@@ -311,20 +310,16 @@ def report(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+OPTIONS = (
+    Option("--windows", 2000, "windows per contender per round", quick=200),
+    Option("--rounds", 5, quick=2),
+    Option("--agent-windows", 500, quick=100),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--windows", type=int, default=2000, help="windows per contender per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--agent-windows", type=int, default=500)
-    parser.add_argument("--quick", action="store_true", help="200 windows x 2 rounds")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.windows, args.rounds, args.agent_windows = 200, 2, 100
-    payload = run(args.windows, args.rounds, args.agent_windows)
-    print(report(payload))
-    path = write_result(NAME, payload)
-    print(f"\nwrote {path.relative_to(REPO_ROOT)}")
-    return 0
+    """Run, print the table, write ``results/bench_energymeter.json``."""
+    return run_benchmark(NAME, __doc__, run, report, options=OPTIONS, argv=argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ per-step work timed alone divided by the bare step's median. Goal: under 1 % for
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import random
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 
 from benchmarks.bench_energymeter import real_agent
-from benchmarks.common import summary, table, write_result
+from benchmarks.common import Option, run_benchmark, summary, table
 from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml
 from wattwarden.hardware.sim.fleet import SimFleet
 from wattwarden.workloads.meter import EnergyMeter
@@ -297,21 +296,17 @@ def report(p: dict[str, Any]) -> str:
     )
 
 
+OPTIONS = (
+    Option("--target-ms", 20.0),
+    Option("--pairs", 600, "bare/instrumented step pairs", quick=100),
+    Option("--rounds", 20, "polled mode: block rounds", quick=6),
+    Option("--block", 15, "polled mode: steps per block", quick=10),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target-ms", type=float, default=20.0)
-    parser.add_argument("--pairs", type=int, default=600, help="bare/instrumented step pairs")
-    parser.add_argument("--rounds", type=int, default=20, help="polled mode: block rounds")
-    parser.add_argument("--block", type=int, default=15, help="polled mode: steps per block")
-    parser.add_argument("--quick", action="store_true", help="100 pairs, 6 rounds of 10")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.pairs, args.rounds, args.block = 100, 6, 10
-    payload = run(args.target_ms, args.pairs, args.rounds, args.block)
-    print(report(payload))
-    path = write_result(NAME, payload)
-    print(f"\nwrote {path.name} in benchmarks/results/")
-    return 0
+    """Run, print the table, write ``results/bench_train_overhead.json``."""
+    return run_benchmark(NAME, __doc__, run, report, options=OPTIONS, argv=argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,13 @@
-"""Shared helpers: statistics, a plain-text table, JSON results, the environment of a run."""
+"""Shared helpers: the command line, statistics, a plain-text table, JSON results, the environment.
+
+Each benchmark is a measure function, a report function and its options; :func:`run_benchmark`
+is its ``main``: parse the options (``--quick`` swaps in smoke-run values), measure, print the
+table, write ``results/<name>.json``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import math
@@ -11,10 +17,58 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """A benchmark's option: ``--flag`` (its type is the default's), and its value under --quick."""
+
+    flag: str
+    default: int | float
+    help: str | None = None
+    quick: int | float | None = None
+    """The smoke-run value; None: --quick keeps the given one."""
+
+    @property
+    def dest(self) -> str:
+        """The measure function's keyword for this option."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def run_benchmark(
+    name: str,
+    doc: str | None,
+    measure: Callable[..., dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+    *,
+    options: Sequence[Option],
+    argv: list[str] | None = None,
+) -> int:
+    """A benchmark's ``main``: options, measure, print the table, write ``results/<name>.json``.
+
+    ``measure`` gets every option as a keyword argument (``--mean-gap-s`` as ``mean_gap_s``)
+    and returns the payload that ``report`` prints and :func:`write_result` writes.
+    """
+    parser = argparse.ArgumentParser(description=(doc or name).splitlines()[0])
+    for o in options:
+        parser.add_argument(o.flag, type=type(o.default), default=o.default, help=o.help)
+    smoke = ", ".join(f"{o.flag} {o.quick}" for o in options if o.quick is not None)
+    parser.add_argument("--quick", action="store_true", help=f"a smoke run: {smoke}")
+    args = parser.parse_args(argv)
+    values = {
+        o.dest: o.quick if args.quick and o.quick is not None else getattr(args, o.dest)
+        for o in options
+    }
+    payload = measure(**values)
+    print(report(payload))
+    path = write_result(name, payload)
+    print(f"wrote {path.name} under benchmarks/results/")
+    return 0
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -32,12 +32,11 @@ Relative error in %, per seed and summarised over seeds.
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 from typing import Any
 
-from benchmarks.common import table, write_result
+from benchmarks.common import Option, run_benchmark, table
 from wattwarden.collectors.gpu import GpuCollector
 from wattwarden.hardware.nvml import (
     FI_POWER_INSTANT,
@@ -248,21 +247,16 @@ def _report_scenario(p: dict[str, Any], name: str, sc: dict[str, Any]) -> str:
     )
 
 
+OPTIONS = (
+    Option("--seeds", 10, quick=3),
+    Option("--duration-s", 300.0, quick=60.0),
+    Option("--mean-gap-s", 1.3),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run, print, write ``results/energy_accuracy.json``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--duration-s", type=float, default=300.0)
-    parser.add_argument("--mean-gap-s", type=float, default=1.3)
-    parser.add_argument("--quick", action="store_true", help="3 seeds of 60 s")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seeds, args.duration_s = 3, 60.0
-    payload = run(args.seeds, args.duration_s, args.mean_gap_s)
-    print(report(payload))
-    path = write_result(NAME, payload)
-    print(f"wrote {path.name} under benchmarks/results/")
-    return 0
+    """Run, print the table, write ``results/energy_accuracy.json``."""
+    return run_benchmark(NAME, __doc__, run, report, options=OPTIONS, argv=argv)
 
 
 if __name__ == "__main__":

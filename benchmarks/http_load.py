@@ -22,7 +22,6 @@ the package no longer has it. New: ``wattwarden.api.server.ApiServer`` with defa
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import http.client
 import os
@@ -35,7 +34,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from benchmarks.common import percentile, table, write_result
+from benchmarks.common import Option, percentile, run_benchmark, table
 
 NAME = "http_load"
 SCRAPERS = 20
@@ -103,14 +102,13 @@ def serve_new() -> tuple[Any, int]:
     return server, server.address[1]
 
 
-def child(kind: str) -> int:
-    """Serve until stdin closes; print the port first."""
+def main_child(kind: str) -> None:
+    """Serve until stdin closes; print the port first (the child process's main)."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(SERVER_NOFILE, hard), hard))
     _, port = serve_old() if kind == "old" else serve_new()
     print(port, flush=True)
     sys.stdin.read()  # the parent closes our stdin when done
-    return 0
 
 
 # ------------------------------------------------------------------------- the load (parent)
@@ -227,7 +225,7 @@ def idle_and_slow(port: int, probes: int) -> dict[str, Any]:
 def measure(kind: str, seconds: float, probes: int) -> dict[str, Any]:
     """Start one server in a child process and run every scenario against it."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.http_load", "--serve", kind],
+        [sys.executable, "-c", f"import benchmarks.http_load as b; b.main_child({kind!r})"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )  # fmt: skip
@@ -275,18 +273,9 @@ def report(payload: dict[str, Any]) -> str:
     return f"{load}\n\nnew scrapes while idle and slowloris connections are held:\n{slow}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run, print the tables, write ``results/http_load.json``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
-    parser.add_argument("--probes", type=int, default=10, help="new scrapes under idle+slow")
-    parser.add_argument("--quick", action="store_true", help="1 s runs, 3 probes")
-    parser.add_argument("--serve", choices=("old", "new"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.serve:
-        return child(args.serve)
-    seconds, probes = (1.0, 3) if args.quick else (args.seconds, args.probes)
-    payload = {
+def run(seconds: float, probes: int) -> dict[str, Any]:
+    """Load both servers in turn; return the JSON payload."""
+    return {
         "params": {
             "scrapers": SCRAPERS, "seconds": seconds, "idle": IDLE, "slow": SLOW,
             "probes": probes, "probe_timeout_s": PROBE_TIMEOUT_S,
@@ -302,10 +291,17 @@ def main(argv: list[str] | None = None) -> int:
             "0.5 s; a failed scrape timed out after probe_timeout_s, was refused or reset",
         ],
     }  # fmt: skip
-    print(report(payload))
-    path = write_result(NAME, payload)
-    print(f"wrote {path.name} under benchmarks/results/")
-    return 0
+
+
+OPTIONS = (
+    Option("--seconds", 5.0, "length of each load run", quick=1.0),
+    Option("--probes", 10, "new scrapes under idle+slow", quick=3),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run, print the tables, write ``results/http_load.json``."""
+    return run_benchmark(NAME, __doc__, run, report, options=OPTIONS, argv=argv)
 
 
 if __name__ == "__main__":

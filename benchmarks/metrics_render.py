@@ -19,7 +19,6 @@ CPU time. Goal: ours no slower than the baseline, and under 5 ms median.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +34,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.common import summary, table, write_result
+from benchmarks.common import Option, run_benchmark, summary, table
 from wattwarden.collectors.gpu import GpuCollector
 from wattwarden.collectors.host import HostCollector
 from wattwarden.collectors.sampler import Sampler
@@ -209,20 +208,15 @@ def report(payload: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+OPTIONS = (
+    Option("--renders", 2000, "renders of each candidate", quick=200),
+    Option("--passes", 200, "sampler passes that fill the store first"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run, print the table, write ``results/metrics_render.json``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--renders", type=int, default=2000, help="renders of each candidate")
-    parser.add_argument(
-        "--passes", type=int, default=200, help="sampler passes that fill the store first"
-    )
-    parser.add_argument("--quick", action="store_true", help="200 renders (a smoke run)")
-    args = parser.parse_args(argv)
-    payload = run(200 if args.quick else args.renders, args.passes)
-    print(report(payload))
-    path = write_result(NAME, payload)
-    print(f"wrote {path.name} under benchmarks/results/")
-    return 0
+    return run_benchmark(NAME, __doc__, run, report, options=OPTIONS, argv=argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ NVML's own cost. Everything else would run unchanged on metal.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import pstats
 import threading
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import summary, table, write_result
+from benchmarks.common import Option, run_benchmark, summary, table
 from wattwarden.collectors.gpu import GpuCollector
 from wattwarden.collectors.host import HostCollector
 from wattwarden.collectors.sampler import Sampler
@@ -198,19 +197,16 @@ def report(payload: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+OPTIONS = (
+    Option("--passes", 200, quick=50),
+    Option("--interval-ms", 100),
+    Option("--top", 30),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run, print, write ``results/profile_sampler.json``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--passes", type=int, default=200)
-    parser.add_argument("--interval-ms", type=int, default=100)
-    parser.add_argument("--top", type=int, default=30)
-    parser.add_argument("--quick", action="store_true", help="50 passes")
-    args = parser.parse_args(argv)
-    payload = run(50 if args.quick else args.passes, args.interval_ms, args.top)
-    print(report(payload))
-    path = write_result(NAME, payload)
-    print(f"wrote {path.name} under benchmarks/results/")
-    return 0
+    """Run, print the table, write ``results/profile_sampler.json``."""
+    return run_benchmark(NAME, __doc__, run, report, options=OPTIONS, argv=argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ Goal (node-agent issue): our sample at least 3x cheaper in CPU than gpustat's an
 
 from __future__ import annotations
 
-import argparse
 import collections
 import logging
 import time
@@ -35,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.common import measure_cpu_ns, summary, table, write_result
+from benchmarks.common import Option, measure_cpu_ns, run_benchmark, summary, table
 from wattwarden.collectors.gpu import GpuCollector
 from wattwarden.hardware.nvml import (
     NvmlBackend,
@@ -334,19 +333,15 @@ def report(payload: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+OPTIONS = (
+    Option("--rounds", 400, "samples of each candidate", quick=50),
+    Option("--warmup", 20),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run, print the table, write ``results/sample_cpu.json``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=400, help="samples of each candidate")
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="50 rounds (a smoke run)")
-    args = parser.parse_args(argv)
-    rounds = 50 if args.quick else args.rounds
-    payload = run(rounds, args.warmup)
-    print(report(payload))
-    path = write_result(NAME, payload)
-    print(f"wrote {path.name} under benchmarks/results/")
-    return 0
+    return run_benchmark(NAME, __doc__, run, report, options=OPTIONS, argv=argv)
 
 
 if __name__ == "__main__":
