@@ -39,8 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Option, run_benchmark, summary, table
-from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml
-from wattwarden.hardware.sim.fake_nvml import FakeNvmlLib
+from wattwarden.hardware.sim.fake_nvml import FakeNvmlLib, install_fake_nvml, uninstall_fake_nvml
 from wattwarden.hardware.sim.fleet import SimFleet
 from wattwarden.workloads.agent_client import AgentClient
 from wattwarden.workloads.meter import EnergyMeter

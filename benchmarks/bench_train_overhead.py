@@ -36,7 +36,7 @@ import torch
 
 from benchmarks.bench_energymeter import real_agent
 from benchmarks.common import Option, run_benchmark, summary, table
-from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml
+from wattwarden.hardware.sim.fake_nvml import install_fake_nvml, uninstall_fake_nvml
 from wattwarden.hardware.sim.fleet import SimFleet
 from wattwarden.workloads.meter import EnergyMeter
 from wattwarden.workloads.model import SIZES, SyntheticTokens, TinyLM, lr_at

@@ -41,11 +41,10 @@ from wattwarden.collectors.gpu import GpuCollector
 from wattwarden.hardware.nvml import (
     FI_POWER_INSTANT,
     NvmlBackend,
-    install_fake_nvml,
     pynvml_module,
-    uninstall_fake_nvml,
 )
 from wattwarden.hardware.sim.clock import ManualClock
+from wattwarden.hardware.sim.fake_nvml import install_fake_nvml, uninstall_fake_nvml
 from wattwarden.hardware.sim.fleet import SimFleet
 
 NAME = "energy_accuracy"

@@ -40,8 +40,9 @@ from wattwarden.collectors.host import HostCollector
 from wattwarden.collectors.sampler import Sampler
 from wattwarden.collectors.store import MetricStore
 from wattwarden.exporters.prometheus import StoreCollector, make_registry, render
-from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml
+from wattwarden.hardware.nvml import NvmlBackend
 from wattwarden.hardware.sim.clock import ManualClock
+from wattwarden.hardware.sim.fake_nvml import install_fake_nvml
 from wattwarden.hardware.sim.fleet import SimFleet
 
 NAME = "metrics_render"

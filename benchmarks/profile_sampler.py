@@ -28,7 +28,8 @@ from wattwarden.collectors.gpu import GpuCollector
 from wattwarden.collectors.host import HostCollector
 from wattwarden.collectors.sampler import Sampler
 from wattwarden.collectors.store import MetricStore
-from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml
+from wattwarden.hardware.nvml import NvmlBackend
+from wattwarden.hardware.sim.fake_nvml import install_fake_nvml
 from wattwarden.hardware.sim.fleet import SimFleet
 
 NAME = "profile_sampler"

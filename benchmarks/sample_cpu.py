@@ -36,12 +36,9 @@ from typing import Any
 
 from benchmarks.common import Option, measure_cpu_ns, run_benchmark, summary, table
 from wattwarden.collectors.gpu import GpuCollector
-from wattwarden.hardware.nvml import (
-    NvmlBackend,
-    install_fake_nvml,
-    pynvml_module,
-)
+from wattwarden.hardware.nvml import NvmlBackend, pynvml_module
 from wattwarden.hardware.sim.backend import SimBackend
+from wattwarden.hardware.sim.fake_nvml import install_fake_nvml
 from wattwarden.hardware.sim.fleet import SimFleet
 
 NAME = "sample_cpu"

@@ -23,9 +23,10 @@ from wattwarden.hardware.errors import (
     NoPermission,
     NotSupported,
 )
-from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml, uninstall_fake_nvml
+from wattwarden.hardware.nvml import NvmlBackend
 from wattwarden.hardware.sim import ManualClock, SimFleet
 from wattwarden.hardware.sim.backend import SimBackend, SimDevice
+from wattwarden.hardware.sim.fake_nvml import install_fake_nvml, uninstall_fake_nvml
 from wattwarden.policies.actuator import LimitActuator, LimitChange, RateLimited
 
 H100_DEFAULT_W = 700.0

@@ -25,7 +25,7 @@ from wattwarden.agent import Agent
 from wattwarden.api.http import HttpLimits
 from wattwarden.api.server import ApiServer
 from wattwarden.config import AgentConfig
-from wattwarden.hardware.nvml import uninstall_fake_nvml
+from wattwarden.hardware.sim.fake_nvml import uninstall_fake_nvml
 
 DEADLINE_S = 1.0
 CAP = 8

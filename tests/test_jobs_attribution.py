@@ -28,8 +28,9 @@ from wattwarden.collectors.jobs import (
 )
 from wattwarden.collectors.samples import GpuSample
 from wattwarden.hardware.device import GpuInfo, GpuReading, ProcessUsage
-from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml, uninstall_fake_nvml
+from wattwarden.hardware.nvml import NvmlBackend
 from wattwarden.hardware.sim import ManualClock, SimFleet
+from wattwarden.hardware.sim.fake_nvml import install_fake_nvml, uninstall_fake_nvml
 from wattwarden.hardware.sim.gpu import SimProcess
 
 

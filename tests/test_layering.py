@@ -1,8 +1,11 @@
-"""Dependencies flow one way (DESIGN.md), and only hardware/nvml.py imports pynvml."""
+"""Dependencies flow one way (DESIGN.md), only hardware/nvml.py imports pynvml, and the
+simulator stays out of the production path unless the simulated backend is chosen."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "wattwarden"
@@ -52,3 +55,50 @@ def test_only_hardware_nvml_imports_pynvml() -> None:
         if any(n == "pynvml" or n.startswith("pynvml.") for n in imports_of(p))
     )
     assert importers == ["hardware/nvml.py"]
+
+
+SIM = "wattwarden.hardware.sim"
+# Layers that see GPUs only through the GpuDevice protocol, whatever backend the agent opened.
+BACKEND_BLIND = ("collectors", "exporters", "policies")
+BACKENDS = ("wattwarden.hardware.nvml", SIM)
+
+
+def _names(path: Path) -> set[str]:
+    return {n for n in imports_of(path) if n.startswith("wattwarden.")}
+
+
+def test_hardware_outside_the_simulator_never_imports_it() -> None:
+    importers = sorted(
+        str(p.relative_to(PACKAGE))
+        for p in (PACKAGE / "hardware").rglob("*.py")
+        if "sim" not in p.relative_to(PACKAGE / "hardware").parts
+        and any(n == SIM or n.startswith(SIM + ".") for n in _names(p))
+    )
+    assert importers == []
+
+
+def test_importing_the_nvml_backend_loads_no_simulator_module() -> None:
+    code = (
+        "import sys, wattwarden.hardware.nvml; "
+        f"print(sorted(m for m in sys.modules if m == {SIM!r} or m.startswith({SIM + '.'!r})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PACKAGE.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_collectors_exporters_and_policies_name_no_gpu_backend() -> None:
+    violations = sorted(
+        f"{p.relative_to(PACKAGE)} imports {n}"
+        for layer in BACKEND_BLIND
+        for p in (PACKAGE / layer).rglob("*.py")
+        for n in _names(p)
+        if any(n == b or n.startswith(b + ".") for b in BACKENDS)
+    )
+    assert violations == []

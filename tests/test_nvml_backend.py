@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import threading
+import time
+from typing import Any
+
 import pynvml
 import pytest
 from conftest import FakeNvml
@@ -10,9 +15,10 @@ from hypothesis import strategies as st
 
 from wattwarden.collectors.gpu import GpuCollector, PartialCollectionError
 from wattwarden.hardware.errors import GpuLost, InvalidArgument, NoPermission
-from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml, uninstall_fake_nvml
+from wattwarden.hardware.nvml import NvmlBackend, install_library
 from wattwarden.hardware.sim import ManualClock, SimFleet
 from wattwarden.hardware.sim.backend import SimBackend
+from wattwarden.hardware.sim.fake_nvml import FakeNvmlLib, install_fake_nvml, uninstall_fake_nvml
 from wattwarden.hardware.sim.gpu import SimProcess
 
 
@@ -304,3 +310,93 @@ def test_ecc_and_pcie_link_queries_answer_like_the_board(model: str, gen: int) -
     finally:
         pynvml.nvmlShutdown()
         uninstall_fake_nvml()
+
+
+class OwnershipProbe:
+    """A libnvidia-ml in front of the fake one that notes two threads inside one GPU at once.
+
+    Every device call on a watched handle counts itself in and out, and in between yields the
+    interpreter, so that any thread able to enter the same GPU then does.
+    """
+
+    def __init__(self, lib: FakeNvmlLib, handles: list[object]) -> None:
+        self._lib = lib
+        self._watched = {ctypes.cast(h, ctypes.c_void_p).value for h in handles}
+        self._inside: dict[int | None, int] = {}
+        self._guard = threading.Lock()
+        self.overlaps: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._lib, name)
+        if not name.startswith("nvmlDevice"):
+            return fn
+
+        def call(*args: Any) -> Any:
+            first = args[0] if args else None
+            if not isinstance(first, pynvml.c_nvmlDevice_t):
+                return fn(*args)
+            address = ctypes.cast(first, ctypes.c_void_p).value
+            if address not in self._watched:
+                return fn(*args)
+            with self._guard:
+                self._inside[address] = self._inside.get(address, 0) + 1
+                if self._inside[address] > 1:
+                    self.overlaps.append(name)
+            try:
+                time.sleep(0)  # a yield, not a wait: let another thread in if it can get in
+                return fn(*args)
+            finally:
+                with self._guard:
+                    self._inside[address] -= 1
+
+        return call
+
+
+def test_one_caller_at_a_time_owns_a_gpu_and_a_set_reads_back_its_own_limit(
+    fake_nvml: FakeNvml,
+) -> None:
+    backend = NvmlBackend()
+    gpu = backend.devices()[0]
+    probe = OwnershipProbe(fake_nvml.lib, [gpu.handle])
+    install_library(probe)
+    rounds = 150
+    start = threading.Barrier(3)
+    errors: list[BaseException] = []
+    readbacks: list[tuple[float, float]] = []
+
+    def sampler() -> None:  # what the sampler thread does every pass
+        start.wait()
+        for _ in range(rounds):
+            gpu.read()
+            gpu.read_power()
+
+    def actuator(watts: tuple[float, float]) -> None:  # what an HTTP thread does through it
+        start.wait()
+        for i in range(rounds):
+            asked = watts[i % 2]
+            readbacks.append((asked, gpu.set_power_limit(asked)))
+            gpu.read_power_limit_w()
+            gpu.read_energy_j()
+
+    def guarded(fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # surfaced below, not lost in the thread
+            errors.append(e)
+
+    threads = [
+        threading.Thread(target=guarded, args=(sampler,)),
+        threading.Thread(target=guarded, args=(actuator, (300.0, 350.0))),
+        threading.Thread(target=guarded, args=(actuator, (400.0, 450.0))),
+    ]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        backend.close()
+    assert errors == []
+    assert len(readbacks) == 2 * rounds
+    assert [got for _, got in readbacks] == [asked for asked, _ in readbacks]
+    assert probe.overlaps == []

@@ -33,8 +33,9 @@ from wattwarden.exporters.otlp import (
     resolve_config,
 )
 from wattwarden.exporters.prometheus import StoreCollector, make_registry, render
-from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml, uninstall_fake_nvml
+from wattwarden.hardware.nvml import NvmlBackend
 from wattwarden.hardware.sim.clock import ManualClock
+from wattwarden.hardware.sim.fake_nvml import install_fake_nvml, uninstall_fake_nvml
 from wattwarden.hardware.sim.fleet import SimFleet
 
 GPUS = 8

@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("torch")
 
 from wattwarden.config import ConfigError
-from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml
 from wattwarden.hardware.sim import SimFleet
+from wattwarden.hardware.sim.fake_nvml import install_fake_nvml, uninstall_fake_nvml
 from wattwarden.workloads.infer import InferConfig, run_infer
 from wattwarden.workloads.meter import EnergyMeter
 from wattwarden.workloads.report import percentile

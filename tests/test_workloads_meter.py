@@ -10,8 +10,8 @@ from helpers import wait_for
 
 from wattwarden.api.testing import SimAgent
 from wattwarden.hardware.errors import HardwareUnavailable
-from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml
 from wattwarden.hardware.sim import ManualClock, SimFleet
+from wattwarden.hardware.sim.fake_nvml import install_fake_nvml, uninstall_fake_nvml
 from wattwarden.workloads.meter import EnergyMeter, EnergySourceError, visible_gpu
 
 

@@ -21,8 +21,8 @@ torch = pytest.importorskip("torch")
 
 from wattwarden.api.testing import SimAgent  # noqa: E402
 from wattwarden.config import ConfigError  # noqa: E402
-from wattwarden.hardware.nvml import install_fake_nvml, uninstall_fake_nvml  # noqa: E402
 from wattwarden.hardware.sim import ManualClock, SimFleet  # noqa: E402
+from wattwarden.hardware.sim.fake_nvml import install_fake_nvml, uninstall_fake_nvml  # noqa: E402
 from wattwarden.workloads import checkpoint as ckpt  # noqa: E402
 from wattwarden.workloads.meter import EnergyMeter, Measurement  # noqa: E402
 from wattwarden.workloads.train import StepRecord, TrainConfig, run_train  # noqa: E402

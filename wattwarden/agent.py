@@ -29,7 +29,8 @@ from wattwarden.exporters.otlp import OtlpExporter, otlp_metric_families
 from wattwarden.exporters.prometheus import StoreCollector, job_families, make_registry
 from wattwarden.hardware.device import GpuBackend
 from wattwarden.hardware.errors import HardwareUnavailable
-from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml
+from wattwarden.hardware.nvml import NvmlBackend
+from wattwarden.hardware.sim.fake_nvml import install_fake_nvml
 from wattwarden.hardware.sim.fleet import SimFleet
 from wattwarden.hardware.sim.gpu import SimProcess
 from wattwarden.policies.actuator import JournalError, LimitActuator

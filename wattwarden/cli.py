@@ -136,10 +136,12 @@ def _local_state(sim: int | None) -> dict[str, Any]:
     from wattwarden.api.state import gpu_json
     from wattwarden.collectors.gpu import GpuCollector, PartialCollectionError
     from wattwarden.hardware.errors import HardwareUnavailable
-    from wattwarden.hardware.nvml import NvmlBackend, install_fake_nvml
-    from wattwarden.hardware.sim.fleet import SimFleet
+    from wattwarden.hardware.nvml import NvmlBackend
 
     if sim is not None:
+        from wattwarden.hardware.sim.fake_nvml import install_fake_nvml
+        from wattwarden.hardware.sim.fleet import SimFleet
+
         install_fake_nvml(SimFleet(sim))
     try:
         backend = NvmlBackend()

@@ -1,8 +1,9 @@
 """The NVML backend: the only module that imports pynvml (nvidia-ml-py).
 
 The same code runs on real GPUs and on the simulated fleet: for the simulator, a fake
-``libnvidia-ml`` (:class:`~wattwarden.hardware.sim.fake_nvml.FakeNvmlLib`) is installed *below*
-pynvml, so every call here goes through the real pynvml module either way.
+``libnvidia-ml`` is installed *below* pynvml (:func:`install_library`, called by the simulator's
+``install_fake_nvml`` where the simulated backend is chosen), so every call here goes through the
+real pynvml module either way. This module never imports the simulator.
 
 Reads are batched: power (average and instant), the energy counter, the enforced limit and memory
 temperature come from one ``nvmlDeviceGetFieldValues`` call where the driver supports it.
@@ -37,8 +38,6 @@ from wattwarden.hardware.errors import (
     NoPermission,
     NotSupported,
 )
-from wattwarden.hardware.sim.fake_nvml import FakeNvmlLib
-from wattwarden.hardware.sim.fleet import SimFleet
 
 T = TypeVar("T")
 
@@ -160,7 +159,19 @@ def _text(value: str | bytes) -> str:
 
 
 class NvmlGpu:
-    """One GPU through NVML."""
+    """One GPU through NVML, with one owner at a time.
+
+    Who calls it: the sampler thread reads it every pass (:meth:`read`, :meth:`read_power`,
+    :meth:`info`); HTTP threads reach it through the actuator (:meth:`info`,
+    :meth:`read_power_limit_w`, :meth:`set_power_limit`) and the energy endpoint
+    (:meth:`read_energy_j`); the main thread at start and exit (:meth:`info`, the actuator's
+    recovery and restore). Never a full :meth:`read` outside the sampler.
+
+    Each call reuses per-GPU state (the cached field-value arrays, the process-utilization
+    cursor, the cached info), so every public method holds ``_lock`` for all of its driver calls:
+    one caller owns the GPU for the length of a call, and a set and its read-back are one step.
+    Uncontended, the lock costs well under a microsecond a call.
+    """
 
     def __init__(
         self, handle: Any, index: int, driver_version: str, timings: CallTimings | None = None
@@ -169,6 +180,7 @@ class NvmlGpu:
         self._index = index
         self._driver_version = driver_version
         self._timings = timings
+        self._lock = threading.Lock()
         self._info: GpuInfo | None = None
         self._batch_supported = True
         self._field_arrays: dict[tuple[int, ...], Any] = {}
@@ -186,37 +198,42 @@ class NvmlGpu:
 
     def info(self) -> GpuInfo:
         """Static facts, read once."""
-        if self._info is None:
-            h, t = self._handle, self._timings
-            mem = _opt(t, "nvmlDeviceGetMemoryInfo", pynvml.nvmlDeviceGetMemoryInfo, h)
-            limits = _opt(
-                t,
-                "nvmlDeviceGetPowerManagementLimitConstraints",
-                pynvml.nvmlDeviceGetPowerManagementLimitConstraints,
-                h,
-            )
-            default = _opt(
-                t,
-                "nvmlDeviceGetPowerManagementDefaultLimit",
-                pynvml.nvmlDeviceGetPowerManagementDefaultLimit,
-                h,
-            )
-            pci = _call(t, "nvmlDeviceGetPciInfo", pynvml.nvmlDeviceGetPciInfo, h)
-            self._info = GpuInfo(
-                index=self._index,
-                uuid=_text(_call(t, "nvmlDeviceGetUUID", pynvml.nvmlDeviceGetUUID, h)),
-                name=_text(_call(t, "nvmlDeviceGetName", pynvml.nvmlDeviceGetName, h)),
-                pci_bus_id=_text(pci.busId),
-                driver_version=self._driver_version,
-                memory_total_bytes=None if mem is None else int(mem.total),
-                power_limit_min_w=None if limits is None else limits[0] / 1000.0,
-                power_limit_max_w=None if limits is None else limits[1] / 1000.0,
-                power_limit_default_w=None if default is None else default / 1000.0,
-            )
-        return self._info
+        with self._lock:
+            if self._info is None:
+                h, t = self._handle, self._timings
+                mem = _opt(t, "nvmlDeviceGetMemoryInfo", pynvml.nvmlDeviceGetMemoryInfo, h)
+                limits = _opt(
+                    t,
+                    "nvmlDeviceGetPowerManagementLimitConstraints",
+                    pynvml.nvmlDeviceGetPowerManagementLimitConstraints,
+                    h,
+                )
+                default = _opt(
+                    t,
+                    "nvmlDeviceGetPowerManagementDefaultLimit",
+                    pynvml.nvmlDeviceGetPowerManagementDefaultLimit,
+                    h,
+                )
+                pci = _call(t, "nvmlDeviceGetPciInfo", pynvml.nvmlDeviceGetPciInfo, h)
+                self._info = GpuInfo(
+                    index=self._index,
+                    uuid=_text(_call(t, "nvmlDeviceGetUUID", pynvml.nvmlDeviceGetUUID, h)),
+                    name=_text(_call(t, "nvmlDeviceGetName", pynvml.nvmlDeviceGetName, h)),
+                    pci_bus_id=_text(pci.busId),
+                    driver_version=self._driver_version,
+                    memory_total_bytes=None if mem is None else int(mem.total),
+                    power_limit_min_w=None if limits is None else limits[0] / 1000.0,
+                    power_limit_max_w=None if limits is None else limits[1] / 1000.0,
+                    power_limit_default_w=None if default is None else default / 1000.0,
+                )
+            return self._info
 
     def _batch(self, field_ids: tuple[int, ...]) -> dict[int, int]:
-        """One field-values call; the fields the device answered, by id."""
+        """One field-values call; the fields the device answered, by id (caller holds ``_lock``).
+
+        The array is cached per field set and reused, so two calls at once would write into
+        the same memory: hence the lock.
+        """
         if not self._batch_supported:
             return {}
         values = self._field_arrays.get(field_ids)
@@ -247,105 +264,113 @@ class NvmlGpu:
 
     def read(self) -> GpuReading:
         """One read: a field-values batch plus the calls NVML has no field for."""
-        h, t = self._handle, self._timings
-        fields = self._batch(_BATCH_FIELDS)
+        with self._lock:
+            h, t = self._handle, self._timings
+            fields = self._batch(_BATCH_FIELDS)
 
-        def field_or(fid: int, name: str, fn: Callable[..., int], *args: Any) -> int | None:
-            if fid in fields:
-                return fields[fid]
-            return _opt(t, name, fn, h, *args)
+            def field_or(fid: int, name: str, fn: Callable[..., int], *args: Any) -> int | None:
+                if fid in fields:
+                    return fields[fid]
+                return _opt(t, name, fn, h, *args)
 
-        power = field_or(
-            FI_POWER_AVERAGE, "nvmlDeviceGetPowerUsage", pynvml.nvmlDeviceGetPowerUsage
-        )
-        instant = fields.get(FI_POWER_INSTANT)
-        energy = field_or(
-            FI_TOTAL_ENERGY_CONSUMPTION,
-            "nvmlDeviceGetTotalEnergyConsumption",
-            pynvml.nvmlDeviceGetTotalEnergyConsumption,
-        )
-        limit = field_or(
-            FI_POWER_CURRENT_LIMIT,
-            "nvmlDeviceGetEnforcedPowerLimit",
-            pynvml.nvmlDeviceGetEnforcedPowerLimit,
-        )
-        temp_mem = fields.get(FI_MEMORY_TEMP)
-        temp = _opt(
-            t,
-            "nvmlDeviceGetTemperature",
-            pynvml.nvmlDeviceGetTemperature,
-            h,
-            pynvml.NVML_TEMPERATURE_GPU,
-        )
-        util = _opt(t, "nvmlDeviceGetUtilizationRates", pynvml.nvmlDeviceGetUtilizationRates, h)
-        mem = _opt(t, "nvmlDeviceGetMemoryInfo", pynvml.nvmlDeviceGetMemoryInfo, h)
-        sm = _opt(
-            t, "nvmlDeviceGetClockInfo", pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_SM
-        )
-        memclk = _opt(
-            t, "nvmlDeviceGetClockInfo", pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_MEM
-        )
-        reasons = _opt(
-            t,
-            "nvmlDeviceGetCurrentClocksEventReasons",
-            pynvml.nvmlDeviceGetCurrentClocksEventReasons,
-            h,
-        )
-        return GpuReading(
-            power_w=None if power is None else power / 1000.0,
-            power_instant_w=None if instant is None else instant / 1000.0,
-            energy_j=None if energy is None else energy / 1000.0,
-            power_limit_w=None if limit is None else limit / 1000.0,
-            temperature_gpu_c=None if temp is None else float(temp),
-            temperature_memory_c=None if temp_mem is None else float(temp_mem),
-            utilization_gpu_ratio=None if util is None else util.gpu / 100.0,
-            utilization_memory_ratio=None if util is None else util.memory / 100.0,
-            memory_used_bytes=None if mem is None else int(mem.used),
-            memory_total_bytes=None if mem is None else int(mem.total),
-            clock_sm_hz=None if sm is None else sm * _MHZ,
-            clock_memory_hz=None if memclk is None else memclk * _MHZ,
-            clock_event_mask=None if reasons is None else int(reasons),
-            processes=self._processes(),
-        )
+            power = field_or(
+                FI_POWER_AVERAGE, "nvmlDeviceGetPowerUsage", pynvml.nvmlDeviceGetPowerUsage
+            )
+            instant = fields.get(FI_POWER_INSTANT)
+            energy = field_or(
+                FI_TOTAL_ENERGY_CONSUMPTION,
+                "nvmlDeviceGetTotalEnergyConsumption",
+                pynvml.nvmlDeviceGetTotalEnergyConsumption,
+            )
+            limit = field_or(
+                FI_POWER_CURRENT_LIMIT,
+                "nvmlDeviceGetEnforcedPowerLimit",
+                pynvml.nvmlDeviceGetEnforcedPowerLimit,
+            )
+            temp_mem = fields.get(FI_MEMORY_TEMP)
+            temp = _opt(
+                t,
+                "nvmlDeviceGetTemperature",
+                pynvml.nvmlDeviceGetTemperature,
+                h,
+                pynvml.NVML_TEMPERATURE_GPU,
+            )
+            util = _opt(t, "nvmlDeviceGetUtilizationRates", pynvml.nvmlDeviceGetUtilizationRates, h)
+            mem = _opt(t, "nvmlDeviceGetMemoryInfo", pynvml.nvmlDeviceGetMemoryInfo, h)
+            sm = _opt(
+                t, "nvmlDeviceGetClockInfo", pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_SM
+            )
+            memclk = _opt(
+                t, "nvmlDeviceGetClockInfo", pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_MEM
+            )
+            reasons = _opt(
+                t,
+                "nvmlDeviceGetCurrentClocksEventReasons",
+                pynvml.nvmlDeviceGetCurrentClocksEventReasons,
+                h,
+            )
+            return GpuReading(
+                power_w=None if power is None else power / 1000.0,
+                power_instant_w=None if instant is None else instant / 1000.0,
+                energy_j=None if energy is None else energy / 1000.0,
+                power_limit_w=None if limit is None else limit / 1000.0,
+                temperature_gpu_c=None if temp is None else float(temp),
+                temperature_memory_c=None if temp_mem is None else float(temp_mem),
+                utilization_gpu_ratio=None if util is None else util.gpu / 100.0,
+                utilization_memory_ratio=None if util is None else util.memory / 100.0,
+                memory_used_bytes=None if mem is None else int(mem.used),
+                memory_total_bytes=None if mem is None else int(mem.total),
+                clock_sm_hz=None if sm is None else sm * _MHZ,
+                clock_memory_hz=None if memclk is None else memclk * _MHZ,
+                clock_event_mask=None if reasons is None else int(reasons),
+                processes=self._processes(),
+            )
 
     def read_power(self) -> PowerReading:
         """Instant power and the energy counter in one field-values call."""
-        fields = self._batch(_FAST_FIELDS)
-        instant = fields.get(FI_POWER_INSTANT)
-        energy = fields.get(FI_TOTAL_ENERGY_CONSUMPTION)
-        if energy is None:
-            energy = _opt(
+        with self._lock:
+            fields = self._batch(_FAST_FIELDS)
+            instant = fields.get(FI_POWER_INSTANT)
+            energy = fields.get(FI_TOTAL_ENERGY_CONSUMPTION)
+            if energy is None:
+                energy = _opt(
+                    self._timings,
+                    "nvmlDeviceGetTotalEnergyConsumption",
+                    pynvml.nvmlDeviceGetTotalEnergyConsumption,
+                    self._handle,
+                )
+            average = None
+            if instant is None:
+                average = _opt(
+                    self._timings,
+                    "nvmlDeviceGetPowerUsage",
+                    pynvml.nvmlDeviceGetPowerUsage,
+                    self._handle,
+                )
+            return PowerReading(
+                power_instant_w=None if instant is None else instant / 1000.0,
+                energy_j=None if energy is None else energy / 1000.0,
+                power_w=None if average is None else average / 1000.0,
+            )
+
+    def read_energy_j(self) -> float:
+        """The energy counter alone (nvmlDeviceGetTotalEnergyConsumption), in J."""
+        with self._lock:
+            mj = _call(
                 self._timings,
                 "nvmlDeviceGetTotalEnergyConsumption",
                 pynvml.nvmlDeviceGetTotalEnergyConsumption,
                 self._handle,
             )
-        average = None
-        if instant is None:
-            average = _opt(
-                self._timings,
-                "nvmlDeviceGetPowerUsage",
-                pynvml.nvmlDeviceGetPowerUsage,
-                self._handle,
-            )
-        return PowerReading(
-            power_instant_w=None if instant is None else instant / 1000.0,
-            energy_j=None if energy is None else energy / 1000.0,
-            power_w=None if average is None else average / 1000.0,
-        )
-
-    def read_energy_j(self) -> float:
-        """The energy counter alone (nvmlDeviceGetTotalEnergyConsumption), in J."""
-        mj = _call(
-            self._timings,
-            "nvmlDeviceGetTotalEnergyConsumption",
-            pynvml.nvmlDeviceGetTotalEnergyConsumption,
-            self._handle,
-        )
-        return int(mj) / 1000.0
+            return int(mj) / 1000.0
 
     def read_power_limit_w(self) -> float:
         """The enforced power limit alone (nvmlDeviceGetEnforcedPowerLimit), in W."""
+        with self._lock:
+            return self._enforced_limit_w()
+
+    def _enforced_limit_w(self) -> float:
+        """The enforced limit, in W; the caller holds ``_lock``."""
         mw = _call(
             self._timings,
             "nvmlDeviceGetEnforcedPowerLimit",
@@ -355,6 +380,7 @@ class NvmlGpu:
         return int(mw) / 1000.0
 
     def _processes(self) -> tuple[ProcessUsage, ...]:
+        """Processes on this GPU and their SM share since the last call (caller holds ``_lock``)."""
         h, t = self._handle, self._timings
         procs = _opt(
             t,
@@ -396,14 +422,15 @@ class NvmlGpu:
         The requested limit where the enforced one cannot be read (the set went through).
         """
         milliwatts = round(watts * 1000)
-        _call(
-            self._timings,
-            "nvmlDeviceSetPowerManagementLimit",
-            pynvml.nvmlDeviceSetPowerManagementLimit,
-            self._handle,
-            milliwatts,
-        )
-        return enforced_or_requested(self.read_power_limit_w, milliwatts)
+        with self._lock:
+            _call(
+                self._timings,
+                "nvmlDeviceSetPowerManagementLimit",
+                pynvml.nvmlDeviceSetPowerManagementLimit,
+                self._handle,
+                milliwatts,
+            )
+            return enforced_or_requested(self._enforced_limit_w, milliwatts)
 
 
 class NvmlBackend:
@@ -479,21 +506,21 @@ def _address(handle: Any) -> int:
     return ctypes.cast(handle, ctypes.c_void_p).value or 0
 
 
-def install_fake_nvml(fleet: SimFleet) -> FakeNvmlLib:
-    """Put a fake libnvidia-ml over ``fleet`` below pynvml, for this process.
+def install_library(lib: object) -> None:
+    """Put a stand-in for ``libnvidia-ml`` below pynvml, for this process.
 
-    Everything that imports pynvml afterwards (our backend, gpustat, nvitop, zeus) sees the
-    simulated GPUs. Undo with :func:`uninstall_fake_nvml`.
+    Everything that calls pynvml afterwards (this backend, gpustat, nvitop, zeus) goes through
+    ``lib``. The simulator's fake library is put here by
+    :func:`wattwarden.hardware.sim.fake_nvml.install_fake_nvml`; this module knows no simulator.
+    Undo with :func:`uninstall_library`.
     """
-    lib = FakeNvmlLib(fleet)
     with _install_lock:
         pynvml.nvmlLib = lib
         pynvml._nvmlGetFunctionPointer_cache.clear()
-    return lib
 
 
-def uninstall_fake_nvml() -> None:
-    """Forget the fake library; the next nvmlInit loads the real one again."""
+def uninstall_library() -> None:
+    """Forget the stand-in; the next nvmlInit loads the real library again."""
     with _install_lock:
         pynvml.nvmlLib = None
         pynvml._nvmlGetFunctionPointer_cache.clear()

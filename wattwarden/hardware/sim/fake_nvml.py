@@ -3,10 +3,11 @@
 nvidia-ml-py looks every C function up with ``getattr(pynvml.nvmlLib, name)`` and calls it with
 ctypes arguments. :class:`FakeNvmlLib` provides those functions in Python: each writes its results
 through the ``byref`` arguments' ``_obj`` and returns an NVML status code. Installed as
-``pynvml.nvmlLib`` (see :func:`wattwarden.hardware.nvml.install_fake_nvml`), the unchanged pynvml
-module, and the tools built on it (gpustat, nvitop, zeus), run against the simulated GPUs.
+``pynvml.nvmlLib`` (:func:`install_fake_nvml`, where the simulated backend is chosen), the unchanged
+pynvml module, and the tools built on it (gpustat, nvitop, zeus), run against the simulated GPUs.
 
-This module does not import pynvml: it needs only the objects pynvml hands it.
+The fake itself needs only the objects pynvml hands it; it is put below pynvml through
+:mod:`wattwarden.hardware.nvml`, the one module that imports pynvml (which never imports this one).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from wattwarden.hardware import nvml
 from wattwarden.hardware.errors import GpuLost, InvalidArgument, NoPermission, NotSupported
 from wattwarden.hardware.sim.fleet import CUDA_DRIVER_VERSION, DRIVER_VERSION, SimFleet
 from wattwarden.hardware.sim.gpu import SimGpu
@@ -806,6 +808,22 @@ class FakeNvmlLib:
         with self._lock:
             self._event_sets.pop(ctypes.cast(event_set, ctypes.c_void_p).value or 0, None)
         return SUCCESS
+
+
+def install_fake_nvml(fleet: SimFleet) -> FakeNvmlLib:
+    """Put a fake libnvidia-ml over ``fleet`` below pynvml, for this process.
+
+    Everything that calls pynvml afterwards (our NVML backend, gpustat, nvitop, zeus) sees the
+    simulated GPUs. Undo with :func:`uninstall_fake_nvml`.
+    """
+    lib = FakeNvmlLib(fleet)
+    nvml.install_library(lib)
+    return lib
+
+
+def uninstall_fake_nvml() -> None:
+    """Forget the fake library; the next nvmlInit loads the real one again."""
+    nvml.uninstall_library()
 
 
 def parse_pci_bus_id(text: str) -> tuple[int, int, int, int] | None:
