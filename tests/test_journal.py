@@ -191,7 +191,7 @@ def test_agent_with_a_garbage_journal_starts_says_so_and_uncaps_every_gpu(tmp_pa
     (state / JOURNAL).write_bytes(b"this is not a database\n" * 100)
     with run_agent(state, "--sim", "2") as agent:
         wait_for(lambda: gauge(agent.url, "gpu_power_limit_watts", "1") == 700.0, timeout_s=10)
-        log = (tmp_path / f"agent-{agent.port}.log").read_text()
+        log = agent.log_path.read_text()
         damaged = [line for line in log.splitlines() if "is damaged" in line]
         assert len(damaged) == 1 and " ERROR " in damaged[0]
         assert "Traceback" not in log
