@@ -102,3 +102,13 @@ def test_collectors_exporters_and_policies_name_no_gpu_backend() -> None:
         if any(n == b or n.startswith(b + ".") for b in BACKENDS)
     )
     assert violations == []
+
+
+def test_in_policies_only_the_actuator_holds_gpu_devices() -> None:
+    """Policies and the engine decide from the store; the actuator alone acts on GPUs."""
+    holders = sorted(
+        str(p.relative_to(PACKAGE))
+        for p in (PACKAGE / "policies").rglob("*.py")
+        if "wattwarden.hardware.device" in _names(p)
+    )
+    assert holders == ["policies/actuator.py"]
