@@ -58,7 +58,13 @@ class LimitChange:
 
 
 class LimitActuator:
-    """Sets power limits within [min, max], journalled, rate-limited, read back, and restorable."""
+    """Sets power limits within [min, max], journalled, rate-limited, read back, and restorable.
+
+    Called from HTTP threads (manual requests), the policy engine and the main thread (recover,
+    restore); ``_lock`` serialises its journal and rate-limit state. On a GPU it calls only
+    ``info``, ``read_power_limit_w`` and ``set_power_limit``, each of which the device runs
+    under its own lock, so it never races the sampler's reads of the same GPU.
+    """
 
     def __init__(
         self,
@@ -161,8 +167,8 @@ class LimitActuator:
     def _limit_to_restore(gpu: int, device: GpuDevice, info: GpuInfo) -> float:
         """The limit found on the GPU, else the board's default: never a change without one.
 
-        Reads only the enforced limit (one driver call), not the whole device, so it does not
-        race the sampler's batched read of the same GPU.
+        Reads only the enforced limit (one driver call, under the GPU's own lock), never the
+        whole device: full reads belong to the sampler, which owns them.
         """
         try:
             return device.read_power_limit_w()
