@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import tempfile
@@ -48,12 +48,8 @@ GOAL_RSS_MB = 100.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+SERVING_LINE = re.compile(rb"serving http://127\.0\.0\.1:(\d+)/metrics")
+"""The agent's start line, with the port it bound (it is started with ``--listen 127.0.0.1:0``)."""
 
 
 @dataclass
@@ -62,7 +58,6 @@ class RunningAgent:
 
     interval_ms: int
     state_dir: Path
-    port: int
     proc: subprocess.Popen[bytes]
     log: IO[bytes]
     ps: psutil.Process
@@ -70,6 +65,9 @@ class RunningAgent:
     scrape_ms: list[float] = field(default_factory=list)
     scrape_bytes: int = 0
     gpu_pass_s: list[float] = field(default_factory=list)
+
+    port: int = 0
+    """Known once the agent's start line says it (see :func:`wait_healthy`)."""
 
     @property
     def base(self) -> str:
@@ -81,10 +79,9 @@ class RunningAgent:
 
 
 def start_agent(interval_ms: int, root: Path) -> RunningAgent:
-    """Start one agent on a free loopback port with its own state directory."""
+    """Start one agent on loopback port 0 (it says which port it bound) with its own state dir."""
     state_dir = root / f"agent-{interval_ms}ms"
     state_dir.mkdir()
-    port = free_port()
     log = (state_dir / "agent.log").open("wb")
     cmd = [
         sys.executable,
@@ -94,14 +91,14 @@ def start_agent(interval_ms: int, root: Path) -> RunningAgent:
         "--sim",
         str(GPUS),
         "--listen",
-        f"127.0.0.1:{port}",
+        "127.0.0.1:0",
         "--state-dir",
         str(state_dir),
         "--interval-ms",
         str(interval_ms),
     ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-    return RunningAgent(interval_ms, state_dir, port, proc, log, psutil.Process(proc.pid))
+    return RunningAgent(interval_ms, state_dir, proc, log, psutil.Process(proc.pid))
 
 
 def http(url: str, *, data: bytes | None = None, token: str | None = None) -> tuple[int, bytes]:
@@ -123,6 +120,13 @@ def wait_healthy(agent: RunningAgent, timeout_s: float = 60.0) -> None:
     while time.monotonic() < deadline:
         if agent.proc.poll() is not None:
             raise RuntimeError(f"agent exited with {agent.proc.returncode}:\n{agent.log_tail()}")
+        if not agent.port:
+            agent.log.flush()
+            serving = SERVING_LINE.search((agent.state_dir / "agent.log").read_bytes())
+            if serving is None:
+                time.sleep(0.2)
+                continue
+            agent.port = int(serving[1])
         with contextlib.suppress(OSError):
             status, _ = http(agent.base + "/healthz")
             if status == 200:

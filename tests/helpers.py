@@ -126,7 +126,7 @@ class AgentProcess:
 
 
 _RUNS = itertools.count()
-_SERVING = re.compile(r"serving (https?)://127\.0\.0\.1:(\d+)/metrics")
+SERVING_LINE = re.compile(r"serving (https?)://127\.0\.0\.1:(\d+)/metrics")
 """The agent's start line, with the port it bound (``--listen 127.0.0.1:0``)."""
 
 
@@ -160,7 +160,7 @@ def run_agent(
             def started() -> re.Match[str] | None:
                 if proc.poll() is not None:
                     raise AssertionError(f"agent exited {proc.returncode}: {log_path.read_text()}")
-                return _SERVING.search(log_path.read_text())
+                return SERVING_LINE.search(log_path.read_text())
 
             serving = wait_for(started, timeout_s=30, what="the agent's start line")
             bound = int(serving[2])

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_port, run_agent
+from helpers import refused_port, run_agent
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -170,7 +170,8 @@ def test_status_against_an_agent_shows_its_gpus_and_a_lost_one(tmp_path: Path) -
 
 
 def test_status_against_an_unreachable_agent_exits_1_with_the_reason() -> None:
-    result = wattwarden("status", "--agent", f"http://127.0.0.1:{free_port()}")
+    with refused_port() as port:
+        result = wattwarden("status", "--agent", f"http://127.0.0.1:{port}")
     assert result.returncode == 1
     assert "cannot read GPU state from" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -179,7 +180,7 @@ def test_status_against_an_unreachable_agent_exits_1_with_the_reason() -> None:
 def test_backend_nvml_without_a_driver_exits_1_instead_of_simulating(tmp_path: Path) -> None:
     result = wattwarden(
         "agent", "--backend", "nvml", "--state-dir", str(tmp_path),
-        "--listen", f"127.0.0.1:{free_port()}",  # not the default port: an agent may be there
+        "--listen", "127.0.0.1:0",  # not the default port: an agent may be there
     )  # fmt: skip
     assert result.returncode == 1
     assert (

@@ -22,7 +22,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import free_port, http_get, parse_metrics, require_binary, wait_for
+from helpers import SERVING_LINE, http_get, parse_metrics, require_binary, wait_for
 
 from wattwarden.cli import build_parser
 from wattwarden.config import SETTINGS, load_config_file, validate
@@ -267,7 +267,6 @@ def _run_agent_briefly(
     argv: list[str], state_dir: Path, cwd: Path, log_path: Path, extra_env: dict[str, str]
 ) -> str:
     """Start the agent, wait for /healthz, scrape /metrics once, stop it with SIGTERM."""
-    port = free_port()
     env = {
         **os.environ,
         **extra_env,
@@ -284,14 +283,20 @@ def _run_agent_briefly(
         "--interval-ms",
         "50",
         "--listen",
-        f"127.0.0.1:{port}",
+        "127.0.0.1:0",
         "--state-dir",
         str(state_dir),
     ]
-    url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         try:
+
+            def started() -> re.Match[str] | None:
+                if proc.poll() is not None:
+                    raise AssertionError(f"agent exited {proc.returncode}: {log_path.read_text()}")
+                return SERVING_LINE.search(log_path.read_text())
+
+            url = f"http://127.0.0.1:{wait_for(started, timeout_s=30, what='the start line')[2]}"
 
             def healthy() -> bool:
                 if proc.poll() is not None:

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from helpers import free_port
+from helpers import refused_port
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
@@ -156,9 +156,10 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def closed_port() -> int:
+def closed_port() -> Iterator[int]:
     """A loopback port nothing listens on: connections are refused at once."""
-    return free_port()
+    with refused_port() as port:
+        yield port
 
 
 class DroppingEndpoint:

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helpers import free_port, http_get, parse_metrics, run_agent, wait_for
+from helpers import http_get, parse_metrics, refused_port, run_agent, wait_for
 
 
 def test_agent_with_an_unreachable_otlp_endpoint_keeps_serving_and_counts_failures(
     tmp_path: Path,
 ) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
-    with run_agent(
-        tmp_path / "state", "--sim", "2", "--otlp-endpoint", dead, "--otlp-interval-s", "1"
-    ) as agent:
+    with (
+        refused_port() as port,
+        run_agent(
+            tmp_path / "state",
+            "--sim",
+            "2",
+            "--otlp-endpoint",
+            (dead := f"http://127.0.0.1:{port}"),
+            "--otlp-interval-s",
+            "1",
+        ) as agent,
+    ):
 
         def failures() -> float | None:
             m = parse_metrics(http_get(agent.url + "/metrics")[1].decode())
@@ -22,10 +30,7 @@ def test_agent_with_an_unreachable_otlp_endpoint_keeps_serving_and_counts_failur
 
         wait_for(failures, timeout_s=30, what="two failed OTLP exports counted")
         assert http_get(agent.url + "/healthz")[0] == 200
-        assert (
-            "exporting OTLP metrics to " + dead
-            in (tmp_path / f"agent-{agent.port}.log").read_text()
-        )
+        assert "exporting OTLP metrics to " + dead in agent.log_path.read_text()
 
 
 def test_bad_otlp_headers_are_a_one_line_usage_error(tmp_path: Path) -> None:
@@ -34,7 +39,7 @@ def test_bad_otlp_headers_are_a_one_line_usage_error(tmp_path: Path) -> None:
 
     result = subprocess.run(
         [sys.executable, "-m", "wattwarden", "agent", "--sim", "1", "--state-dir", str(tmp_path),
-         "--listen", f"127.0.0.1:{free_port()}", "--otlp-endpoint", "http://127.0.0.1:1",
+         "--listen", "127.0.0.1:0", "--otlp-endpoint", "http://127.0.0.1:1",
          "--otlp-headers", "novalue"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

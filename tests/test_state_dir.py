@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import free_port, http_get, http_json, run_agent, sim_limits
+from helpers import http_get, http_json, run_agent, sim_limits
 
 
 def test_second_agent_on_the_same_state_dir_exits_2_and_the_first_keeps_running(
@@ -21,7 +21,7 @@ def test_second_agent_on_the_same_state_dir_exits_2_and_the_first_keeps_running(
         assert (status, body["enforced_watts"]) == (200, 300.0)
         second = subprocess.run(
             [sys.executable, "-m", "wattwarden", "agent", "--sim", "2", "--apply",
-             "--state-dir", str(state), "--listen", f"127.0.0.1:{free_port()}"],
+             "--state-dir", str(state), "--listen", "127.0.0.1:0"],
             capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
         assert second.returncode == 2, second.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-from helpers import free_port, http_get, require_binary, run_agent, wait_for
+from helpers import http_get, require_binary, run_agent, wait_for
 from promstack import run_prometheus
 
 from wattwarden.api import webconfig
@@ -141,7 +141,7 @@ def test_bad_web_config_is_a_one_line_usage_error(tmp_path: Path, text: str, exp
     cfg.write_text(text)
     result = subprocess.run(
         [sys.executable, "-m", "wattwarden", "agent", "--sim", "1", "--state-dir",
-         str(tmp_path / "s"), "--listen", f"127.0.0.1:{free_port()}", "--web-config", str(cfg)],
+         str(tmp_path / "s"), "--listen", "127.0.0.1:0", "--web-config", str(cfg)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 2
