@@ -38,8 +38,13 @@ MUTANTS = ROOT / "mutants"
 EQUIVALENT = ROOT / "benchmarks" / "mutation_equivalent.toml"
 GOALS = {
     "wattwarden/policies/actuator.py": 0.90,
+    "wattwarden/policies/engine.py": 0.90,
+    "wattwarden/policies/manual.py": 0.90,
     "wattwarden/api/server.py": 0.90,
+    "wattwarden/api/auth.py": 0.90,
+    "wattwarden/api/contract.py": 0.90,
     "wattwarden/api/webconfig.py": 0.90,
+    "wattwarden/collectors/metrics.py": 0.80,
     "wattwarden/collectors/jobs.py": 0.80,
     "wattwarden/collectors/store.py": 0.80,
     "wattwarden/exporters/prometheus.py": 0.80,
