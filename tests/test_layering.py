@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "wattwarden"
 
 # what each layer may import from wattwarden (besides itself and the top-level __init__); HTTP
@@ -91,6 +93,23 @@ def test_importing_the_nvml_backend_loads_no_simulator_module() -> None:
         timeout=60,
     )
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("entry", ["wattwarden.agent", "wattwarden.cli"])
+def test_the_agent_and_the_cli_load_the_simulator_only_when_it_is_chosen(entry: str) -> None:
+    # the settings offer the simulated models by name: that table is all they may load
+    code = (
+        f"import sys, {entry}; print(sorted(m for m in sys.modules if m.startswith({SIM + '.'!r})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PACKAGE.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == repr([SIM + ".models"])
 
 
 def test_collectors_exporters_and_policies_name_no_gpu_backend() -> None:

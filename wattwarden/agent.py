@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import Metric
 
@@ -30,10 +30,10 @@ from wattwarden.exporters.prometheus import StoreCollector, job_families, make_r
 from wattwarden.hardware.device import GpuBackend
 from wattwarden.hardware.errors import HardwareUnavailable
 from wattwarden.hardware.nvml import NvmlBackend
-from wattwarden.hardware.sim.fake_nvml import install_fake_nvml
-from wattwarden.hardware.sim.fleet import SimFleet
-from wattwarden.hardware.sim.gpu import SimProcess
 from wattwarden.policies.actuator import JournalError, LimitActuator
+
+if TYPE_CHECKING:  # the simulator is loaded only when it is chosen (open_backend)
+    from wattwarden.hardware.sim.fleet import SimFleet
 
 log = logging.getLogger("wattwarden.agent")
 
@@ -111,6 +111,9 @@ def open_backend(cfg: AgentConfig) -> Backend:
     else:
         reason = "simulation asked for"
         count = cfg.sim if cfg.sim is not None else AUTO_SIM_GPUS
+    from wattwarden.hardware.sim.fake_nvml import install_fake_nvml  # noqa: PLC0415 - sim only
+    from wattwarden.hardware.sim.fleet import SimFleet  # noqa: PLC0415 - sim only
+
     fleet = SimFleet(count, model=cfg.sim_model, state_dir=state_dir)
     install_fake_nvml(fleet)
     backend = NvmlBackend()
@@ -253,6 +256,8 @@ class Agent:
 
     def _place_on_sim(self, old: Job | None, new: Job | None) -> None:
         """On the simulated fleet a job's process drives its GPU's load, and moves with it."""
+        from wattwarden.hardware.sim.gpu import SimProcess  # noqa: PLC0415 - sim only
+
         fleet = self.opened.fleet
         assert fleet is not None
         if old is not None and 0 <= old.gpu < len(fleet):
