@@ -79,10 +79,11 @@ def test_hardware_outside_the_simulator_never_imports_it() -> None:
     assert importers == []
 
 
-def test_importing_the_nvml_backend_loads_no_simulator_module() -> None:
+def _simulator_modules_loaded_by(module: str) -> list[str]:
+    """The simulator modules a fresh interpreter holds after importing ``module``."""
     code = (
-        "import sys, wattwarden.hardware.nvml; "
-        f"print(sorted(m for m in sys.modules if m == {SIM!r} or m.startswith({SIM + '.'!r})))"
+        f"import sys, {module}; "
+        f"print([m for m in sorted(sys.modules) if m == {SIM!r} or m.startswith({SIM + '.'!r})])"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -92,24 +93,19 @@ def test_importing_the_nvml_backend_loads_no_simulator_module() -> None:
         check=True,
         timeout=60,
     )
-    assert out.stdout.strip() == "[]"
+    loaded: list[str] = ast.literal_eval(out.stdout.strip())
+    return loaded
+
+
+def test_importing_the_nvml_backend_loads_no_simulator_module() -> None:
+    assert _simulator_modules_loaded_by("wattwarden.hardware.nvml") == []
 
 
 @pytest.mark.parametrize("entry", ["wattwarden.agent", "wattwarden.cli"])
 def test_the_agent_and_the_cli_load_the_simulator_only_when_it_is_chosen(entry: str) -> None:
-    # the settings offer the simulated models by name: that table is all they may load
-    code = (
-        f"import sys, {entry}; print(sorted(m for m in sys.modules if m.startswith({SIM + '.'!r})))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=PACKAGE.parent,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    assert out.stdout.strip() == repr([SIM + ".models"])
+    # the settings offer the simulated models by name: that table (and its package's lazy
+    # __init__) is all they may load
+    assert _simulator_modules_loaded_by(entry) == [SIM, SIM + ".models"]
 
 
 def test_collectors_exporters_and_policies_name_no_gpu_backend() -> None:
