@@ -46,13 +46,16 @@ from wattwarden.api.contract import (
     parse_body,
 )
 from wattwarden.api.http import MAX_BODY_BYTES, HttpLimits
-from wattwarden.api.server import AgentContext, ApiServer, _Edge, build_app
+from wattwarden.api.server import AgentContext, ApiServer, _Edge, build_app, energy_json
 from wattwarden.api.webconfig import WebConfig
 from wattwarden.collectors.jobs import JobError, JobRegistry
+from wattwarden.collectors.rapl import RaplSample
 from wattwarden.collectors.store import MetricStore
 from wattwarden.config import AgentConfig
 from wattwarden.hardware.errors import HardwareError, InvalidArgument
+from wattwarden.hardware.sim.backend import SimBackend
 from wattwarden.hardware.sim.fake_nvml import uninstall_fake_nvml
+from wattwarden.hardware.sim.fleet import SimFleet
 from wattwarden.policies.actuator import LimitChange, RateLimited
 
 
@@ -390,6 +393,18 @@ def test_basic_auth_refuses_credentials_with_characters_outside_base64(
     for stray in ("!", "*", "\u00e9"):  # RFC 7617: the credentials are base64, nothing else
         status, _, body = live.call("GET", "/api/v1/state", headers={"Authorization": good + stray})
         assert (status, body) == (401, {"error": "basic auth required"}), stray
+
+
+def test_basic_auth_refuses_undecodable_credentials_even_where_an_empty_login_is_configured(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = {"": bcrypt.hashpw(b"", bcrypt.gensalt(rounds=4))}
+    monkeypatch.setattr(live.ctx, "web", WebConfig(users=users))
+    assert live.call("GET", "/api/v1/state", headers=basic("", ""))[0] == 200
+    for header in ("Basic !!!", "Basic " + base64.b64encode(b"\xff:\xfe").decode()):
+        status, got, body = live.call("GET", "/api/v1/state", headers={"Authorization": header})
+        assert (status, body) == (401, {"error": "basic auth required"}), header
+        assert got["www-authenticate"] == 'Basic realm="wattwarden"'
 
 
 def test_a_server_started_with_its_own_limits_serves_the_api_under_them(
@@ -896,6 +911,9 @@ def test_the_default_body_limit_is_64_kib() -> None:
         ("?seconds=86400.5", 400, "seconds must be within 1..86400, got '86400.5'"),
         ("?seconds=nan", 400, "seconds must be within 1..86400, got 'nan'"),
         ("?seconds=60&seconds=abc", 400, "seconds must be a number, got 'abc'"),
+        # a value is quoted whole up to 40 characters (quotes included), then cut to 37 and '...'
+        ("?seconds=" + "x" * 38, 400, "seconds must be a number, got '" + "x" * 38 + "'"),
+        ("?seconds=" + "x" * 39, 400, "seconds must be a number, got '" + "x" * 36 + "..."),
     ],
 )
 def test_history_seconds_is_checked(
@@ -921,6 +939,32 @@ def test_energy_is_404_where_counters_cannot_be_read(
     assert (status, body) == (404, {"error": "energy readings are not available"})
     monkeypatch.setattr(live.ctx, "energy", lambda: {"gpus": [1]})
     assert live.call("GET", "/api/v1/energy")[::2] == (200, {"gpus": [1]})
+
+
+def test_energy_reads_each_gpu_counter_and_says_which_could_not_be_read() -> None:
+    now_s = [100.0]
+    fleet = SimFleet(3, clock=lambda: now_s[0], wall_clock=lambda: 1.0e9)
+    fleet[1].inject("not_supported", field="energy")
+    fleet[2].inject("lost")
+    now_s[0] += 60.0  # a minute at idle: the counter has moved, and stays put while it is read
+    counter_j = fleet[0].total_energy_mj() / 1000.0
+    assert counter_j > 0
+    host = [RaplSample(1.0e9, "package-0", 12.5, None), RaplSample(1.0e9, "dram", 2.0, 0.5)]
+    before = time.time()
+    got = energy_json(SimBackend(fleet).devices(), host)
+    assert before <= got.pop("timestamp") <= time.time()
+    assert got == {
+        "gpus": [
+            {"index": 0, "uuid": fleet[0].uuid, "energy_joules": counter_j},
+            {"index": 1, "uuid": fleet[1].uuid, "energy_joules": None},
+            {"index": 2, "uuid": fleet[2].uuid, "energy_joules": None,
+             "error": "GPU 2 has fallen off the bus"},
+        ],
+        "host": [
+            {"domain": "package-0", "energy_joules": 12.5},
+            {"domain": "dram", "energy_joules": 2.0},
+        ],
+    }  # fmt: skip
 
 
 def test_reads_answer_what_the_context_holds(live: Live, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,10 +27,11 @@ def check_basic(headers: Headers, web: WebConfig | None) -> None:
     """Basic auth for reads, where the web config names users (strict base64 credentials)."""
     if web is None or not web.users:
         return
+    refused = ApiError(HTTPStatus.UNAUTHORIZED, "basic auth required", challenge="Basic")
     scheme, _, encoded = headers.get("authorization", "").partition(" ")
     try:
         user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
     except (ValueError, UnicodeDecodeError):
-        user, password = "", ""
+        raise refused from None  # not credentials at all: no user to check them against
     if scheme.lower() != "basic" or not web.check_basic(user, password):
-        raise ApiError(HTTPStatus.UNAUTHORIZED, "basic auth required", challenge="Basic")
+        raise refused
