@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,12 +15,14 @@ from hypothesis import strategies as st
 
 from wattwarden.collectors.gpu import GpuCollector
 from wattwarden.collectors.jobs import JobRegistry
+from wattwarden.collectors.samples import GpuSample
 from wattwarden.collectors.store import MetricStore
+from wattwarden.hardware.device import GpuInfo, GpuReading
 from wattwarden.hardware.sim import ManualClock, SimFleet
 from wattwarden.hardware.sim.backend import SimBackend
 from wattwarden.policies.actuator import LimitActuator
-from wattwarden.policies.base import Intent, Mode, Policy, PolicyInputs
-from wattwarden.policies.engine import DEFAULT_STALE_AFTER_S, PolicyEngine
+from wattwarden.policies.base import Decision, Intent, Mode, Policy, PolicyInputs
+from wattwarden.policies.engine import DEFAULT_STALE_AFTER_S, KEEP_DECISIONS, PolicyEngine
 
 GPUS = 3
 H100_DEFAULT_W = 700.0
@@ -71,21 +74,28 @@ class Node:
             self.store,
             mode=mode,
             monotonic=self.clock,
-            wall=lambda: 1000.0 + self.clock(),
+            wall=self.wall,
         )
+
+    def wall(self) -> float:
+        """The engines' wall clock: the decisions' timestamp."""
+        return 1000.0 + self.clock()
 
     def limit(self, gpu: int) -> float:
         return float(self.fleet[gpu].state()["power_limit_w"])
 
 
 @contextmanager
-def node_at(directory: Path) -> Iterator[Node]:
+def node_at(directory: Path, min_interval_s: float = 0) -> Iterator[Node]:
     clock = ManualClock()
     fleet = SimFleet(GPUS, clock=clock)
     backend = SimBackend(fleet)
     store = MetricStore(monotonic=clock)
     actuator = LimitActuator(
-        backend.devices(), directory / "journal.sqlite3", min_interval_s=0, monotonic=clock
+        backend.devices(),
+        directory / "journal.sqlite3",
+        min_interval_s=min_interval_s,
+        monotonic=clock,
     )
     node = Node(fleet, clock, store, GpuCollector(backend, monotonic=clock), actuator)
     node.sample()
@@ -134,11 +144,41 @@ def test_a_policy_asking_twice_for_one_gpu_is_heard_at_its_lowest(node: Node) ->
     assert decision.intents == {"twice": Intent(0, 300.0, "second")}
 
 
+def test_a_policy_asking_twice_at_one_limit_is_heard_with_its_first_reason(node: Node) -> None:
+    @dataclass
+    class Twice:
+        name: str = "twice"
+
+        def intents(self, inputs: PolicyInputs) -> Iterable[Intent]:
+            return [Intent(0, 300.0, "first"), Intent(0, 300.0, "second")]
+
+    (decision,) = node.engine(Twice()).step([])
+    assert decision.intents == {"twice": Intent(0, 300.0, "first")}
+    assert decision.reason == "first"
+
+
+def test_policies_tied_at_the_lowest_limit_are_decided_by_name(node: Node) -> None:
+    zeta, alpha = Fixed("zeta", {0: 300.0}, "a"), Fixed("alpha", {0: 300.0}, "z")
+    (decision,) = node.engine(zeta, alpha).step([])
+    assert (decision.policy, decision.reason, decision.watts) == ("alpha", "z 300 W", 300.0)
+    assert decision.intents == {
+        "zeta": Intent(0, 300.0, "a 300 W"),
+        "alpha": Intent(0, 300.0, "z 300 W"),
+    }
+
+
 def test_dry_run_is_the_default_and_only_records_and_counts(node: Node) -> None:
-    engine = node.engine(Fixed("cap", {0: 300.0, 2: 250.0}))
+    engine = PolicyEngine(
+        [Fixed("cap", {0: 300.0, 2: 250.0})],
+        node.actuator,
+        node.store,
+        monotonic=node.clock,
+        wall=node.wall,
+    )
     assert engine.mode == "dry_run"
     decisions = engine.step([])
     assert [(d.action, d.mode, d.enforced_w) for d in decisions] == [("set", "dry_run", None)] * 2
+    assert engine.decisions() == decisions
     assert [node.limit(g) for g in range(GPUS)] == [H100_DEFAULT_W] * GPUS
     assert node.actuator.originals() == {}
     assert node.store.snapshot().policy_actions == {("cap", "set_power_limit", "dry_run"): 2}
@@ -155,7 +195,17 @@ def test_apply_sets_the_winning_limit_through_the_journalled_actuator(node: Node
     node.clock.advance(1.0)  # the enforced limit comes with the next full read
     node.sample()
     (again,) = engine.step([])
-    assert (again.action, again.watts, again.enforced_w) == ("keep", 350.0, None)
+    assert again == Decision(
+        1,
+        "keep",
+        "b",
+        "fixed 350 W",
+        350.0,
+        "apply",
+        node.wall(),
+        {"a": Intent(1, 450.0, "fixed 450 W"), "b": Intent(1, 350.0, "fixed 350 W")},
+    )
+    assert again.enforced_w is None and again.error is None
     assert node.store.snapshot().policy_actions == {("b", "set_power_limit", "apply"): 1}
 
 
@@ -167,8 +217,16 @@ def test_stale_readings_hold_every_gpu_and_nothing_is_set(node: Node) -> None:
         (0, "hold", "engine", None),
         (1, "hold", "engine", None),
     ]
-    assert decisions[0].reason == "GPU 0 readings are 5.5 s old (stale after 5 s)"
-    assert decisions[0].intents == {"cap": Intent(0, 300.0, "fixed 300 W")}
+    assert decisions[0] == Decision(
+        0,
+        "hold",
+        "engine",
+        "GPU 0 readings are 5.5 s old (stale after 5 s)",
+        None,
+        "apply",
+        node.wall(),
+        {"cap": Intent(0, 300.0, "fixed 300 W")},
+    )
     assert node.limit(0) == node.limit(1) == H100_DEFAULT_W
     assert node.store.snapshot().policy_actions == {}
 
@@ -191,6 +249,37 @@ def test_a_lost_gpu_and_one_not_in_the_store_are_held(node: Node) -> None:
     ]
 
 
+def test_a_gpu_that_has_not_been_read_is_held(node: Node) -> None:
+    read = node.store.snapshot().gpus[0].sample.reading
+    now = node.clock()
+
+    def sample(gpu: int, reading: GpuReading | None, read_mono_s: float | None) -> GpuSample:
+        info = GpuInfo(gpu, f"GPU-{gpu}", "NVIDIA H100", f"0:{gpu}", "550", None, 200, 700, 700)
+        return GpuSample(info, True, 0.0, reading, 0.0, "integrated", read_mono_s=read_mono_s)
+
+    node.store.put([sample(4, None, None), sample(5, None, now), sample(6, read, None)])
+    engine = node.engine(Fixed("cap", dict.fromkeys([4, 5, 6], 300.0)), mode="apply")
+    assert [(d.gpu, d.action, d.policy, d.reason) for d in engine.step([])] == [
+        (4, "hold", "engine", "GPU 4 has not been read yet"),
+        (5, "hold", "engine", "GPU 5 has not been read yet"),
+        (6, "hold", "engine", "GPU 6 has not been read yet"),
+    ]
+    assert node.store.snapshot().policy_actions == {}
+
+
+@pytest.mark.parametrize(
+    ("watts", "action"),
+    [(699.5, "keep"), (700.5, "keep"), (699.0, "set"), (701.0, "set"), (650.0, "set")],
+)
+def test_a_gpu_less_than_1_w_from_the_chosen_limit_keeps_it(
+    node: Node, watts: float, action: str
+) -> None:
+    (decision,) = node.engine(Fixed("cap", {0: watts})).step([])  # GPU 0 enforces 700 W
+    assert (decision.action, decision.watts) == (action, watts)
+    counted = {} if action == "keep" else {("cap", "set_power_limit", "dry_run"): 1}
+    assert node.store.snapshot().policy_actions == counted
+
+
 def test_an_actuator_refusal_is_on_the_decision_and_counted_not_raised(node: Node) -> None:
     engine = node.engine(Fixed("cap", {0: 50.0, 1: 300.0}), mode="apply")
     low, ok = engine.step([])
@@ -201,6 +290,64 @@ def test_an_actuator_refusal_is_on_the_decision_and_counted_not_raised(node: Nod
         ("cap", "set_power_limit_failed", "apply"): 1,
         ("cap", "set_power_limit", "apply"): 1,
     }
+
+
+def test_a_rate_limited_change_is_on_the_decision_and_counted_not_raised(tmp_path: Path) -> None:
+    with node_at(tmp_path, min_interval_s=60) as node:
+        cap = Fixed("cap", {0: 300.0})
+        engine = node.engine(cap, mode="apply")
+        (first,) = engine.step([])
+        node.clock.advance(1.0)
+        node.sample()
+        cap.limits = {0: 250.0}
+        (second,) = engine.step([])
+        assert (first.enforced_w, first.error) == (300.0, None)
+        assert (second.action, second.watts, second.enforced_w) == ("set", 250.0, None)
+        assert second.error == "GPU 0: limit changed 1.00 s ago; at most one change per 60 s"
+        assert node.limit(0) == 300.0
+        assert node.store.snapshot().policy_actions == {
+            ("cap", "set_power_limit", "apply"): 1,
+            ("cap", "set_power_limit_failed", "apply"): 1,
+        }
+
+
+def test_the_decision_history_keeps_the_latest_1000_oldest_first(node: Node) -> None:
+    engine = node.engine(Fixed("cap", dict.fromkeys(range(GPUS), 300.0)))
+    made: list[Decision] = []
+    for _ in range(KEEP_DECISIONS // GPUS + 1):  # 334 periods of 3 decisions: 1002
+        node.clock.advance(0.01)
+        made += engine.step([])
+    kept = engine.decisions()
+    assert (KEEP_DECISIONS, len(made), len(kept)) == (1000, 1002, 1000)
+    assert kept == made[2:]
+    assert (kept[0].gpu, kept[0].timestamp_s) == (2, made[0].timestamp_s)
+    kept.clear()  # a copy: the engine's history is untouched
+    assert len(engine.decisions()) == 1000
+
+
+def test_the_decision_history_is_read_whole_from_another_thread(node: Node) -> None:
+    engine = node.engine(Fixed("cap", dict.fromkeys(range(GPUS), 300.0)))
+    done = threading.Event()
+    lengths: list[int] = []
+
+    def read() -> None:
+        while True:
+            finished = done.is_set()
+            lengths.append(len(engine.decisions()))
+            if finished:
+                return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(400):
+            engine.step([])
+    finally:
+        done.set()
+        reader.join()
+    assert lengths[-1] == KEEP_DECISIONS
+    # every read sees whole periods (3 decisions each) until the history is full
+    assert set(lengths) <= {*range(0, KEEP_DECISIONS, GPUS), KEEP_DECISIONS}
 
 
 def test_policies_see_the_job_registry_view(node: Node) -> None:
