@@ -8,8 +8,10 @@ and the Grafana dashboard may only query names that are exported.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -20,13 +22,22 @@ from promstack import dashboard, dashboard_targets, rules
 
 from wattwarden.api.state import gpu_json
 from wattwarden.collectors.jobs import JobRegistry
-from wattwarden.collectors.metrics import GPU_METRICS, MetricSpec, values
+from wattwarden.collectors.metrics import (
+    GPU_METRICS,
+    MetricSpec,
+    _live,
+    _reading,
+    gpu_state,
+    json_values,
+    one,
+    values,
+)
 from wattwarden.collectors.registry import REGISTRATIONS
 from wattwarden.collectors.samples import GpuSample
 from wattwarden.collectors.store import GpuView, MetricStore, StoreSnapshot
 from wattwarden.exporters.otlp import otlp_metric_families
 from wattwarden.exporters.prometheus import StoreCollector, job_families
-from wattwarden.hardware.device import GpuInfo, GpuReading
+from wattwarden.hardware.device import ClockEvent, GpuInfo, GpuReading, ProcessUsage
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -180,3 +191,233 @@ def test_a_gpu_without_current_readings_keeps_only_its_identity_liveness_and_cou
         for key in keys:
             if spec.name not in KEPT:
                 assert state[key] is None, key
+
+
+# ------------------------------------------------------------------ every row's series, in full
+IDENTITY = GpuInfo(3, "GPU-x", "NVIDIA H100", "00000000:18:00.0", "550", 2**36, 200.0, 700.0, 700.0)
+READ = replace(
+    FULL,
+    memory_total_bytes=2**36 - 2**20,  # the driver's figure, a little under the identity's
+    clock_event_mask=ClockEvent.SW_POWER_CAP,
+    processes=(ProcessUsage(101, 2**20, 0.5), ProcessUsage(202, None, None)),
+)
+
+
+def _view(reading: GpuReading | None, up: bool = True, info: GpuInfo = IDENTITY) -> GpuView:
+    sample = GpuSample(
+        info,
+        up,
+        1.0,
+        reading,
+        12.5,
+        "counter",
+        clock_event_seconds={"idle": 1.0, "sw_power_cap": 0.5},
+        xid_counts={79: 1, 13: 2},
+    )
+    return GpuView(sample, 305.0 if up else None, 320.0 if up else None)
+
+
+ALL_SERIES: dict[str, list[tuple[tuple[str, ...], float]]] = {
+    "gpu_up": [((), 1.0)],
+    "gpu_info": [(("NVIDIA H100", "00000000:18:00.0", "550"), 1.0)],
+    "gpu_power_watts": [((), 305.0)],
+    "gpu_power_peak_watts": [((), 320.0)],
+    "gpu_energy_joules": [((), 12.5)],
+    "gpu_power_limit_watts": [((), 500.0)],
+    "gpu_power_limit_default_watts": [((), 700.0)],
+    "gpu_power_limit_min_watts": [((), 200.0)],
+    "gpu_power_limit_max_watts": [((), 700.0)],
+    "gpu_temperature_celsius": [(("gpu",), 61.0), (("memory",), 66.0)],
+    "gpu_utilization_ratio": [((), 0.75)],
+    "gpu_memory_utilization_ratio": [((), 0.25)],
+    "gpu_memory_used_bytes": [((), 2**30)],
+    "gpu_memory_total_bytes": [((), 2**36 - 2**20)],
+    "gpu_clock_hertz": [(("sm",), 1.7e9), (("memory",), 2.6e9)],
+    "gpu_clock_event_active": [
+        (("idle",), 0.0),
+        (("sw_power_cap",), 1.0),
+        (("hw_slowdown",), 0.0),
+        (("sw_thermal",), 0.0),
+        (("hw_thermal",), 0.0),
+        (("hw_power_brake",), 0.0),
+    ],
+    "gpu_clock_event_seconds": [(("idle",), 1.0), (("sw_power_cap",), 0.5)],
+    "gpu_xid_errors": [(("13",), 2), (("79",), 1)],  # by XID, ascending
+    "gpu_process_memory_used_bytes": [(("101",), 2**20)],  # pid 202 reports none: no series
+    "gpu_process_utilization_ratio": [(("101",), 0.5)],
+}
+"""Every GPU row's series (label values beyond gpu and uuid, value) for one fully read GPU."""
+
+ALL_OTEL: dict[str, list[tuple[dict[str, str], float]]] = {
+    "hw.status": [
+        ({"hw.state": "ok"}, 1),
+        ({"hw.state": "degraded"}, 0),
+        ({"hw.state": "failed"}, 0),
+        ({"hw.state": "predicted_failure"}, 0),
+    ],
+    "hw.power": [({}, 305.0)],
+    "hw.energy": [({}, 12.5)],
+    "hw.temperature": [
+        ({"hw.sensor_location": "gpu"}, 61.0),
+        ({"hw.sensor_location": "memory"}, 66.0),
+    ],
+    "hw.gpu.utilization": [({"hw.gpu.task": "general"}, 0.75)],
+    "hw.gpu.memory.usage": [({}, 2**30)],
+    "hw.gpu.memory.limit": [({}, 2**36 - 2**20)],
+    "hw.errors": [({"error.type": "13"}, 2), ({"error.type": "79"}, 1)],
+}
+"""Every OpenTelemetry instrument's points (attributes beyond the GPU's own, value)."""
+
+ALL_JSON = {
+    "power_watts": 305.0,
+    "power_peak_watts": 320.0,
+    "energy_joules": 12.5,
+    "power_limit_watts": 500.0,
+    "power_limit_default_watts": 700.0,
+    "power_limit_min_watts": 200.0,
+    "power_limit_max_watts": 700.0,
+    "temperature_celsius": 61.0,
+    "memory_temperature_celsius": 66.0,
+    "utilization_ratio": 0.75,
+    "memory_utilization_ratio": 0.25,
+    "memory_used_bytes": 2**30,
+    "memory_total_bytes": 2**36 - 2**20,
+    "clock_sm_hertz": 1.7e9,
+    "clock_memory_hertz": 2.6e9,
+}
+
+
+def _otel_points(spec: MetricSpec[GpuView], view: GpuView) -> list[tuple[dict[str, str], float]]:
+    assert spec.otel is not None
+    return [
+        ({**dict(zip(spec.otel.attrs, labels, strict=True)), **dict(spec.otel.const)}, value)
+        for labels, value in values(spec.otel.read or spec.read, view)
+    ]
+
+
+def test_every_gpu_row_reads_its_label_values_and_value_from_a_fully_read_gpu() -> None:
+    view = _view(READ)
+    series = {s.name: list(values(s.read, view)) for s in GPU_METRICS}
+    assert series == ALL_SERIES
+    for spec in GPU_METRICS:
+        assert {len(labels) for labels, _ in series[spec.name]} == {len(spec.labels)}, spec.name
+
+
+def test_every_otel_instrument_reads_its_attributes_and_value_from_a_fully_read_gpu() -> None:
+    view = _view(READ)
+    otel = {s.otel.name: _otel_points(s, view) for s in GPU_METRICS if s.otel is not None}
+    assert otel == ALL_OTEL
+
+
+def test_every_json_key_reads_its_value_from_a_fully_read_gpu() -> None:
+    view = _view(READ)
+    state = {k: v for s in GPU_METRICS for k, v in json_values(s, view)}
+    assert state == ALL_JSON
+
+
+@pytest.mark.parametrize(
+    ("reading", "up", "limit"),
+    [
+        (READ, True, 2**36 - 2**20),
+        (READ, False, 2**36 - 2**20),
+        (EMPTY, True, 2**36),
+        (None, True, 2**36),
+        (None, False, 2**36),
+    ],
+    ids=["read", "lost", "unsupported", "never-read", "lost-before-a-read"],
+)
+def test_otel_memory_limit_is_the_read_size_else_the_identitys_even_for_a_lost_gpu(
+    reading: GpuReading | None, up: bool, limit: int
+) -> None:
+    (spec,) = (
+        s for s in GPU_METRICS if s.otel is not None and s.otel.name == "hw.gpu.memory.limit"
+    )
+    assert _otel_points(spec, _view(reading, up)) == [({}, limit)]
+
+
+def test_a_lost_gpu_reports_failed_keeps_its_counters_and_drops_its_stale_reading() -> None:
+    view = _view(READ, up=False)
+    series = {s.name: list(values(s.read, view)) for s in GPU_METRICS}
+    assert {name: v for name, v in series.items() if v} == {
+        "gpu_up": [((), 0.0)],
+        "gpu_info": ALL_SERIES["gpu_info"],
+        "gpu_energy_joules": [((), 12.5)],
+        "gpu_power_limit_default_watts": [((), 700.0)],
+        "gpu_power_limit_min_watts": [((), 200.0)],
+        "gpu_power_limit_max_watts": [((), 700.0)],
+        "gpu_clock_event_seconds": ALL_SERIES["gpu_clock_event_seconds"],
+        "gpu_xid_errors": ALL_SERIES["gpu_xid_errors"],
+    }
+    (status,) = (s for s in GPU_METRICS if s.otel is not None and s.otel.name == "hw.status")
+    assert [v for _, v in _otel_points(status, view)] == [0, 0, 1, 0]  # ok degraded failed pf
+
+
+# ------------------------------------------------------------------------ the helpers of a row
+def test_live_reads_give_an_up_gpus_view_and_reading_and_nothing_for_a_lost_or_unread_one() -> None:
+    # The table's rows make their reads once, at import; these make them afresh, as a new row does.
+    live = _live(lambda v, r: (((v.sample.info.uuid,), r.power_limit_w),))
+    reading = _reading(lambda r: r.utilization_gpu_ratio)
+    assert list(live(_view(READ))) == [(("GPU-x",), 500.0)]
+    assert list(reading(_view(READ))) == [((), 0.75)]
+    for view in (_view(READ, up=False), _view(None), _view(None, up=False)):
+        assert list(live(view)) == []
+        assert list(reading(view)) == []
+
+
+def test_one_reads_a_single_series_from_the_subject() -> None:
+    def energy(view: GpuView) -> float:
+        return view.sample.energy_j
+
+    assert list(one(energy)(_view(None, up=False))) == [((), 12.5)]
+    assert list(one(lambda _v: None)(_view(READ))) == [((), None)]
+
+
+def test_values_skip_missing_and_nan_values_and_keep_zero() -> None:
+    series = [(("a",), 1.5), (("b",), None), (("c",), math.nan), (("d",), 0.0), (("e",), -1.0)]
+    assert list(values(lambda _s: series, None)) == [(("a",), 1.5), (("d",), 0.0), (("e",), -1.0)]
+
+
+def test_json_values_give_each_key_its_value_or_none_where_missing() -> None:
+    def read(_s: object) -> list[tuple[tuple[str, ...], float | None]]:
+        return [((), 4.0), (("x",), 1.0), (("y",), math.nan)]
+
+    single: MetricSpec[object] = MetricSpec("m", "gauge", "h", read, json="m_key")
+    keyed: MetricSpec[object] = MetricSpec(
+        "k", "gauge", "h", read, json={("y",): "y_key", ("x",): "x_key", ("z",): "z_key"}
+    )
+    unkeyed: MetricSpec[object] = MetricSpec("u", "gauge", "h", read)
+    assert list(json_values(single, None)) == [("m_key", 4.0)]
+    assert list(json_values(keyed, None)) == [("y_key", None), ("x_key", 1.0), ("z_key", None)]
+    assert list(json_values(unkeyed, None)) == []
+    missing: MetricSpec[object] = MetricSpec(
+        "n", "gauge", "h", lambda _s: [((), None)], json="n_key"
+    )
+    assert list(json_values(missing, None)) == [("n_key", None)]
+
+
+@pytest.mark.parametrize(
+    ("mask", "up", "state"),
+    [
+        (0, True, "ok"),
+        (None, True, "ok"),
+        (ClockEvent.IDLE | ClockEvent.SW_POWER_CAP, True, "ok"),
+        (ClockEvent.HW_SLOWDOWN, True, "degraded"),
+        (ClockEvent.SW_THERMAL, True, "degraded"),
+        (ClockEvent.HW_THERMAL, True, "degraded"),
+        (ClockEvent.HW_POWER_BRAKE, True, "degraded"),
+        (ClockEvent.IDLE | ClockEvent.HW_THERMAL, True, "degraded"),
+        (0, False, "failed"),
+        (ClockEvent.HW_THERMAL, False, "failed"),
+    ],
+)
+def test_gpu_state_is_failed_when_lost_degraded_when_slowed_by_hardware_or_heat_else_ok(
+    mask: int | None, up: bool, state: str
+) -> None:
+    assert gpu_state(_view(replace(READ, clock_event_mask=mask), up).sample) == state
+
+
+def test_gpu_state_of_a_gpu_never_read_is_ok_and_failed_once_lost() -> None:
+    assert (gpu_state(_view(None).sample), gpu_state(_view(None, up=False).sample)) == (
+        "ok",
+        "failed",
+    )
