@@ -386,6 +386,10 @@ def test_xid_errors_and_lost_gpu_show_in_errors_and_status(rig: Rig, receiver: R
     # a lost GPU's readings are stale: not exported; its energy counter still is
     assert 5 not in _by_gpu(metrics["hw.power"])
     assert 5 in _by_gpu(metrics["hw.energy"])
+    # and so is its memory size, which does not change
+    lost = rig.store.snapshot().gpus[5].sample
+    assert lost.reading is not None and lost.reading.memory_total_bytes
+    assert _by_gpu(metrics["hw.gpu.memory.limit"])[5] == lost.reading.memory_total_bytes
 
 
 def test_gpu_state_is_degraded_under_thermal_slowdown(rig: Rig) -> None:
