@@ -395,13 +395,19 @@ def test_basic_auth_refuses_credentials_with_characters_outside_base64(
         assert (status, body) == (401, {"error": "basic auth required"}), stray
 
 
-def test_basic_auth_refuses_undecodable_credentials_even_where_an_empty_login_is_configured(
+def test_basic_auth_refuses_what_is_not_user_colon_password_even_for_an_empty_login(
     live: Live, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     users = {"": bcrypt.hashpw(b"", bcrypt.gensalt(rounds=4))}
     monkeypatch.setattr(live.ctx, "web", WebConfig(users=users))
-    assert live.call("GET", "/api/v1/state", headers=basic("", ""))[0] == 200
-    for header in ("Basic !!!", "Basic " + base64.b64encode(b"\xff:\xfe").decode()):
+    assert live.call("GET", "/api/v1/state", headers=basic("", ""))[0] == 200  # "Basic Og=="
+    not_credentials = [
+        "Basic",  # nothing after the scheme
+        "Basic !!!",  # not base64
+        "Basic " + base64.b64encode(b"\xff:\xfe").decode(),  # not UTF-8
+        "Basic " + base64.b64encode(b"no colon").decode(),  # no user:password
+    ]
+    for header in not_credentials:
         status, got, body = live.call("GET", "/api/v1/state", headers={"Authorization": header})
         assert (status, body) == (401, {"error": "basic auth required"}), header
         assert got["www-authenticate"] == 'Basic realm="wattwarden"'

@@ -24,14 +24,14 @@ def check_bearer(headers: Headers, token: str) -> None:
 
 
 def check_basic(headers: Headers, web: WebConfig | None) -> None:
-    """Basic auth for reads, where the web config names users (strict base64 credentials)."""
+    """Basic auth for reads, where the web config names users (RFC 7617: base64 of user:pass)."""
     if web is None or not web.users:
         return
     refused = ApiError(HTTPStatus.UNAUTHORIZED, "basic auth required", challenge="Basic")
     scheme, _, encoded = headers.get("authorization", "").partition(" ")
     try:
-        user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+        user, colon, password = base64.b64decode(encoded, validate=True).decode().partition(":")
     except (ValueError, UnicodeDecodeError):
         raise refused from None  # not credentials at all: no user to check them against
-    if scheme.lower() != "basic" or not web.check_basic(user, password):
+    if scheme.lower() != "basic" or not colon or not web.check_basic(user, password):
         raise refused
