@@ -414,9 +414,11 @@ def test_basic_auth_refuses_what_is_not_user_colon_password_even_for_an_empty_lo
 
 
 def test_a_server_started_with_its_own_limits_serves_the_api_under_them(
-    tmp_path: Path,
+    live_server: Live,
 ) -> None:
-    agent = Agent(AgentConfig(listen="127.0.0.1:0", state_dir=tmp_path / "state", sim=1))
+    # the running agent's context: a second simulated agent in this process would replace the
+    # one fake NVML library (pynvml's is process-wide) under the module's live agent
+    agent = live_server.agent
     server = ApiServer("127.0.0.1", 0, limits=HttpLimits(max_body_bytes=200))
     try:
         server.start(replace(agent.context))
@@ -429,8 +431,6 @@ def test_a_server_started_with_its_own_limits_serves_the_api_under_them(
         conn.close()
     finally:
         server.close()
-        agent.close()
-        uninstall_fake_nvml()
 
 
 def test_reads_are_open_with_a_web_config_without_users(
