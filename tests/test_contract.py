@@ -53,11 +53,13 @@ def wire(body: dict[str, Any]) -> dict[str, Any]:
 @settings(deadline=None)
 @given(name=NAMES, pid=st.integers(1, PID_MAX), gpu=st.integers(0, GPUS - 1),
        priority=st.sampled_from(["high", "normal", "low"]),
-       utilization=st.none() | st.floats(0.0, 1.0, exclude_min=True))  # fmt: skip
+       utilization=st.none() | st.floats(0.0, 1.0, exclude_min=True),
+       tune=st.booleans(), migratable=st.booleans())  # fmt: skip
 def test_a_registration_reads_back_as_sent(
-    name: str, pid: int, gpu: int, priority: str, utilization: float | None
-) -> None:
-    sent = JobRegistration(name, pid, gpu, priority, utilization)
+    name: str, pid: int, gpu: int, priority: str, utilization: float | None, tune: bool,
+    migratable: bool,
+) -> None:  # fmt: skip
+    sent = JobRegistration(name, pid, gpu, priority, utilization, tune, migratable)
     assert JobRegistration.from_json(wire(sent.to_json()), GPUS) == sent
 
 
@@ -107,6 +109,8 @@ def test_optional_fields_are_in_a_body_only_where_given() -> None:
         "name": "j", "pid": 1, "gpu": 0, "priority": "normal",
     }  # fmt: skip
     assert JobRegistration("j", 1, 0, "low", 0.5).to_json()["utilization"] == 0.5
+    assert JobRegistration("j", 1, 0, tune=True).to_json()["tune"] is True
+    assert JobRegistration("j", 1, 0, migratable=True).to_json()["migratable"] is True
     assert SimLoad(2, 0.5).to_json() == {"gpu": 2, "utilization": 0.5}
     assert SimLoad(2, 0.5, 1024).to_json() == {"gpu": 2, "utilization": 0.5, "memory_bytes": 1024}
     assert JobProgress(1, 2, 3).to_json() == {"step": 1, "samples": 2, "tokens": 3}
@@ -159,6 +163,10 @@ REFUSED: list[tuple[str, Any, dict[str, Any], HTTPStatus, str]] = [
     ("utilization too big a float", JobRegistration, _registration(utilization=10**400),
      HTTPStatus.BAD_REQUEST,
      f"field 'utilization' must be a finite number, got {'1' + '0' * 36}..."),
+    ("tune a number", JobRegistration, _registration(tune=1), HTTPStatus.BAD_REQUEST,
+     "field 'tune' must be true or false, got 1"),
+    ("migratable a string", JobRegistration, _registration(migratable="yes"),
+     HTTPStatus.BAD_REQUEST, "field 'migratable' must be true or false, got 'yes'"),
     ("step negative", JobProgress, {"step": -1, "samples": 0, "tokens": 0},
      HTTPStatus.BAD_REQUEST, f"field 'step' must be {_WITHIN_COUNT}, got -1"),
     ("samples 2**63", JobProgress, {"step": 0, "samples": COUNT_MAX + 1, "tokens": 0},
@@ -269,12 +277,13 @@ def test_a_job_path_holds_any_name_as_one_segment_that_unquotes_to_it(name: str)
 RECORD = JobRecord(
     name="train", state="finished", pid=42, gpu=1, priority="high", registered_at=1000.5,
     finished_at=1060.5, duration_seconds=60.0, step=7, samples=56, tokens=4096, target_gpu=3,
-    energy_joules=1500.0, energy_joules_by_gpu={"0": 500.0, "1": 1000.0}, power_watts=0.0,
+    tune=True, migratable=True, energy_joules=1500.0, energy_joules_by_gpu={"0": 500.0, "1": 1000.0}, power_watts=0.0,
     mean_power_watts=25.0, tokens_per_joule=2.7,
 )  # fmt: skip
 _NULLABLE = {"finished_at", "target_gpu", "mean_power_watts", "tokens_per_joule"}
 _INTEGERS = {"pid", "gpu", "step", "samples", "tokens", "target_gpu"}
 _STRINGS = {"name", "state", "priority"}
+_FLAGS = {"tune", "migratable"}
 _FIELDS = [f.name for f in fields(JobRecord) if f.name != "energy_joules_by_gpu"]
 
 
@@ -298,6 +307,8 @@ def test_whole_numbers_in_a_job_record_are_read_as_floats_where_the_field_is_a_n
 
 
 def _wrong_values(key: str) -> list[Any]:
+    if key in _FLAGS:
+        return [1, "true", [1]]
     wrong: list[Any] = [True, [1]]
     wrong += [] if key in _NULLABLE else [None]
     wrong += [1] if key in _STRINGS else ["1"]

@@ -133,6 +133,16 @@ def number(body: dict[str, Any], key: str) -> float:
     return result
 
 
+def _flag(body: dict[str, Any], key: str) -> bool:
+    """Optional field ``key``: true or false (absent or null: false); else 400 naming it."""
+    value = body.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad(f"field {key!r} must be true or false, got {_short(value)}")
+    return value
+
+
 def string(body: dict[str, Any], key: str) -> str:
     """Field ``key``: a string; else 400 naming it."""
     value = _required(body, key)
@@ -169,6 +179,11 @@ class JobRegistration:
     priority: str = "normal"
     utilization: float | None = None
     """The load a simulated GPU gets from the job, in (0, 1]; None for the agent's default."""
+    tune: bool = False
+    """The energy tuner may choose the job's power limit (``job run --tune``)."""
+    migratable: bool = False
+    """A supervisor follows the job's ``target_gpu`` (``job run`` sets it): the policy engine
+    moves only such jobs."""
 
     @classmethod
     def from_json(cls, body: dict[str, Any], gpu_count: int) -> JobRegistration:
@@ -189,7 +204,9 @@ class JobRegistration:
             utilization = number(body, "utilization")
             if not 0.0 < utilization <= 1.0:
                 raise _bad(f"field 'utilization' must be within (0, 1], got {utilization}")
-        return cls(name, pid, gpu, priority, utilization)
+        tune = _flag(body, "tune")
+        migratable = _flag(body, "migratable")
+        return cls(name, pid, gpu, priority, utilization, tune, migratable)
 
     def to_json(self) -> dict[str, Any]:
         """The body (``utilization`` only where given)."""
@@ -198,6 +215,10 @@ class JobRegistration:
         }  # fmt: skip
         if self.utilization is not None:
             body["utilization"] = self.utilization
+        if self.tune:
+            body["tune"] = True
+        if self.migratable:
+            body["migratable"] = True
         return body
 
 
@@ -315,8 +336,8 @@ class ContractError(ValueError):
 def _typed(data: dict[str, Any], key: str, kinds: tuple[type, ...], optional: bool) -> Any:
     value: Any = data.get(key)
     if value is None and optional:
-        return None
-    ok = not isinstance(value, bool) and isinstance(value, kinds)
+        return False if kinds == (bool,) else None
+    ok = isinstance(value, kinds) and (kinds == (bool,) or not isinstance(value, bool))
     if not ok:
         raise ContractError(f"field {key!r} is {_short(value)}")
     return float(value) if float in kinds else value
@@ -344,6 +365,8 @@ class JobRecord:
     tokens: int
     target_gpu: int | None
     """The GPU the agent asks the job's supervisor to move it to."""
+    tune: bool
+    migratable: bool
     energy_joules: float
     energy_joules_by_gpu: dict[str, float]
     power_watts: float
@@ -366,6 +389,8 @@ class JobRecord:
             samples=job.samples,
             tokens=job.tokens,
             target_gpu=job.target_gpu,
+            tune=job.tune,
+            migratable=job.migratable,
             energy_joules=job.energy_j,
             energy_joules_by_gpu={str(k): v for k, v in sorted(job.energy_by_gpu_j.items())},
             power_watts=job.power_w,
@@ -409,6 +434,8 @@ _JOB_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "samples": ((int,), False),
     "tokens": ((int,), False),
     "target_gpu": ((int,), True),
+    "tune": ((bool,), True),
+    "migratable": ((bool,), True),
     "energy_joules": (_NUMBER, False),
     "power_watts": (_NUMBER, False),
     "mean_power_watts": (_NUMBER, True),

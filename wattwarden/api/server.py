@@ -257,7 +257,13 @@ class _Api:
     def _register_job(self, request: Request, body: dict[str, Any]) -> Response:
         req = JobRegistration.from_json(body, self._gpu_count())
         view, created = self.ctx.jobs.register(
-            req.name, req.pid, req.gpu, req.priority, utilization=req.utilization
+            req.name,
+            req.pid,
+            req.gpu,
+            req.priority,
+            utilization=req.utilization,
+            tune=req.tune,
+            migratable=req.migratable,
         )
         log.info("job %s %s on GPU %d (pid %d)", view.name,
                  "registered" if created else "moved", view.gpu, view.pid)  # fmt: skip

@@ -103,6 +103,10 @@ class Job:
     registered_at_s: float
     utilization: float | None = None
     """Load it puts on a simulated GPU (ignored on real GPUs)."""
+    tune: bool = False
+    """The energy tuner may choose its GPU's power limit."""
+    migratable: bool = False
+    """A supervisor follows its ``target_gpu``: the policy engine may move it."""
     step: int = 0
     samples: int = 0
     tokens: int = 0
@@ -138,6 +142,10 @@ class JobView:
     finished_at_s: float | None = None
     duration_s: float = 0.0
     """From registration to the end (or to now while it runs)."""
+    tune: bool = False
+    """The energy tuner may choose its GPU's power limit."""
+    migratable: bool = False
+    """A supervisor follows its ``target_gpu``: the policy engine may move it."""
 
     @property
     def energy_j(self) -> float:
@@ -240,7 +248,7 @@ class JobRegistry:
     # ------------------------------------------------------------ registration
     def register(
         self, name: str, pid: int, gpu: int, priority: str = "normal", *,
-        utilization: float | None = None,
+        utilization: float | None = None, tune: bool = False, migratable: bool = False,
     ) -> tuple[JobView, bool]:  # fmt: skip
         """Add a job, or update the pid/GPU of one with that name. Returns (job, created).
 
@@ -273,7 +281,7 @@ class JobRegistry:
                         f"job {name!r} is refused"
                     )
                 self._finished.pop(name, None)
-                job = Job(name, pid, gpu, priority, time.time(), utilization)
+                job = Job(name, pid, gpu, priority, time.time(), utilization, tune, migratable)
                 job.registered_mono_s = now
             else:
                 if pid != old.pid and not self._may_replace(old, gpu):
@@ -282,7 +290,8 @@ class JobRegistry:
                         "give another job another name"
                     )
                 job = Job(
-                    name, pid, gpu, priority, old.registered_at_s, utilization, old.step,
+                    name, pid, gpu, priority, old.registered_at_s, utilization, tune, migratable,
+                    old.step,
                     old.samples, old.tokens, old.last_progress_s,
                     None if old.target_gpu == gpu else old.target_gpu,
                     dict(old.energy_by_gpu_j), 0.0,
@@ -412,7 +421,7 @@ class JobRegistry:
             job.name, job.pid, job.gpu, job.priority, job.registered_at_s, job.step, job.samples,
             job.tokens, job.target_gpu, dict(job.energy_by_gpu_j), job.power_w,
             "running" if job.finished_at_s is None else "finished", job.finished_at_s,
-            max(0.0, end - job.registered_mono_s),
+            max(0.0, end - job.registered_mono_s), job.tune, job.migratable,
         )  # fmt: skip
 
     # ------------------------------------------------------------- attribution

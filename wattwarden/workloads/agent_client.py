@@ -253,13 +253,21 @@ class AgentClient:
 
     # --------------------------------------------------------------- writes
     def register_job(
-        self, name: str, pid: int, gpu: int, priority: str, *, utilization: float | None = None
+        self,
+        name: str,
+        pid: int,
+        gpu: int,
+        priority: str,
+        *,
+        utilization: float | None = None,
+        tune: bool = False,
+        migratable: bool = False,
     ) -> JobRecord:
         """``POST /api/v1/jobs``; ``utilization`` is the load a simulated GPU gets from the job.
 
         A name that a running job of another process holds is refused: AgentError, status 409.
         """
-        body = JobRegistration(name, pid, gpu, priority, utilization).to_json()
+        body = JobRegistration(name, pid, gpu, priority, utilization, tune, migratable).to_json()
         return self._record("POST", JOBS, self._expect("POST", JOBS, body, auth=True))
 
     def unregister_job(self, name: str) -> JobRecord | None:

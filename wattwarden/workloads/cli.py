@@ -150,12 +150,18 @@ def add_job_parser(subparsers: Any) -> None:
         "WATTWARDEN_JOB_NAME, WATTWARDEN_TOKEN set; register it with the agent, forward "
         "SIGTERM/SIGINT, unregister on exit and exit with its code. When the agent sets the "
         "job's target_gpu, stop CMD with SIGTERM and start it again on that GPU.",
-        usage="wattwarden job run --name NAME [--gpu I] [--priority P] [--agent URL] "
+        usage="wattwarden job run --name NAME [--gpu I] [--priority P] [--tune] [--agent URL] "
         "[--token-file F] [--sim-utilization U] -- CMD [ARG ...]",
     )
     run.add_argument("--name", required=True, help="job name (A-Z a-z 0-9 _ . : -)")
     run.add_argument("--gpu", type=int_arg, default=0, metavar="I", help="GPU index (default 0)")
     run.add_argument("--priority", choices=("high", "normal", "low"), default="normal")
+    run.add_argument(
+        "--tune",
+        action="store_true",
+        help="let the agent's energy tuner choose this job's power limit (when the agent runs "
+        "the tuner policy)",
+    )
     run.add_argument(
         "--agent", metavar="URL", help=f"agent (default ${ENV_AGENT_URL}, else {DEFAULT_AGENT_URL})"
     )
@@ -310,5 +316,6 @@ def cmd_job_run(args: argparse.Namespace) -> int:
         poll_interval_s=args.poll_interval,
         stop_timeout_s=args.stop_timeout,
         sim_utilization=args.sim_utilization,
+        tune=args.tune,
     )
     return supervisor.run()

@@ -75,6 +75,7 @@ class JobSupervisor:
         environ: Mapping[str, str] | None = None,
         stream: TextIO | None = None,
         sim_utilization: float | None = None,
+        tune: bool = False,
     ) -> None:
         if not valid_job_name(name):
             raise ValueError(f"bad job name {name!r}")
@@ -91,6 +92,8 @@ class JobSupervisor:
         self.stop_timeout_s = stop_timeout_s
         self.sim_utilization = sim_utilization
         """GPU load a simulated fleet gives the job (None: the agent's default)."""
+        self.tune = tune
+        """Let the agent's energy tuner choose the job's power limit."""
         self._environ = dict(os.environ if environ is None else environ)
         self._stream = sys.stderr if stream is None else stream
         self._child: subprocess.Popen[bytes] | None = None
@@ -155,7 +158,13 @@ class JobSupervisor:
     def _register(self, pid: int) -> None:
         # A 409 (another process runs a job of this name) is an error: never take it over.
         self.client.register_job(
-            self.name, pid, self.gpu, self.priority, utilization=self.sim_utilization
+            self.name,
+            pid,
+            self.gpu,
+            self.priority,
+            utilization=self.sim_utilization,
+            tune=self.tune,
+            migratable=True,  # this supervisor follows target_gpu
         )
         self._registered = self._ever_registered = True
         self._taken_by = None
