@@ -298,6 +298,10 @@ GROUND_TRUTH: list[tuple[str, dict[str, str], Callable[[SimGpu], float]]] = [
     ("gpu_power_limit_max_watts", {}, lambda g: g.power_limit_constraints_mw()[1] / 1000),
     ("gpu_temperature_celsius", {"sensor": "gpu"}, lambda g: g.temperature_c("gpu")),
     ("gpu_temperature_celsius", {"sensor": "memory"}, lambda g: g.temperature_c("memory")),
+    ("gpu_temperature_threshold_celsius", {"threshold": "slowdown"},
+     lambda g: g.temperature_thresholds_c()[1]),
+    ("gpu_temperature_threshold_celsius", {"threshold": "max_operating"},
+     lambda g: g.temperature_thresholds_c()[0]),
     ("gpu_utilization_ratio", {}, lambda g: g.utilization_pct()[0] / 100),
     ("gpu_memory_utilization_ratio", {}, lambda g: g.utilization_pct()[1] / 100),
     ("gpu_memory_used_bytes", {}, lambda g: g.memory_bytes()[1]),
@@ -394,6 +398,8 @@ INFO = GpuInfo(
     power_limit_min_w=200.0,
     power_limit_max_w=700.0,
     power_limit_default_w=650.0,
+    temperature_slowdown_c=90.0,
+    temperature_max_operating_c=87.0,
 )
 
 
@@ -536,6 +542,11 @@ EXPOSITION: dict[str, tuple[str, set[str], str]] = {
     "gpu_power_limit_min_watts": ("gauge", GPU, "Lowest settable power limit."),
     "gpu_power_limit_max_watts": ("gauge", GPU, "Highest settable power limit."),
     "gpu_temperature_celsius": ("gauge", GPU | {"sensor"}, "Temperature."),
+    "gpu_temperature_threshold_celsius": (
+        "gauge", GPU | {"threshold"},
+        "Temperature threshold: slowdown (the hardware halves clocks), max_operating (software "
+        "thermal slowdown starts).",
+    ),
     "gpu_utilization_ratio": ("gauge", GPU, "Fraction of time a kernel ran."),
     "gpu_memory_utilization_ratio": (
         "gauge", GPU,
@@ -744,7 +755,7 @@ def test_a_lost_gpu_exports_up_zero_its_identity_and_its_counters_only() -> None
     assert families == {
         "gpu_up", "gpu_info", "gpu_energy_joules_total", "gpu_clock_event_seconds_total",
         "gpu_xid_errors_total", "gpu_power_limit_default_watts", "gpu_power_limit_min_watts",
-        "gpu_power_limit_max_watts",
+        "gpu_power_limit_max_watts", "gpu_temperature_threshold_celsius",
     }  # fmt: skip
     assert gpu_series(m, "gpu_up", "0", uuid=INFO.uuid) == [0.0]
     assert gpu_series(m, "gpu_energy_joules_total", "0", uuid=INFO.uuid) == [1234.5]

@@ -194,7 +194,9 @@ def test_a_gpu_without_current_readings_keeps_only_its_identity_liveness_and_cou
 
 
 # ------------------------------------------------------------------ every row's series, in full
-IDENTITY = GpuInfo(3, "GPU-x", "NVIDIA H100", "00000000:18:00.0", "550", 2**36, 200.0, 700.0, 700.0)
+IDENTITY = GpuInfo(
+    3, "GPU-x", "NVIDIA H100", "00000000:18:00.0", "550", 2**36, 200.0, 700.0, 700.0, 90.0, 87.0
+)
 READ = replace(
     FULL,
     memory_total_bytes=2**36 - 2**20,  # the driver's figure, a little under the identity's
@@ -228,6 +230,7 @@ ALL_SERIES: dict[str, list[tuple[tuple[str, ...], float]]] = {
     "gpu_power_limit_min_watts": [((), 200.0)],
     "gpu_power_limit_max_watts": [((), 700.0)],
     "gpu_temperature_celsius": [(("gpu",), 61.0), (("memory",), 66.0)],
+    "gpu_temperature_threshold_celsius": [(("slowdown",), 90.0), (("max_operating",), 87.0)],
     "gpu_utilization_ratio": [((), 0.75)],
     "gpu_memory_utilization_ratio": [((), 0.25)],
     "gpu_memory_used_bytes": [((), 2**30)],
@@ -278,6 +281,8 @@ ALL_JSON = {
     "power_limit_max_watts": 700.0,
     "temperature_celsius": 61.0,
     "memory_temperature_celsius": 66.0,
+    "temperature_slowdown_celsius": 90.0,
+    "temperature_max_operating_celsius": 87.0,
     "utilization_ratio": 0.75,
     "memory_utilization_ratio": 0.25,
     "memory_used_bytes": 2**30,
@@ -345,6 +350,7 @@ def test_a_lost_gpu_reports_failed_keeps_its_counters_and_drops_its_stale_readin
         "gpu_power_limit_default_watts": [((), 700.0)],
         "gpu_power_limit_min_watts": [((), 200.0)],
         "gpu_power_limit_max_watts": [((), 700.0)],
+        "gpu_temperature_threshold_celsius": ALL_SERIES["gpu_temperature_threshold_celsius"],
         "gpu_clock_event_seconds": ALL_SERIES["gpu_clock_event_seconds"],
         "gpu_xid_errors": ALL_SERIES["gpu_xid_errors"],
     }

@@ -144,6 +144,15 @@ def _clock_events_active(_view: GpuView, r: GpuReading) -> Series:
     return (((label,), 1.0 if mask & bit else 0.0) for bit, label in CLOCK_EVENT_LABELS)
 
 
+def _thresholds(view: GpuView) -> Series:
+    # from the identity: a lost GPU keeps them, like its limit bounds
+    info = view.sample.info
+    return (
+        (("slowdown",), info.temperature_slowdown_c),
+        (("max_operating",), info.temperature_max_operating_c),
+    )
+
+
 GPU_METRICS: tuple[MetricSpec[GpuView], ...] = (
     MetricSpec(
         "gpu_up",
@@ -240,6 +249,18 @@ GPU_METRICS: tuple[MetricSpec[GpuView], ...] = (
             attrs=("hw.sensor_location",),
         ),
         json={("gpu",): "temperature_celsius", ("memory",): "memory_temperature_celsius"},
+    ),
+    MetricSpec(
+        "gpu_temperature_threshold_celsius",
+        "gauge",
+        "Temperature threshold: slowdown (the hardware halves clocks), max_operating (software "
+        "thermal slowdown starts).",
+        _thresholds,
+        labels=("threshold",),
+        json={
+            ("slowdown",): "temperature_slowdown_celsius",
+            ("max_operating",): "temperature_max_operating_celsius",
+        },
     ),
     MetricSpec(
         "gpu_utilization_ratio",

@@ -49,6 +49,10 @@ class GpuInfo:
     power_limit_min_w: float | None
     power_limit_max_w: float | None
     power_limit_default_w: float | None
+    temperature_slowdown_c: float | None = None
+    """Hardware slowdown threshold (NVML threshold 1): above it the board halves its clocks."""
+    temperature_max_operating_c: float | None = None
+    """GPU max operating temperature (NVML threshold 3): software thermal slowdown starts here."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -215,6 +215,8 @@ class NvmlGpu:
                     h,
                 )
                 pci = _call(t, "nvmlDeviceGetPciInfo", pynvml.nvmlDeviceGetPciInfo, h)
+                slowdown = self._threshold_c(pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)
+                max_operating = self._threshold_c(pynvml.NVML_TEMPERATURE_THRESHOLD_GPU_MAX)
                 self._info = GpuInfo(
                     index=self._index,
                     uuid=_text(_call(t, "nvmlDeviceGetUUID", pynvml.nvmlDeviceGetUUID, h)),
@@ -225,8 +227,29 @@ class NvmlGpu:
                     power_limit_min_w=None if limits is None else limits[0] / 1000.0,
                     power_limit_max_w=None if limits is None else limits[1] / 1000.0,
                     power_limit_default_w=None if default is None else default / 1000.0,
+                    temperature_slowdown_c=slowdown,
+                    temperature_max_operating_c=max_operating,
                 )
             return self._info
+
+    def _threshold_c(self, kind: int) -> float | None:
+        """One temperature threshold in C, None where the GPU has none (caller holds ``_lock``).
+
+        Drivers older than a threshold kind answer InvalidArgument rather than NotSupported
+        (GPU_MAX came in a later NVML); either way the GPU gives no such threshold, and a
+        missing threshold must not make the whole identity unreadable.
+        """
+        try:
+            value = _opt(
+                self._timings,
+                "nvmlDeviceGetTemperatureThreshold",
+                pynvml.nvmlDeviceGetTemperatureThreshold,
+                self._handle,
+                kind,
+            )
+        except InvalidArgument:
+            return None
+        return None if value is None else float(value)
 
     def _batch(self, field_ids: tuple[int, ...]) -> dict[int, int]:
         """One field-values call; the fields the device answered, by id (caller holds ``_lock``).

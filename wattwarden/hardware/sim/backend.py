@@ -46,6 +46,7 @@ class SimDevice:
     def info(self) -> GpuInfo:
         """Static facts."""
         g = self._gpu
+        max_operating, slowdown = g.temperature_thresholds_c()
         return GpuInfo(
             index=g.index,
             uuid=g.uuid,
@@ -56,6 +57,8 @@ class SimDevice:
             power_limit_min_w=g.spec.power_min_w,
             power_limit_max_w=g.spec.power_max_w,
             power_limit_default_w=g.spec.power_default_w,
+            temperature_slowdown_c=float(slowdown),
+            temperature_max_operating_c=float(max_operating),
         )
 
     def read(self) -> GpuReading:
