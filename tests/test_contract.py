@@ -277,8 +277,9 @@ def test_a_job_path_holds_any_name_as_one_segment_that_unquotes_to_it(name: str)
 RECORD = JobRecord(
     name="train", state="finished", pid=42, gpu=1, priority="high", registered_at=1000.5,
     finished_at=1060.5, duration_seconds=60.0, step=7, samples=56, tokens=4096, target_gpu=3,
-    tune=True, migratable=True, energy_joules=1500.0, energy_joules_by_gpu={"0": 500.0, "1": 1000.0}, power_watts=0.0,
-    mean_power_watts=25.0, tokens_per_joule=2.7,
+    tune=True, migratable=True, energy_joules=1500.0,
+    energy_joules_by_gpu={"0": 500.0, "1": 1000.0}, power_watts=0.0, mean_power_watts=25.0,
+    tokens_per_joule=2.7,
 )  # fmt: skip
 _NULLABLE = {"finished_at", "target_gpu", "mean_power_watts", "tokens_per_joule"}
 _INTEGERS = {"pid", "gpu", "step", "samples", "tokens", "target_gpu"}

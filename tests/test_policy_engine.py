@@ -204,6 +204,7 @@ def test_apply_sets_the_winning_limit_through_the_journalled_actuator(node: Node
         "apply",
         node.wall(),
         {"a": Intent(1, 450.0, "fixed 450 W"), "b": Intent(1, 350.0, "fixed 350 W")},
+        from_w=350.0,
     )
     assert again.enforced_w is None and again.error is None
     assert node.store.snapshot().policy_actions == {("b", "set_power_limit", "apply"): 1}
@@ -312,9 +313,11 @@ def test_a_rate_limited_change_is_on_the_decision_and_counted_not_raised(tmp_pat
 
 
 def test_the_decision_history_keeps_the_latest_1000_oldest_first(node: Node) -> None:
-    engine = node.engine(Fixed("cap", dict.fromkeys(range(GPUS), 300.0)))
+    cap = Fixed("cap", {})
+    engine = node.engine(cap)
     made: list[Decision] = []
-    for _ in range(KEEP_DECISIONS // GPUS + 1):  # 334 periods of 3 decisions: 1002
+    for period in range(KEEP_DECISIONS // GPUS + 1):  # 334 periods of 3 sets: 1002
+        cap.limits = dict.fromkeys(range(GPUS), 300.0 + period % 2 * 10)
         node.clock.advance(0.01)
         made += engine.step([])
     kept = engine.decisions()
@@ -326,7 +329,8 @@ def test_the_decision_history_keeps_the_latest_1000_oldest_first(node: Node) -> 
 
 
 def test_the_decision_history_is_read_whole_from_another_thread(node: Node) -> None:
-    engine = node.engine(Fixed("cap", dict.fromkeys(range(GPUS), 300.0)))
+    cap = Fixed("cap", {})
+    engine = node.engine(cap)
     done = threading.Event()
     lengths: list[int] = []
 
@@ -340,7 +344,8 @@ def test_the_decision_history_is_read_whole_from_another_thread(node: Node) -> N
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        for _ in range(400):
+        for period in range(400):
+            cap.limits = dict.fromkeys(range(GPUS), 300.0 + period % 2 * 10)
             engine.step([])
     finally:
         done.set()
@@ -405,3 +410,102 @@ def test_per_gpu_the_chosen_limit_is_the_lowest_and_each_policy_is_heard(
             assert d.watts == min(heard.values())
             assert heard[d.policy] == d.watts
             assert d.action == ("keep" if d.watts == H100_DEFAULT_W else "set")
+
+
+# ------------------------------------------------------------ baseline, dry-run, holds, fallback
+def test_a_gpu_no_policy_limits_any_more_goes_back_to_its_limit_before_the_engine(
+    node: Node,
+) -> None:
+    cap = Fixed("cap", {0: 300.0})
+    engine = node.engine(cap, mode="apply")
+    engine.step([])
+    assert node.limit(0) == 300.0
+    cap.limits = {}
+    node.clock.advance(1.0)
+    node.sample()
+    (back,) = engine.step([])
+    assert (back.action, back.policy, back.watts, back.from_w) == ("set", "engine", 700.0, 300.0)
+    assert back.reason == "no policy limits GPU 0 any more: back to its 700 W"
+    assert node.limit(0) == 700.0
+    node.clock.advance(1.0)
+    node.sample()
+    assert engine.step([]) == []  # back at its baseline: nothing left to decide
+
+
+def test_a_gpu_the_engine_never_changed_is_not_decided_without_intents(node: Node) -> None:
+    node.fleet[1].set_power_limit_mw(500_000)  # an operator's limit, set before
+    node.clock.advance(1.0)
+    node.sample()
+    assert node.engine(Fixed("cap", {0: 300.0}), mode="apply").step([])[0].gpu == 0
+    assert node.limit(1) == 500.0
+
+
+def test_dry_run_remembers_its_would_be_limit_and_logs_one_set_then_keeps(node: Node) -> None:
+    cap = Fixed("cap", {0: 300.0})
+    engine = node.engine(cap)
+    first = engine.step([])
+    node.clock.advance(1.0)
+    node.sample()
+    second = engine.step([])
+    assert [(d.action, d.from_w) for d in first + second] == [("set", 700.0), ("keep", 300.0)]
+    assert engine.decisions() == first
+    snap = node.store.snapshot()
+    assert snap.policy_decisions == {("cap", "set", "dry_run"): 1, ("cap", "keep", "dry_run"): 1}
+    assert snap.power_limit_targets_w == {0: 300.0, 1: 700.0, 2: 700.0}
+    assert node.limit(0) == 700.0
+    cap.limits = {}
+    (back,) = engine.step([])
+    assert (back.action, back.policy, back.watts) == ("set", "engine", 700.0)
+    assert node.store.snapshot().power_limit_targets_w[0] == 700.0
+
+
+def test_a_set_not_yet_read_back_is_not_made_again(node: Node) -> None:
+    engine = node.engine(Fixed("cap", {0: 300.0}), mode="apply")
+    engine.step([])
+    node.clock.advance(0.5)  # before the next full read, the store still says 700 W
+    node.sample()
+    (again,) = engine.step([])
+    assert again.action == "keep"
+    assert node.store.snapshot().policy_actions == {("cap", "set_power_limit", "apply"): 1}
+
+
+def test_a_hold_is_logged_when_it_starts_and_the_engine_says_why_it_holds(node: Node) -> None:
+    engine = node.engine(Fixed("cap", {0: 300.0}), mode="apply")
+    assert engine.holding is None
+    node.clock.advance(DEFAULT_STALE_AFTER_S + 1)
+    engine.step([])
+    node.clock.advance(1)
+    engine.step([])
+    assert [d.action for d in engine.decisions()] == ["hold"]
+    assert engine.holding == "GPU 0 readings are 7.0 s old (stale after 5 s)"
+    assert node.store.snapshot().policy_decisions == {("engine", "hold", "apply"): 2}
+    node.sample()
+    engine.step([])
+    assert engine.holding is None
+
+
+def test_no_permission_falls_back_to_dry_run_once_and_restores_what_was_set(node: Node) -> None:
+    engine = node.engine(Fixed("cap", {0: 300.0, 1: 300.0}), mode="apply")
+    engine.step([])
+    assert node.limit(0) == node.limit(1) == 300.0
+    node.fleet[0].inject("no_permission")
+    node.clock.advance(1.0)
+    node.sample()
+    engine._policies[0].limits = {0: 250.0, 1: 250.0}  # type: ignore[attr-defined]
+    first, _ = engine.step([])
+    assert first.error == "GPU 0: setting the power limit needs root"
+    assert engine.mode == "dry_run" and engine.fallback == first.error
+    assert node.limit(1) == 700.0  # restored; GPU 0 cannot be restored while refused
+    assert node.actuator.originals().keys() == {node.fleet[0].uuid}
+
+
+def test_leaving_apply_restores_every_limit_and_dry_run_then_changes_none(node: Node) -> None:
+    engine = node.engine(Fixed("cap", {0: 300.0, 2: 400.0}), mode="apply")
+    engine.step([])
+    assert engine.set_mode("dry_run") == []
+    assert [node.limit(g) for g in range(GPUS)] == [700.0] * GPUS
+    node.clock.advance(1.0)
+    node.sample()
+    assert {d.action for d in engine.step([])} == {"set"}
+    assert [node.limit(g) for g in range(GPUS)] == [700.0] * GPUS
+    assert node.actuator.originals() == {}

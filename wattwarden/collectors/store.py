@@ -68,6 +68,10 @@ class StoreSnapshot:
     last_sample_s: float | None
     power_budgets_w: dict[str, float] = field(default_factory=dict)
     policy_actions: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    policy_decisions: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    """Decisions of the policy engine by (policy, action set|keep|hold, mode)."""
+    power_limit_targets_w: dict[int, float] = field(default_factory=dict)
+    """The limit the policy engine wants per GPU index (also in dry-run)."""
     latest: dict[type[Any], tuple[Any, ...]] = field(default_factory=dict)
     """Every other collector's latest samples by sample type, in key order."""
 
@@ -119,6 +123,8 @@ class MetricStore:
         self._last_pass_mono_s: float | None = None
         self._budgets: dict[str, float] = {}
         self._actions: dict[tuple[str, str, str], int] = {}
+        self._decisions: dict[tuple[str, str, str], int] = {}
+        self._targets: dict[int, float] = {}
 
     # ----------------------------------------------------------------- writes
     def put(self, samples: Iterable[Sample]) -> None:
@@ -201,6 +207,17 @@ class MetricStore:
             key = (policy, action, mode)
             self._actions[key] = self._actions.get(key, 0) + 1
 
+    def count_policy_decision(self, policy: str, action: str, mode: str) -> None:
+        """Count one decision of the policy engine (set, keep or hold)."""
+        with self._lock:
+            key = (policy, action, mode)
+            self._decisions[key] = self._decisions.get(key, 0) + 1
+
+    def set_power_limit_targets(self, targets: dict[int, float]) -> None:
+        """Replace the policy engine's wanted limits (GPU index to watts)."""
+        with self._lock:
+            self._targets = dict(targets)
+
     # ------------------------------------------------------------------ reads
     def snapshot(self) -> StoreSnapshot:
         """A consistent copy; cheap (no hardware access)."""
@@ -227,6 +244,8 @@ class MetricStore:
                 last_sample_s=self._last_sample_s,
                 power_budgets_w=dict(self._budgets),
                 policy_actions=dict(self._actions),
+                policy_decisions=dict(self._decisions),
+                power_limit_targets_w=dict(self._targets),
                 latest={
                     kind: tuple(by_key[k] for k in sorted(by_key))
                     for kind, by_key in self._latest.items()

@@ -68,7 +68,8 @@ class Decision:
     already enforces the chosen limit; ``hold``: no decision, its readings are stale or it is
     lost."""
     policy: str
-    """The policy whose intent won (the lowest limit); ``engine`` for a hold."""
+    """The policy whose intent won (the lowest limit); ``engine`` for a hold, and for a GPU that
+    no policy limits any more going back to the limit it had before the engine's first change."""
     reason: str
     """The winning intent's reason, or why the engine held."""
     watts: float | None
@@ -82,3 +83,8 @@ class Decision:
     """After a set in apply mode: the limit the driver enforces, read back."""
     error: str | None = None
     """After a set in apply mode that the actuator refused: why (range, rate limit, driver)."""
+    from_w: float | None = None
+    """The limit before the decision: enforced in apply mode, the engine's previous target in
+    dry-run (what the limit would be had it acted)."""
+    jobs: tuple[str, ...] = ()
+    """The running jobs on the GPU, by name."""
