@@ -87,6 +87,8 @@ class PolicyEngine:
         self._held: dict[int, str] = {}
         """GPUs held in the last period, with why (a hold is logged when it starts)."""
         self._holding: str | None = None
+        self.last_inputs: PolicyInputs | None = None
+        """The inputs of the last period (what a migration planner reads after the step)."""
         self.fallback: str | None = None
         """Why apply mode fell back to dry-run (the driver refused permission), else None."""
 
@@ -126,6 +128,7 @@ class PolicyEngine:
     def _step(self, jobs: Sequence[JobView]) -> list[Decision]:
         snapshot = self._store.snapshot()
         inputs = PolicyInputs(snapshot, tuple(jobs), self._monotonic())
+        self.last_inputs = inputs
         wanted: dict[int, dict[str, Intent]] = {}
         for policy in self._policies:
             for intent in policy.intents(inputs):
