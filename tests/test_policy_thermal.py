@@ -1,0 +1,368 @@
+"""Thermal guard: cut before the throttle point, hold in the hysteresis band, give back slowly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from conftest import FakeNvml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wattwarden.collectors.gpu import GpuCollector
+from wattwarden.collectors.samples import GpuSample
+from wattwarden.collectors.store import GpuView, StoreSnapshot
+from wattwarden.hardware.device import GpuInfo, GpuReading
+from wattwarden.hardware.nvml import NvmlBackend
+from wattwarden.policies.base import Intent, PolicyInputs
+from wattwarden.policies.thermal import ThermalGuard, ceiling_c
+
+MAX_OPERATING_C = 87.0
+SLOWDOWN_C = 90.0
+
+
+def info(
+    gpu: int = 3,
+    uuid: str | None = None,
+    *,
+    lo: float | None = 200.0,
+    hi: float | None = 700.0,
+    slowdown: float | None = SLOWDOWN_C,
+    max_operating: float | None = MAX_OPERATING_C,
+) -> GpuInfo:
+    return GpuInfo(
+        gpu,
+        uuid or f"GPU-{gpu}",
+        "NVIDIA H100 80GB HBM3",
+        f"00000000:{gpu:02x}:00.0",
+        "550",
+        2**36,
+        lo,
+        hi,
+        hi,
+        slowdown,
+        max_operating,
+    )
+
+
+def reading(temp: float | None, limit: float | None = 700.0) -> GpuReading:
+    return GpuReading(
+        power_w=None,
+        power_instant_w=None,
+        energy_j=None,
+        power_limit_w=limit,
+        temperature_gpu_c=temp,
+        temperature_memory_c=None,
+        utilization_gpu_ratio=1.0,
+        utilization_memory_ratio=None,
+        memory_used_bytes=None,
+        memory_total_bytes=None,
+        clock_sm_hz=None,
+        clock_memory_hz=None,
+        clock_event_mask=None,
+    )
+
+
+def view(
+    temp: float | None,
+    read_s: float,
+    *,
+    limit: float | None = 700.0,
+    draw: float | None = None,
+    up: bool = True,
+    identity: GpuInfo | None = None,
+) -> GpuView:
+    sample = GpuSample(
+        identity or info(),
+        up,
+        1_700_000_000.0 + read_s,
+        reading(temp, limit),
+        0.0,
+        "counter",
+        power_w=draw,
+        read_mono_s=read_s,
+        slow_read_mono_s=read_s,
+    )
+    return GpuView(sample, draw, draw)
+
+
+def inputs(now_s: float, *views: GpuView) -> PolicyInputs:
+    return PolicyInputs(StoreSnapshot(tuple(views), {}, None), (), now_s)
+
+
+@dataclass
+class Loop:
+    """One GPU fed to a guard period by period (one new reading a period)."""
+
+    guard: ThermalGuard = field(default_factory=ThermalGuard)
+    now_s: float = 0.0
+    limit: float = 700.0
+
+    def period(
+        self, temp: float | None, *, draw: float | None = None, **kw: object
+    ) -> Intent | None:
+        """One period a second later, the limit enforced being the guard's last intent."""
+        self.now_s += 1.0
+        v = view(temp, self.now_s, limit=self.limit, draw=draw, **kw)  # type: ignore[arg-type]
+        out = list(self.guard.intents(inputs(self.now_s, v)))
+        assert len(out) <= 1
+        if out:
+            self.limit = out[0].watts
+        return out[0] if out else None
+
+
+# ------------------------------------------------------------------------------------ ceiling
+@pytest.mark.parametrize(
+    ("slowdown", "max_operating", "ceiling"),
+    [
+        (90.0, 87.0, 87.0),
+        (85.0, 87.0, 85.0),
+        (None, 87.0, 87.0),
+        (90.0, None, 90.0),
+        (None, None, None),
+    ],
+)
+def test_the_ceiling_is_the_lower_of_the_thresholds_the_gpu_reports(
+    slowdown: float | None, max_operating: float | None, ceiling: float | None
+) -> None:
+    identity = info(slowdown=slowdown, max_operating=max_operating)
+    assert ceiling_c(view(60.0, 1.0, identity=identity)) == ceiling
+
+
+def test_a_gpu_without_thresholds_or_limit_bounds_gets_no_intent_however_hot() -> None:
+    guard = ThermalGuard()
+    for identity in (info(slowdown=None, max_operating=None), info(lo=None), info(hi=None)):
+        assert list(guard.intents(inputs(1.0, view(99.0, 1.0, identity=identity)))) == []
+
+
+def test_a_cool_gpu_the_guard_never_cut_gets_no_intent() -> None:
+    loop = Loop()
+    assert [loop.period(t) for t in (40.0, 70.0, 81.0)] == [None, None, None]
+
+
+# --------------------------------------------------------------------------------------- cuts
+@pytest.mark.parametrize(
+    ("temp", "fraction"),
+    [(82.0, 0.10), (84.5, 0.20), (87.0, 0.30), (95.0, 0.30)],
+    ids=["margin-edge", "halfway", "at-ceiling", "over"],
+)
+def test_the_cut_grows_from_10_percent_at_the_margin_edge_to_30_at_the_ceiling(
+    temp: float, fraction: float
+) -> None:
+    intent = Loop().period(temp)
+    assert intent is not None and intent.watts == pytest.approx(700.0 * (1 - fraction))
+
+
+def test_a_cut_starts_from_the_draw_where_the_gpu_draws_less_than_its_limit() -> None:
+    intent = Loop().period(82.0, draw=400.0)
+    assert intent is not None and intent.watts == pytest.approx(360.0)
+
+
+def test_a_cut_says_where_the_gpu_stands_against_its_throttle_point() -> None:
+    under = Loop().period(84.0)
+    assert under == Intent(
+        3, 574.0, "GPU 3 at 84 C, 3 C under its 87 C throttle point: cut to 574 W"
+    )
+    over = Loop().period(89.0)
+    assert over is not None
+    assert over.reason == "GPU 3 at 89 C, 2 C over its 87 C throttle point: cut to 490 W"
+
+
+def test_cuts_never_go_below_the_minimum_limit_and_say_so() -> None:
+    loop = Loop()
+    intents = [loop.period(88.0 + i) for i in range(10)]  # over the ceiling: a cut every reading
+    assert [i.watts for i in intents if i is not None][-1] == 200.0
+    last = intents[-1]
+    assert last is not None and last.reason.endswith("cut to 200 W (its minimum)")
+
+
+def test_after_a_cut_a_rising_reading_cuts_again_and_a_steady_one_waits_settle_s() -> None:
+    loop = Loop(ThermalGuard(settle_s=5.0))
+    first = loop.period(83.0)
+    rising = loop.period(84.0)
+    assert first is not None and rising is not None and rising.watts < first.watts
+    held = [loop.period(84.0) for _ in range(4)]  # 1..4 s after the last cut
+    assert {i.watts for i in held if i is not None} == {rising.watts}
+    assert held[0] is not None and "holding" in held[0].reason
+    falling = loop.period(83.0)  # 5 s after it: settle_s is over, still inside the margin
+    assert falling is not None and falling.watts < rising.watts
+
+
+def test_the_same_reading_seen_twice_is_one_step() -> None:
+    guard = ThermalGuard()
+    v = view(85.0, 1.0)
+    first = list(guard.intents(inputs(1.0, v)))
+    again = list(guard.intents(inputs(2.0, v)))  # the engine ran before the next full read
+    assert again == first
+
+
+# ---------------------------------------------------------------------------- hold and raise
+def test_the_hysteresis_band_holds_the_cut_and_below_it_the_limit_comes_back_in_steps() -> None:
+    loop = Loop(ThermalGuard(margin_c=5.0, hysteresis_c=3.0, raise_fraction=0.05, settle_s=5.0))
+    cut = loop.period(86.0)
+    assert cut is not None
+    band = [loop.period(t) for t in (81.9, 80.0, 79.0)]  # 5 to 8 C under the 87 C ceiling
+    assert [i.watts for i in band if i is not None] == [cut.watts] * 3
+    assert band[0] is not None
+    assert band[0].reason.endswith(f"holding {cut.watts:.0f} W until it cools below 79 C")
+    up = loop.period(78.0)
+    assert up is not None and up.watts == pytest.approx(cut.watts + 25.0)
+    assert (
+        up.reason
+        == f"GPU 3 at 78 C, 9 C under its 87 C throttle point: limit back up to {up.watts:.0f} W"
+    )
+    waits = [loop.period(70.0) for _ in range(4)]
+    assert {i.watts for i in waits if i is not None} == {up.watts}
+    nxt = loop.period(70.0)
+    assert nxt is not None and nxt.watts == pytest.approx(up.watts + 25.0)
+
+
+def test_the_guard_stops_proposing_once_the_limit_is_back_at_its_maximum() -> None:
+    loop = Loop(ThermalGuard(settle_s=0.0))
+    loop.period(82.0)  # a 10 % cut: 630 W
+    steps = []
+    while (intent := loop.period(60.0)) is not None:
+        steps.append(intent.watts)
+        assert len(steps) < 100
+    assert steps == pytest.approx([655.0, 680.0])  # the next step would reach 700 W: no intent
+    assert loop.period(60.0) is None and loop.guard.targets() == {}
+
+
+@pytest.mark.parametrize("how", ["no-sensor", "lost"])
+def test_an_unreadable_temperature_holds_the_cut_and_never_raises_it(how: str) -> None:
+    loop = Loop()
+    cut = loop.period(85.0)
+    assert cut is not None
+    for _ in range(20):
+        intent = loop.period(None) if how == "no-sensor" else loop.period(60.0, up=False)
+        assert intent is not None and intent.watts == cut.watts
+    why = "temperature unreadable" if how == "no-sensor" else "is lost"
+    assert intent.reason == f"GPU 3 {why}: holding {cut.watts:.0f} W"
+
+
+# --------------------------------------------------------------------------------- identity
+def test_a_replaced_or_renumbered_gpu_starts_afresh_and_a_removed_one_is_forgotten() -> None:
+    guard = ThermalGuard()
+    hot = list(guard.intents(inputs(1.0, view(85.0, 1.0))))
+    assert [i.gpu for i in hot] == [3]
+    # the band would hold the cut of GPU-3, but a new board in slot 3 has no cut to hold
+    replaced = view(80.0, 2.0, identity=info(3, "GPU-new"))
+    assert list(guard.intents(inputs(2.0, replaced))) == []
+    assert guard.targets() == {}
+    list(guard.intents(inputs(3.0, view(85.0, 3.0))))
+    renumbered = view(80.0, 4.0, identity=info(5, "GPU-3"))
+    assert list(guard.intents(inputs(4.0, renumbered))) == []
+    assert list(guard.intents(inputs(5.0))) == [] and guard.targets() == {}
+
+
+def test_settings_out_of_range_are_refused_with_the_name_of_the_setting() -> None:
+    for kwargs, name in (
+        ({"margin_c": 0.0}, "margin_c"),
+        ({"hysteresis_c": -1.0}, "hysteresis_c"),
+        ({"cut_fraction": 0.5, "max_cut_fraction": 0.3}, "cut fractions"),
+        ({"max_cut_fraction": 1.0}, "cut fractions"),
+        ({"raise_fraction": 0.0}, "raise_fraction"),
+        ({"settle_s": -1.0}, "settle_s"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            ThermalGuard(**kwargs)  # type: ignore[arg-type]
+    assert ThermalGuard().name == "thermal"
+
+
+# ------------------------------------------------------------------------------- properties
+periods = st.lists(
+    st.tuples(
+        st.one_of(st.none(), st.floats(20.0, 110.0)),  # temperature
+        st.one_of(st.none(), st.floats(0.0, 800.0)),  # draw
+        st.booleans(),  # a new reading this period
+        # the enforced limit: the guard's last intent (apply mode, the guard winning), or
+        # anywhere in range (dry-run, another policy's lower limit, the engine restoring it)
+        st.one_of(st.none(), st.floats(0.0, 1.0)),
+    ),
+    min_size=1,
+    max_size=60,
+)
+bounds = st.tuples(st.floats(50.0, 400.0), st.floats(0.0, 600.0)).map(lambda t: (t[0], t[0] + t[1]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seq=periods,
+    bounds=bounds,
+    margin=st.floats(1.0, 10.0),
+    settle=st.floats(0.0, 10.0),
+)
+def test_every_intent_is_within_the_gpus_limit_range_and_never_rises_inside_the_margin(
+    seq: list[tuple[float | None, float | None, bool, float | None]],
+    bounds: tuple[float, float],
+    margin: float,
+    settle: float,
+) -> None:
+    lo, hi = bounds
+    guard = ThermalGuard(margin_c=margin, settle_s=settle)
+    identity = info(lo=lo, hi=hi)
+    limit, read_s, previous = hi, 0.0, None
+    for i, (temp, draw, fresh, elsewhere) in enumerate(seq, start=1):
+        read_s = float(i) if fresh else read_s
+        if elsewhere is not None:
+            limit = lo + elsewhere * (hi - lo)
+        v = view(temp, read_s, limit=limit, draw=draw, identity=identity)
+        out = list(guard.intents(inputs(float(i), v)))
+        assert len(out) <= 1
+        intent = out[0] if out else None
+        if intent is not None:
+            assert lo <= intent.watts <= hi
+            limit = intent.watts
+        inside = temp is not None and MAX_OPERATING_C - temp <= margin
+        if inside and previous is not None:
+            assert intent is not None and intent.watts <= previous.watts
+        previous = intent
+
+
+# ------------------------------------------------------------------- thresholds through NVML
+@pytest.fixture
+def no_thresholds(fake_nvml: FakeNvml) -> Iterator[FakeNvml]:
+    """A driver that answers NotSupported for the slowdown and InvalidArgument for GPU max (an
+    older NVML than that threshold kind)."""
+
+    def threshold(handle: object, kind: object, ref: object) -> int:
+        return 3 if getattr(kind, "value", kind) == 1 else 2  # NOT_SUPPORTED, INVALID_ARGUMENT
+
+    fake_nvml.lib.nvmlDeviceGetTemperatureThreshold = threshold  # type: ignore[method-assign]
+    yield fake_nvml
+
+
+def test_thresholds_read_through_nvml_feed_the_guard(fake_nvml: FakeNvml) -> None:
+    fleet = fake_nvml.fleet
+    fleet[0].set_load(1.0)
+    fleet[0].inject("overheat", delta_c=15.0)  # 90.5 C at full load, over the 87 C ceiling
+    collector = GpuCollector(NvmlBackend(), monotonic=fake_nvml.clock)
+    first = collector.infos()[0]
+    assert (first.temperature_slowdown_c, first.temperature_max_operating_c) == (90.0, 87.0)
+    fake_nvml.clock.advance(120.0)
+    samples = collector.collect()
+    views = tuple(GpuView(s, s.power_w, s.power_w) for s in samples)
+    intents = list(ThermalGuard().intents(PolicyInputs(StoreSnapshot(views, {}, None), (), 1.0)))
+    assert [i.gpu for i in intents] == [0]
+    collector.backend.close()
+
+
+def test_a_driver_without_thresholds_gives_none_and_the_guard_leaves_its_gpus_alone(
+    no_thresholds: FakeNvml,
+) -> None:
+    fleet = no_thresholds.fleet
+    fleet[0].set_load(1.0)
+    fleet[0].inject("overheat", delta_c=15.0)
+    collector = GpuCollector(NvmlBackend(), monotonic=no_thresholds.clock)
+    identity = collector.infos()[0]
+    assert identity.uuid == fleet[0].uuid  # the rest of the identity was read
+    assert (identity.temperature_slowdown_c, identity.temperature_max_operating_c) == (None, None)
+    no_thresholds.clock.advance(120.0)
+    samples = collector.collect()
+    views = tuple(GpuView(s, s.power_w, s.power_w) for s in samples)
+    assert views[0].sample.reading is not None
+    assert (views[0].sample.reading.temperature_gpu_c or 0) >= 82  # where the guard would cut
+    guard = ThermalGuard()
+    assert list(guard.intents(PolicyInputs(StoreSnapshot(views, {}, None), (), 1.0))) == []
+    collector.backend.close()
