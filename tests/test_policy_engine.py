@@ -270,7 +270,7 @@ def test_a_gpu_that_has_not_been_read_is_held(node: Node) -> None:
 
 @pytest.mark.parametrize(
     ("watts", "action"),
-    [(699.5, "keep"), (700.5, "keep"), (699.0, "set"), (701.0, "set"), (650.0, "set")],
+    [(699.5, "keep"), (699.0, "set"), (650.0, "set")],
 )
 def test_a_gpu_less_than_1_w_from_the_chosen_limit_keeps_it(
     node: Node, watts: float, action: str
@@ -282,15 +282,30 @@ def test_a_gpu_less_than_1_w_from_the_chosen_limit_keeps_it(
 
 
 def test_an_actuator_refusal_is_on_the_decision_and_counted_not_raised(node: Node) -> None:
-    engine = node.engine(Fixed("cap", {0: 50.0, 1: 300.0}), mode="apply")
-    low, ok = engine.step([])
-    assert low.action == "set" and low.enforced_w is None
-    assert low.error == "power limit 50 W for GPU 0 is outside its range [200, 700] W"
+    engine = node.engine(Fixed("cap", {0: 300.0, 1: 300.0}), mode="apply")
+    node.fleet[0].inject("lost")  # after the last read: the store still says it is up
+    lost, ok = engine.step([])
+    assert lost.action == "set" and lost.enforced_w is None
+    assert lost.error == "GPU 0 has fallen off the bus"
     assert ok.enforced_w == 300.0 and ok.error is None
     assert node.store.snapshot().policy_actions == {
         ("cap", "set_power_limit_failed", "apply"): 1,
         ("cap", "set_power_limit", "apply"): 1,
     }
+
+
+@pytest.mark.parametrize(
+    ("wanted", "chosen", "note"),
+    [(50.0, 200.0, " (held at its 200 W minimum)"), (900.0, 700.0, " (held at its 700 W maximum)")],
+)
+def test_a_limit_outside_the_gpu_range_is_held_within_it_and_says_so(
+    node: Node, wanted: float, chosen: float, note: str
+) -> None:
+    (decision,) = node.engine(Fixed("cap", {0: wanted}), mode="apply").step([])
+    assert (decision.watts, decision.reason) == (chosen, f"fixed {wanted:g} W{note}")
+    assert decision.intents["cap"].watts == wanted
+    assert node.limit(0) == chosen
+    assert node.store.snapshot().power_limit_targets_w[0] == chosen
 
 
 def test_a_rate_limited_change_is_on_the_decision_and_counted_not_raised(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 
 Each period (:meth:`PolicyEngine.step`) every policy sees the same inputs and states its intents.
 Per GPU the lowest intended limit wins, since every policy's limit is a ceiling it needs, and
-every policy's reason is kept on the decision. A GPU whose readings are stale (the sampler
-stalled) or that is lost is held: no new decision on old data. A GPU the engine capped and that
+every policy's reason is kept on the decision; the limit is held within the GPU's [min, max].
+A GPU whose readings are stale (the sampler stalled) or that is lost is held: no new decision
+on old data. A GPU the engine capped and that
 no policy limits any more goes back to the limit it had before the engine's first change (the
 ``engine`` policy decides that). A GPU that already has the chosen limit is kept. Otherwise the
 decision is a set: in ``apply`` mode the journalled actuator makes it (bounds, rate limit,
@@ -226,7 +227,7 @@ class PolicyEngine:
         current = self._would_be.get(gpu, enforced) if self._mode == "dry_run" else enforced
         if intents:
             policy, intent = min(intents.items(), key=lambda item: (item[1].watts, item[0]))
-            watts, reason = intent.watts, intent.reason
+            watts, reason = _within_bounds(intent, view)
         else:  # nobody limits this GPU any more: back to what it had before the engine
             back = self._baseline.get(gpu, enforced) if self._mode == "apply" else enforced
             if back is None:
@@ -281,6 +282,21 @@ class PolicyEngine:
         self._applied.clear()
         self._mode = "dry_run"
         self.fallback = why
+
+
+def _within_bounds(intent: Intent, view: GpuView) -> tuple[float, str]:
+    """The intent's limit within the GPU's [min, max], and its reason (saying so if clamped).
+
+    A limit outside the range would be refused by the actuator, and a target outside it is one
+    the driver can never hold (the limit-mismatch alert compares the two).
+    """
+    info = view.sample.info
+    lo, hi = info.power_limit_min_w, info.power_limit_max_w
+    if lo is not None and intent.watts < lo:
+        return lo, f"{intent.reason} (held at its {lo:g} W minimum)"
+    if hi is not None and intent.watts > hi:
+        return hi, f"{intent.reason} (held at its {hi:g} W maximum)"
+    return intent.watts, intent.reason
 
 
 def _why_stale(
