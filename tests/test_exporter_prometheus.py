@@ -22,7 +22,7 @@ from wattwarden.collectors.jobs import JobRegistry
 from wattwarden.collectors.rapl import RaplSample
 from wattwarden.collectors.sampler import Sampler
 from wattwarden.collectors.samples import GpuSample
-from wattwarden.collectors.store import MetricStore
+from wattwarden.collectors.store import MetricStore, PolicyState
 from wattwarden.exporters.prometheus import StoreCollector, job_families, make_registry, render
 from wattwarden.hardware.device import GpuInfo, GpuReading, ProcessUsage
 from wattwarden.hardware.nvml import NvmlBackend
@@ -538,6 +538,10 @@ EXPOSITION: dict[str, tuple[str, set[str], str]] = {
         "Energy used by the GPU (hardware counter where supported, else integrated power).",
     ),
     "gpu_power_limit_watts": ("gauge", GPU, "Enforced power limit."),
+    "gpu_power_limit_target_watts": (
+        "gauge", GPU,
+        "Power limit the policy engine wants (also in dry-run, where it is not set).",
+    ),
     "gpu_power_limit_default_watts": ("gauge", GPU, "Default power limit."),
     "gpu_power_limit_min_watts": ("gauge", GPU, "Lowest settable power limit."),
     "gpu_power_limit_max_watts": ("gauge", GPU, "Highest settable power limit."),
@@ -589,6 +593,31 @@ EXPOSITION: dict[str, tuple[str, set[str], str]] = {
     "wattwarden_policy_actions": (
         "counter", {"policy",
         "action", "mode"}, "Actions the policy engine took.",
+    ),
+    "wattwarden_policy_decisions": (
+        "counter", {"policy", "action", "mode"},
+        "Decisions of the policy engine, one per GPU and period: set, keep or hold.",
+    ),
+    "wattwarden_policy_active": ("gauge", {"policy"}, "1 if the policy is on, 0 if off."),
+    "wattwarden_policy_mode": (
+        "gauge", {"mode"},
+        "1 for the policy engine's mode in force (dry_run or apply), 0 for the other.",
+    ),
+    "wattwarden_policy_holding": (
+        "gauge", set(),
+        "1 while the policy engine holds (stale or lost readings, a failing policy), else 0.",
+    ),
+    "wattwarden_power_budget_unreachable": (
+        "gauge", set(),
+        "1 while the power budget cannot be met even with every GPU at its minimum limit.",
+    ),
+    "wattwarden_policy_apply_fallback": (
+        "gauge", set(),
+        "1 after apply mode fell back to dry-run because limits may not be set.",
+    ),
+    "wattwarden_job_migrations": (
+        "counter", {"reason"},
+        "Jobs the policy engine asked to move to another GPU, by reason.",
     ),
     "gpu_job_energy_joules": (
         "counter", GPU | {"job"},
@@ -653,6 +682,23 @@ def full_store(clock: ManualClock) -> tuple[MetricStore, JobRegistry]:
     store.count_policy_action("budget", "cap", "apply")
     store.count_policy_action("budget", "cap", "apply")
     store.count_policy_action("thermal", "cap", "dry_run")
+    store.count_policy_decision("budget", "set", "apply")
+    store.count_policy_decision("budget", "keep", "apply")
+    store.count_policy_decision("budget", "keep", "apply")
+    store.count_policy_decision("engine", "hold", "apply")
+    store.set_power_limit_targets({0: 450.0, 1: 700.0})
+    store.set_policy_state(
+        PolicyState(
+            mode="apply",
+            active={"thermal": True, "budget": True, "idle": False, "tuner": False},
+            holding=True,
+            fallback=False,
+            budget_unreachable=True,
+        )
+    )
+    store.count_migration("lost", 0)
+    store.count_migration("budget")
+    store.count_migration("budget")
     store.mark_pass(1_700_000_001.5)
     return store, jobs
 
@@ -737,6 +783,24 @@ def test_host_rapl_and_self_health_are_exported_as_stored() -> None:
         for lab, v in m["wattwarden_policy_actions_total"]
     }
     assert actions == {("budget", "cap", "apply"): 2.0, ("thermal", "cap", "dry_run"): 1.0}
+    decisions = {
+        (lab["policy"], lab["action"], lab["mode"]): v
+        for lab, v in m["wattwarden_policy_decisions_total"]
+    }
+    assert decisions == {
+        ("budget", "set", "apply"): 1.0,
+        ("budget", "keep", "apply"): 2.0,
+        ("engine", "hold", "apply"): 1.0,
+    }
+    assert plain("gpu_power_limit_target_watts") == {("0", "GPU-0"): 450.0, ("1", "GPU-1"): 700.0}
+    assert plain("wattwarden_policy_active") == {
+        ("budget",): 1.0, ("idle",): 0.0, ("thermal",): 1.0, ("tuner",): 0.0,
+    }  # fmt: skip
+    assert plain("wattwarden_policy_mode") == {("apply",): 1.0, ("dry_run",): 0.0}
+    assert plain("wattwarden_policy_holding") == {(): 1.0}
+    assert plain("wattwarden_power_budget_unreachable") == {(): 1.0}
+    assert plain("wattwarden_policy_apply_fallback") == {(): 0.0}
+    assert plain("wattwarden_job_migrations_total") == {("budget",): 2.0, ("lost",): 0.0}
     assert plain("gpu_info") == {
         (INFO.driver_version, "0", INFO.name, INFO.pci_bus_id, "GPU-0"): 1.0,
         (INFO.driver_version, "1", INFO.name, INFO.pci_bus_id, "GPU-1"): 1.0,
@@ -765,3 +829,35 @@ def test_a_lost_gpu_exports_up_zero_its_identity_and_its_counters_only() -> None
     assert gpu_series(m, "gpu_power_limit_default_watts", "0") == [650.0]
     never_read = exported(synthetic_sample(None))  # up, but nothing read yet: the same
     assert {n for n, s in never_read.items() for lab, _ in s if lab.get("gpu") == "0"} == families
+
+
+@pytest.mark.parametrize("mode", ["dry_run", "apply"])
+@pytest.mark.parametrize("flag", ["holding", "fallback", "budget_unreachable"])
+def test_each_policy_state_field_drives_its_own_gauge_and_only_it(mode: str, flag: str) -> None:
+    store = MetricStore(monotonic=ManualClock())
+    state = {"holding": False, "fallback": False, "budget_unreachable": False, flag: True}
+    store.set_policy_state(PolicyState(mode=mode, active={"idle": True}, **state))
+    m = metrics_of(store)
+    gauges = {
+        "holding": "wattwarden_policy_holding",
+        "fallback": "wattwarden_policy_apply_fallback",
+        "budget_unreachable": "wattwarden_power_budget_unreachable",
+    }
+    for field, name in gauges.items():
+        assert [v for _, v in m[name]] == [1.0 if field == flag else 0.0], name
+    assert {lab["mode"]: v for lab, v in m["wattwarden_policy_mode"]} == {
+        "dry_run": 1.0 if mode == "dry_run" else 0.0,
+        "apply": 1.0 if mode == "apply" else 0.0,
+    }
+    assert [(lab["policy"], v) for lab, v in m["wattwarden_policy_active"]] == [("idle", 1.0)]
+
+
+def test_without_a_control_loop_no_policy_gauge_is_exported() -> None:
+    store = MetricStore(monotonic=ManualClock())
+    store.count_policy_decision("thermal", "keep", "dry_run")
+    m = metrics_of(store)
+    assert "wattwarden_policy_decisions_total" in m
+    for name in ("wattwarden_policy_active", "wattwarden_policy_mode",
+                 "wattwarden_policy_holding", "wattwarden_power_budget_unreachable",
+                 "wattwarden_policy_apply_fallback"):  # fmt: skip
+        assert name not in m, name

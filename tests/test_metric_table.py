@@ -216,7 +216,7 @@ def _view(reading: GpuReading | None, up: bool = True, info: GpuInfo = IDENTITY)
         clock_event_seconds={"idle": 1.0, "sw_power_cap": 0.5},
         xid_counts={79: 1, 13: 2},
     )
-    return GpuView(sample, 305.0 if up else None, 320.0 if up else None)
+    return GpuView(sample, 305.0 if up else None, 320.0 if up else None, 450.0)
 
 
 ALL_SERIES: dict[str, list[tuple[tuple[str, ...], float]]] = {
@@ -226,6 +226,7 @@ ALL_SERIES: dict[str, list[tuple[tuple[str, ...], float]]] = {
     "gpu_power_peak_watts": [((), 320.0)],
     "gpu_energy_joules": [((), 12.5)],
     "gpu_power_limit_watts": [((), 500.0)],
+    "gpu_power_limit_target_watts": [((), 450.0)],
     "gpu_power_limit_default_watts": [((), 700.0)],
     "gpu_power_limit_min_watts": [((), 200.0)],
     "gpu_power_limit_max_watts": [((), 700.0)],
@@ -276,6 +277,7 @@ ALL_JSON = {
     "power_peak_watts": 320.0,
     "energy_joules": 12.5,
     "power_limit_watts": 500.0,
+    "power_limit_target_watts": 450.0,
     "power_limit_default_watts": 700.0,
     "power_limit_min_watts": 200.0,
     "power_limit_max_watts": 700.0,

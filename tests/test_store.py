@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from wattwarden.collectors.host import HostSample
 from wattwarden.collectors.rapl import RaplSample
 from wattwarden.collectors.samples import GpuSample
-from wattwarden.collectors.store import CollectorHealth, HistoryPoint, MetricStore
+from wattwarden.collectors.store import CollectorHealth, HistoryPoint, MetricStore, PolicyState
 from wattwarden.hardware.device import GpuInfo, GpuReading
 from wattwarden.hardware.sim import ManualClock
 
@@ -433,3 +433,35 @@ def test_a_new_collectors_samples_are_kept_latest_per_key_in_key_order() -> None
     assert snap.samples(HostSample) == ()
     assert [v.sample.info.index for v in snap.gpus] == [0]
     assert before.samples(FanSample) == (old_a, b)  # a snapshot is a copy
+
+
+def test_each_gpu_view_carries_the_engines_target_for_it_and_none_where_it_has_none() -> None:
+    store = MetricStore()
+    store.put([sample(1.0, 100.0, index=0), sample(1.0, 100.0, index=1)])
+    assert [v.power_limit_target_w for v in store.snapshot().gpus] == [None, None]
+    store.set_power_limit_targets({1: 420.0, 7: 300.0})  # GPU 7 is not in the store
+    snap = store.snapshot()
+    assert [v.power_limit_target_w for v in snap.gpus] == [None, 420.0]
+    assert snap.power_limit_targets_w == {1: 420.0, 7: 300.0}
+
+
+def test_migrations_are_counted_per_reason_and_a_zero_count_makes_the_reason_appear() -> None:
+    store = MetricStore()
+    store.count_migration("lost", 0)
+    store.count_migration("budget")
+    store.count_migration("budget")
+    store.count_migration("thermal", 3)
+    assert store.snapshot().migrations == {"lost": 0, "budget": 2, "thermal": 3}
+
+
+def test_the_policy_state_is_replaced_whole_and_cleared() -> None:
+    store = MetricStore()
+    assert store.snapshot().policy_state is None
+    first = PolicyState("apply", {"thermal": True}, True, False, False)
+    second = PolicyState("dry_run", {"thermal": False}, False, True, True)
+    store.set_policy_state(first)
+    snap = store.snapshot()
+    store.set_policy_state(second)
+    assert (snap.policy_state, store.snapshot().policy_state) == (first, second)
+    store.set_policy_state(None)
+    assert store.snapshot().policy_state is None

@@ -213,6 +213,14 @@ GPU_METRICS: tuple[MetricSpec[GpuView], ...] = (
         json="power_limit_watts",
     ),
     MetricSpec(
+        "gpu_power_limit_target_watts",
+        "gauge",
+        "Power limit the policy engine wants (also in dry-run, where it is not set).",
+        # a lost GPU wants nothing: the engine holds it
+        one(lambda v: v.power_limit_target_w if v.sample.up else None),
+        json="power_limit_target_watts",
+    ),
+    MetricSpec(
         "gpu_power_limit_default_watts",
         "gauge",
         "Default power limit.",

@@ -36,6 +36,9 @@ class GpuView:
     frozen from before."""
     power_peak_w: float | None
     """Maximum over the same window."""
+    power_limit_target_w: float | None = None
+    """The limit the policy engine wants on this GPU (also in dry-run); None before its first
+    period, or without an engine."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,22 @@ class CollectorHealth:
     errors_total: int
     duration_s: float
     last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyState:
+    """The control loop's state as exported: what runs, in which mode, and whether it is stuck."""
+
+    mode: str
+    """``dry_run`` or ``apply`` (the mode in force, after any fallback)."""
+    active: dict[str, bool]
+    """Each policy by name: on or off."""
+    holding: bool
+    """The engine held GPUs in its last period (stale or lost readings, or a failing policy)."""
+    fallback: bool
+    """Apply mode fell back to dry-run (the driver refused permission)."""
+    budget_unreachable: bool
+    """The budget cannot be met even with every GPU at its minimum limit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +91,10 @@ class StoreSnapshot:
     """Decisions of the policy engine by (policy, action set|keep|hold, mode)."""
     power_limit_targets_w: dict[int, float] = field(default_factory=dict)
     """The limit the policy engine wants per GPU index (also in dry-run)."""
+    policy_state: PolicyState | None = None
+    """The control loop's state; None without one (then its gauges are not exported)."""
+    migrations: dict[str, int] = field(default_factory=dict)
+    """Jobs the control loop asked to move, by reason."""
     latest: dict[type[Any], tuple[Any, ...]] = field(default_factory=dict)
     """Every other collector's latest samples by sample type, in key order."""
 
@@ -125,6 +148,8 @@ class MetricStore:
         self._actions: dict[tuple[str, str, str], int] = {}
         self._decisions: dict[tuple[str, str, str], int] = {}
         self._targets: dict[int, float] = {}
+        self._policy_state: PolicyState | None = None
+        self._migrations: dict[str, int] = {}
 
     # ----------------------------------------------------------------- writes
     def put(self, samples: Iterable[Sample]) -> None:
@@ -218,6 +243,16 @@ class MetricStore:
         with self._lock:
             self._targets = dict(targets)
 
+    def set_policy_state(self, state: PolicyState | None) -> None:
+        """Replace the control loop's exported state (None: no loop)."""
+        with self._lock:
+            self._policy_state = state
+
+    def count_migration(self, reason: str, count: int = 1) -> None:
+        """Count jobs asked to move for ``reason``; a count of 0 makes the series exist."""
+        with self._lock:
+            self._migrations[reason] = self._migrations.get(reason, 0) + count
+
     # ------------------------------------------------------------------ reads
     def snapshot(self) -> StoreSnapshot:
         """A consistent copy; cheap (no hardware access)."""
@@ -236,6 +271,7 @@ class MetricStore:
                         series.latest,
                         sum(powers) / len(powers) if powers else None,
                         max(powers) if powers else None,
+                        self._targets.get(index),
                     )
                 )
             return StoreSnapshot(
@@ -246,6 +282,8 @@ class MetricStore:
                 policy_actions=dict(self._actions),
                 policy_decisions=dict(self._decisions),
                 power_limit_targets_w=dict(self._targets),
+                policy_state=self._policy_state,
+                migrations=dict(self._migrations),
                 latest={
                     kind: tuple(by_key[k] for k in sorted(by_key))
                     for kind, by_key in self._latest.items()

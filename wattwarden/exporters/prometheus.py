@@ -128,6 +128,64 @@ class StoreCollector:
         for (policy, action, mode), count in sorted(snap.policy_actions.items()):
             actions.add_metric([policy, action, mode], count)
         yield actions
+        yield from _policy_families(snap)
+
+
+MODES = ("dry_run", "apply")
+"""The policy engine's modes, each a series of ``wattwarden_policy_mode``."""
+
+
+def _policy_families(snap: StoreSnapshot) -> Iterator[Metric]:
+    """The control loop's decisions, switches, mode, health and migrations.
+
+    ``wattwarden_policy_decisions_total`` counts what the engine decided each period (set, keep,
+    hold per GPU), ``wattwarden_policy_actions_total`` what was done about it (limit changes
+    made or recorded, and failed): a steady engine adds keeps, not actions.
+    """
+    decisions = CounterMetricFamily(
+        "wattwarden_policy_decisions",
+        "Decisions of the policy engine, one per GPU and period: set, keep or hold.",
+        labels=["policy", "action", "mode"],
+    )
+    for (policy, action, mode_), count in sorted(snap.policy_decisions.items()):
+        decisions.add_metric([policy, action, mode_], count)
+    state = snap.policy_state
+    active = GaugeMetricFamily(
+        "wattwarden_policy_active", "1 if the policy is on, 0 if off.", labels=["policy"]
+    )
+    mode = GaugeMetricFamily(
+        "wattwarden_policy_mode",
+        "1 for the policy engine's mode in force (dry_run or apply), 0 for the other.",
+        labels=["mode"],
+    )
+    holding = GaugeMetricFamily(
+        "wattwarden_policy_holding",
+        "1 while the policy engine holds (stale or lost readings, a failing policy), else 0.",
+    )
+    unreachable = GaugeMetricFamily(
+        "wattwarden_power_budget_unreachable",
+        "1 while the power budget cannot be met even with every GPU at its minimum limit.",
+    )
+    fallback = GaugeMetricFamily(
+        "wattwarden_policy_apply_fallback",
+        "1 after apply mode fell back to dry-run because limits may not be set.",
+    )
+    if state is not None:
+        for name, on in sorted(state.active.items()):
+            active.add_metric([name], 1.0 if on else 0.0)
+        for m in MODES:
+            mode.add_metric([m], 1.0 if m == state.mode else 0.0)
+        holding.add_metric([], 1.0 if state.holding else 0.0)
+        unreachable.add_metric([], 1.0 if state.budget_unreachable else 0.0)
+        fallback.add_metric([], 1.0 if state.fallback else 0.0)
+    migrations = CounterMetricFamily(
+        "wattwarden_job_migrations",
+        "Jobs the policy engine asked to move to another GPU, by reason.",
+        labels=["reason"],
+    )
+    for reason, count in sorted(snap.migrations.items()):
+        migrations.add_metric([reason], count)
+    yield from (decisions, active, mode, holding, unreachable, fallback, migrations)
 
 
 def make_registry(collector: StoreCollector) -> CollectorRegistry:
