@@ -27,7 +27,12 @@ from wattwarden.hardware.nvml import NvmlBackend
 from wattwarden.hardware.sim import ManualClock, SimFleet
 from wattwarden.hardware.sim.backend import SimBackend, SimDevice
 from wattwarden.hardware.sim.fake_nvml import install_fake_nvml, uninstall_fake_nvml
-from wattwarden.policies.actuator import LimitActuator, LimitChange, RateLimited
+from wattwarden.policies.actuator import (
+    JournalledDecision,
+    LimitActuator,
+    LimitChange,
+    RateLimited,
+)
 
 H100_DEFAULT_W = 700.0
 
@@ -614,4 +619,65 @@ def test_after_a_damaged_journal_every_gpu_goes_back_to_its_default_whatever_fai
     ]  # fmt: skip
     assert at_default.sets == [] and no_default.sets == []  # nothing to do: not touched
     assert unreadable.sets == [700.0]  # unreadable: set anyway
+    actuator.close()
+
+
+# ------------------------------------------------------------------ journal retention
+def test_prune_drops_changes_and_decisions_older_than_the_retention_and_never_originals(
+    tmp_path: Path,
+) -> None:
+    wall = Clock()
+    gpu = FakeGpu(0, "GPU-a", limit_w=650.0)
+    path = tmp_path / "j.sqlite3"
+    actuator = LimitActuator([gpu], path, min_interval_s=0, wall=wall)
+    actuator.set_limit(0, 400, reason="old")  # journals the original 650 W at t=1000
+    actuator.journal_decisions([JournalledDecision(wall.now, 0, "budget", "set", "apply",
+                                                   650.0, 400.0, "old", "train")])  # fmt: skip
+    wall.now += 100.0
+    actuator.set_limit(0, 300, reason="new")
+    actuator.journal_decisions([JournalledDecision(wall.now, 0, "budget", "set", "apply",
+                                                   400.0, 300.0, "new", "")])  # fmt: skip
+    wall.now += 50.0
+    assert actuator.prune(100.0) == 2  # at 1150: the rows of 1000 are older than 100 s
+    originals, changes = journal_rows(path)
+    assert [c[4] for c in changes] == ["new"]
+    assert [d.reason for d in actuator.journalled_decisions()] == ["new"]
+    assert originals == {"GPU-a": (0, 650.0)}  # a year-old cap still goes back to 650 W
+    assert actuator.prune(0.0) == 2  # everything journalled before now ...
+    assert journal_rows(path) == ({"GPU-a": (0, 650.0)}, [])  # ... but the originals
+    assert actuator.restore_all() == []
+    assert gpu.limit_w == 650.0
+    actuator.close()
+
+
+def test_a_row_exactly_the_retention_old_is_kept(tmp_path: Path) -> None:
+    wall = Clock()
+    actuator = LimitActuator([FakeGpu(0, "GPU-a")], tmp_path / "j.sqlite3", wall=wall)
+    actuator.set_limit(0, 400, reason="cap")
+    wall.now += 60.0
+    assert actuator.prune(60.0) == 0
+    wall.now += 0.5
+    assert actuator.prune(60.0) == 1
+    actuator.close()
+
+
+def test_a_negative_retention_is_refused(tmp_path: Path) -> None:
+    actuator = LimitActuator([FakeGpu(0, "GPU-a")], tmp_path / "j.sqlite3")
+    with pytest.raises(ValueError, match="older_than_s must be 0 or more"):
+        actuator.prune(-1.0)
+    actuator.close()
+
+
+def test_decisions_are_journalled_with_every_field_and_read_back_in_order(tmp_path: Path) -> None:
+    actuator = LimitActuator([FakeGpu(0, "GPU-a")], tmp_path / "j.sqlite3")
+    rows = [
+        JournalledDecision(1.5, 0, "thermal", "set", "dry_run", 700.0, 630.0, "hot", "a,b"),
+        JournalledDecision(2.5, 1, "engine", "hold", "apply", None, None, "GPU 1 is lost", "",
+                           None),
+        JournalledDecision(3.5, 1, "migration", "migrate", "apply", None, None, "move", "a",
+                           "no job named 'a'"),
+    ]  # fmt: skip
+    actuator.journal_decisions(rows)
+    actuator.journal_decisions([])
+    assert actuator.journalled_decisions() == rows
     actuator.close()

@@ -18,7 +18,7 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,13 @@ CREATE TABLE IF NOT EXISTS changes (
     uuid TEXT NOT NULL, requested_watts REAL NOT NULL, enforced_watts REAL,
     reason TEXT NOT NULL, status TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, gpu INTEGER NOT NULL,
+    policy TEXT NOT NULL, action TEXT NOT NULL, mode TEXT NOT NULL, from_watts REAL,
+    to_watts REAL, reason TEXT NOT NULL, jobs TEXT NOT NULL, error TEXT
+);
+CREATE INDEX IF NOT EXISTS changes_at ON changes (at);
+CREATE INDEX IF NOT EXISTS decisions_at ON decisions (at);
 """
 
 
@@ -46,6 +53,25 @@ class JournalError(Exception):
 
 class RateLimited(Exception):
     """A change came sooner than the minimum interval after the previous one on that GPU."""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalledDecision:
+    """A policy decision as the journal keeps it (one row of ``decisions``)."""
+
+    at: float
+    """Wall-clock time, seconds since the epoch."""
+    gpu: int
+    policy: str
+    action: str
+    """``set``, ``hold`` or ``migrate``."""
+    mode: str
+    from_watts: float | None
+    to_watts: float | None
+    reason: str
+    jobs: str
+    """The names of the jobs concerned, comma-separated."""
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +99,12 @@ class LimitActuator:
         *,
         min_interval_s: float = DEFAULT_MIN_INTERVAL_S,
         monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._devices = {d.index: d for d in devices}
         self._min_interval_s = min_interval_s
         self._monotonic = monotonic
+        self._wall = wall
         self._last_change: dict[int, float] = {}
         self._lock = threading.Lock()
         self.damaged: str | None = None
@@ -124,12 +152,12 @@ class LimitActuator:
                 found = self._limit_to_restore(gpu, device, info)
                 self._db.execute(
                     "INSERT INTO originals VALUES (?, ?, ?, ?)",
-                    (info.uuid, gpu, found, time.time()),
+                    (info.uuid, gpu, found, self._wall()),
                 )
             cur = self._db.execute(
                 "INSERT INTO changes (at, gpu, uuid, requested_watts, reason, status) "
                 "VALUES (?, ?, ?, ?, ?, 'intended')",
-                (time.time(), gpu, info.uuid, watts, reason),
+                (self._wall(), gpu, info.uuid, watts, reason),
             )
             row = cur.lastrowid
             self._checkpoint()
@@ -186,6 +214,57 @@ class LimitActuator:
                 info.power_limit_default_w,
             )
             return info.power_limit_default_w
+
+    def journal_decisions(self, decisions: Iterable[JournalledDecision]) -> None:
+        """Add policy decisions to the journal (dry-run ones too: what would have been done)."""
+        rows = [
+            (d.at, d.gpu, d.policy, d.action, d.mode, d.from_watts, d.to_watts, d.reason,
+             d.jobs, d.error)
+            for d in decisions
+        ]  # fmt: skip
+        if not rows:
+            return
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO decisions (at, gpu, policy, action, mode, from_watts, to_watts, "
+                "reason, jobs, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def journalled_decisions(self) -> list[JournalledDecision]:
+        """Every journalled decision, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, gpu, policy, action, mode, from_watts, to_watts, reason, jobs, error "
+                "FROM decisions ORDER BY id"
+            ).fetchall()
+        return [JournalledDecision(*row) for row in rows]
+
+    def changes(self) -> list[tuple[float, int, float, str]]:
+        """Every journalled change, oldest first: (time, gpu, requested watts, status)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, gpu, requested_watts, status FROM changes ORDER BY id"
+            ).fetchall()
+        return [(float(a), int(g), float(w), str(st)) for a, g, w, st in rows]
+
+    def prune(self, older_than_s: float) -> int:
+        """Delete changes and decisions older than ``older_than_s``; returns how many.
+
+        The limits to restore (``originals``) are never pruned, however old: a GPU capped a
+        year ago still goes back to the limit found before.
+        """
+        if not older_than_s >= 0:
+            raise ValueError(f"older_than_s must be 0 or more, got {older_than_s!r}")
+        cutoff = self._wall() - older_than_s
+        with self._lock:
+            pruned = 0
+            for table in ("changes", "decisions"):
+                cur = self._db.execute(f"DELETE FROM {table} WHERE at < ?", (cutoff,))
+                pruned += max(cur.rowcount, 0)
+            if pruned:
+                self._checkpoint()
+        return pruned
 
     def originals(self) -> dict[str, tuple[int, float]]:
         """Limits found before our first change, by UUID: (gpu index, watts)."""
