@@ -26,6 +26,7 @@ BENCHMARKS = (
     "bench_energymeter",
     "bench_train_overhead",
     "http_load",
+    "tuner_vs_zeus",
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
