@@ -1,0 +1,590 @@
+"""The control loop: the policy engine, run once a period on its own thread, steered over the API.
+
+:class:`PolicyLoop` owns the :class:`~wattwarden.policies.engine.PolicyEngine`, one object per
+policy (:data:`POLICY_NAMES`), an optional migration planner and the node's local power budget.
+Each period (:meth:`PolicyLoop.period`) it
+
+1. steps the engine over the job registry's jobs (one decision per GPU, acted on in apply mode);
+2. asks the migration planner which jobs to move, and asks each one's supervisor to move it
+   (:meth:`~wattwarden.collectors.jobs.JobRegistry.request_migration`) in apply mode; in
+   dry-run a move is only recorded, as a limit change is;
+3. journals what an operator reads (limit sets, holds as they start, moves) and publishes the
+   loop's state to the store: the budget in force, the mode, which policies are on, and whether
+   the engine holds, fell back to dry-run, or cannot meet the budget.
+
+Periods sit on a monotonic grid (no drift; a late period does not bunch the next ones up). The
+loop is level-triggered, like the controllers operators trust (Kubernetes controllers, Dynamo):
+each period reads the whole state again, so a missed period costs nothing.
+
+A policy that raises does not stop the loop: the period is skipped (nothing changes: the engine
+holds), the error is logged once per distinct message, counted, and said in
+:attr:`PolicyLoop.holding` until a period runs cleanly again.
+
+Steering (:meth:`PolicyLoop.update`, ``POST /api/v1/policy``): the budget, the mode and which
+policies run are changed between periods, under the loop's lock, after checking every value (a
+ValueError names the one at fault). A policy switched off stops having intents, so the engine
+gives its GPUs back the limits they had; one switched on starts afresh. Leaving apply mode
+restores every limit changed (:meth:`PolicyEngine.set_mode`).
+
+Which policies run: the ``thermal`` guard, and ``budget`` capping whenever a budget is in force,
+unless a list was given (the ``policy`` setting, or the API); ``idle`` capping and the energy
+``tuner`` only when listed.
+
+Threads: the loop's thread runs periods; API threads call :meth:`update` (which waits for a
+period in progress) and the readers (:meth:`status`, :meth:`decisions`), which take the lock
+only briefly.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from wattwarden.collectors.jobs import JobError, JobRegistry
+from wattwarden.collectors.store import MetricStore, PolicyState
+from wattwarden.policies.actuator import JournalledDecision, LimitActuator
+from wattwarden.policies.base import Decision, Intent, Mode, Policy, PolicyInputs
+from wattwarden.policies.capping import BudgetCapper
+from wattwarden.policies.engine import PolicyEngine
+from wattwarden.policies.idle import IdleCapper
+from wattwarden.policies.migration import Migrator
+from wattwarden.policies.thermal import ThermalGuard
+from wattwarden.policies.tuner import EnergyTuner
+
+log = logging.getLogger(__name__)
+
+POLICY_NAMES = ("thermal", "budget", "idle", "tuner")
+"""Every policy the loop can run, in the order they are composed."""
+MODES: tuple[Mode, ...] = ("dry_run", "apply")
+MIGRATION_REASONS = ("budget", "thermal", "xid", "lost")
+"""Why a job is moved (the ``reason`` of ``wattwarden_job_migrations_total``)."""
+MIGRATION = "migration"
+"""The ``policy`` of a move in the decisions."""
+BUDGET_SCOPE = "node"
+BUDGET_RANGE_W = (1.0, 1e6)
+"""A power budget's bounds, the same for the setting and the API."""
+PERIOD_RANGE_S = (0.1, 3600.0)
+DEFAULT_PERIOD_S = 1.0
+DEFAULT_RETENTION_S = 30 * 86400.0
+PRUNE_EVERY_S = 3600.0
+KEEP_MOVES = 1000
+STOP_TIMEOUT_S = 10.0
+
+
+# ------------------------------------------------------------------ what the loop is built with
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """The settings each policy is built with (the agent's settings of the same names)."""
+
+    thermal_margin_c: float = 5.0
+    idle_after_s: float = 300.0
+    tune_eta: float = 0.5
+    max_slowdown: float | None = None
+
+
+Budget = Callable[[], float | None]
+
+
+def build_policy(name: str, settings: PolicySettings, budget_w: Budget) -> Policy:
+    """A fresh policy object of that name, built with the settings."""
+    if name == "thermal":
+        return ThermalGuard(margin_c=settings.thermal_margin_c)
+    if name == "budget":
+        return BudgetCapper(budget_w)
+    if name == "idle":
+        return IdleCapper(idle_after_s=settings.idle_after_s)
+    if name == "tuner":
+        return EnergyTuner(eta=settings.tune_eta, max_slowdown=settings.max_slowdown)
+    raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")
+
+
+def parse_policies(value: object) -> tuple[str, ...]:
+    """Policy names from a list, or a comma-separated string (``none``: no policy).
+
+    What the ``policy`` setting and ``POST /api/v1/policy`` take; ValueError says what is wrong.
+    """
+    listed = f"a list of {', '.join(POLICY_NAMES)} (or none)"
+    if isinstance(value, str):
+        if value.strip() == "none":
+            return ()
+        items: list[object] = [part.strip() for part in value.split(",")]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise ValueError(f"must be {listed}, got {value!r}")
+    try:
+        return check_policies(items)
+    except ValueError as e:
+        raise ValueError(f"must be {listed}: it {e}") from None
+
+
+def check_policies(names: Iterable[object]) -> tuple[str, ...]:
+    """Policy names, checked: each known, none twice; ValueError says which is not."""
+    out: list[str] = []
+    for name in names:
+        if not isinstance(name, str) or name not in POLICY_NAMES:
+            raise ValueError(f"names {name!r}, which is not a policy")
+        if name in out:
+            raise ValueError(f"names {name!r} twice")
+        out.append(name)
+    return tuple(out)
+
+
+def check_budget(watts: object) -> float | None:
+    """A power budget (None: none), checked against :data:`BUDGET_RANGE_W`."""
+    if watts is None:
+        return None
+    if isinstance(watts, bool) or not isinstance(watts, int | float):
+        raise ValueError(f"must be a number of watts or null, got {watts!r}")
+    lo, hi = BUDGET_RANGE_W
+    if not lo <= watts <= hi:
+        raise ValueError(f"must be within {lo:g}..{hi:g}, got {watts!r}")
+    return float(watts)
+
+
+def check_mode(mode: object) -> Mode:
+    """``dry_run`` or ``apply``."""
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"must be one of {', '.join(MODES)}; got {mode!r}")
+    return mode
+
+
+class PolicyFailed(Exception):
+    """A policy raised while stating its intents."""
+
+    def __init__(self, policy: str, error: BaseException) -> None:
+        super().__init__(f"policy {policy} failed: {type(error).__name__}: {error}")
+        self.policy = policy
+
+
+class _Switch:
+    """One policy, on or off. Off, it has no intents; turned on, it is built afresh.
+
+    The engine composes these (always all of them, in :data:`POLICY_NAMES` order), so its own
+    state (the limits to go back to, the dry-run's would-be limits) survives a switch.
+    """
+
+    def __init__(self, name: str, make: Callable[[], Policy]) -> None:
+        self._name = name
+        self._make = make
+        self.policy: Policy | None = None
+
+    @property
+    def name(self) -> str:
+        """The policy's name."""
+        return self._name
+
+    @property
+    def on(self) -> bool:
+        """Whether the policy runs."""
+        return self.policy is not None
+
+    def switch(self, on: bool) -> None:
+        """Turn on (a fresh object, unless already on) or off."""
+        if on and self.policy is None:
+            self.policy = self._make()
+        elif not on:
+            self.policy = None
+
+    def intents(self, inputs: PolicyInputs) -> Iterable[Intent]:
+        """The policy's intents (none while off); PolicyFailed if it raises."""
+        if self.policy is None:
+            return ()
+        try:
+            return list(self.policy.intents(inputs))
+        except Exception as e:
+            raise PolicyFailed(self._name, e) from e
+
+
+# ------------------------------------------------------------------ what the loop reports
+@dataclass(frozen=True, slots=True)
+class MoveRecord:
+    """A move the loop asked for (apply) or would have (dry-run)."""
+
+    job: str
+    from_gpu: int
+    to_gpu: int
+    reason: str
+    """One of :data:`MIGRATION_REASONS`."""
+    mode: Mode
+    timestamp_s: float
+    error: str | None = None
+    """Why the registry refused the move (the job ended meanwhile)."""
+    detail: str = ""
+    """The planner's explanation."""
+
+    @property
+    def explanation(self) -> str:
+        """One line for the decisions and the log."""
+        move = f"move job {self.job} from GPU {self.from_gpu} to GPU {self.to_gpu}"
+        return (
+            f"{move} ({self.reason}): {self.detail}" if self.detail else f"{move} ({self.reason})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LoopStatus:
+    """What ``GET /api/v1/policy`` shows."""
+
+    mode: Mode
+    power_budget_w: float | None
+    policies: dict[str, bool]
+    """Every policy by name, on or off."""
+    fallback: str | None
+    """Why apply mode fell back to dry-run, or None."""
+    holding: str | None
+    """Why the engine holds (stale or lost readings, a failing policy), or None."""
+    budget_unreachable: bool
+    period_s: float
+    periods: int
+    """Periods run since start."""
+    errors_total: int
+    """Periods skipped because a policy (or the planner) raised."""
+    last_error: str | None = None
+    restore_failures: tuple[str, ...] = field(default=())
+    """After a switch out of apply mode: limits that could not be restored (journalled)."""
+
+
+class Unchanged(enum.Enum):
+    """The type of :data:`UNCHANGED`."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED = Unchanged.UNCHANGED
+"""A setting :meth:`PolicyLoop.update` leaves as it is (for the budget, where None clears it)."""
+
+
+class PolicyLoop:
+    """The engine and its policies, run every ``period_s`` seconds on a thread of their own."""
+
+    def __init__(
+        self,
+        *,
+        store: MetricStore,
+        jobs: JobRegistry,
+        actuator: LimitActuator,
+        settings: PolicySettings | None = None,
+        policies: Sequence[str] | None = None,
+        budget_w: float | None = None,
+        mode: Mode = "dry_run",
+        period_s: float = DEFAULT_PERIOD_S,
+        migrator: Migrator | None = None,
+        journal_retention_s: float | None = DEFAULT_RETENTION_S,
+        factory: Callable[[str, PolicySettings, Budget], Policy] = build_policy,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        lo, hi = PERIOD_RANGE_S
+        if not lo <= period_s <= hi:
+            raise ValueError(f"period_s must be within {lo:g}..{hi:g}, got {period_s!r}")
+        self._store = store
+        self._jobs = jobs
+        self._actuator = actuator
+        self._settings = settings or PolicySettings()
+        self._explicit = None if policies is None else parse_policies(policies)
+        self._budget_w = check_budget(budget_w)
+        self.period_s = period_s
+        self._migrator = migrator
+        self._retention_s = journal_retention_s
+        self._monotonic = monotonic
+        self._wall = wall
+        self._lock = threading.Lock()
+        """Held by a period and by :meth:`update`: steering happens between periods."""
+        self._switches = {name: _Switch(name, self._maker(factory, name)) for name in POLICY_NAMES}
+        self.engine = PolicyEngine(
+            list(self._switches.values()),
+            actuator,
+            store,
+            mode=check_mode(mode),
+            monotonic=monotonic,
+            wall=wall,
+        )
+        self._moves: deque[MoveRecord] = deque(maxlen=KEEP_MOVES)
+        self._moves_lock = threading.Lock()  # brief: readers never wait for a period
+        self._held: set[int] = set()
+        self._failure: str | None = None
+        self._last_error: dict[str, str] = {}
+        """The last error of each of the thread's own tasks (a period, pruning), to log once."""
+        self.errors_total = 0
+        self.periods = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_prune_s = monotonic()
+        self._apply_switches()
+        self._store.set_power_budget(BUDGET_SCOPE, self._budget_w)
+        for reason in MIGRATION_REASONS:
+            self._store.count_migration(reason, 0)  # every reason's series exists from start
+        self._publish()
+
+    def _maker(
+        self, factory: Callable[[str, PolicySettings, Budget], Policy], name: str
+    ) -> Callable[[], Policy]:
+        return lambda: factory(name, self._settings, self.budget_w)
+
+    # ------------------------------------------------------------------ reading
+    def budget_w(self) -> float | None:
+        """The budget in force (the budget policy reads it every period)."""
+        return self._budget_w
+
+    @property
+    def mode(self) -> Mode:
+        """The mode in force (``dry_run`` after a fallback)."""
+        return self.engine.mode
+
+    def active(self) -> dict[str, bool]:
+        """Every policy by name: on or off."""
+        return {name: s.on for name, s in self._switches.items()}
+
+    @property
+    def holding(self) -> str | None:
+        """Why the engine holds now, or None."""
+        return self._failure or self.engine.holding
+
+    def _capper(self) -> BudgetCapper | None:
+        policy = self._switches["budget"].policy
+        return policy if isinstance(policy, BudgetCapper) else None
+
+    def budget_unreachable(self) -> bool:
+        """Whether the budget policy found the budget unreachable in its last period."""
+        capper = self._capper()
+        return capper is not None and capper.unreachable
+
+    def status(self, restore_failures: Sequence[str] = ()) -> LoopStatus:
+        """The loop's state now."""
+        failure = self._failure
+        return LoopStatus(
+            mode=self.engine.mode,
+            power_budget_w=self._budget_w,
+            policies=self.active(),
+            fallback=self.engine.fallback,
+            holding=failure or self.engine.holding,
+            budget_unreachable=self.budget_unreachable(),
+            period_s=self.period_s,
+            periods=self.periods,
+            errors_total=self.errors_total,
+            last_error=failure,
+            restore_failures=tuple(restore_failures),
+        )
+
+    def decisions(self, limit: int | None = None) -> list[Decision | MoveRecord]:
+        """Recent decisions (limit sets, holds as they start, moves), oldest first."""
+        with self._moves_lock:
+            moves = list(self._moves)
+        merged: list[Decision | MoveRecord] = [*self.engine.decisions(), *moves]
+        merged.sort(key=lambda d: d.timestamp_s)  # stable: a period's moves after its sets
+        return merged if limit is None else merged[-limit:] if limit > 0 else []
+
+    # ------------------------------------------------------------------ steering
+    def update(
+        self,
+        *,
+        budget_w: object = UNCHANGED,
+        mode: object = None,
+        policies: object = None,
+    ) -> LoopStatus:
+        """Change the budget (None clears it), the mode and which policies run.
+
+        Every value is checked before anything changes (ValueError naming the field); then the
+        change is made between periods. Returns the new status, with any limits that could not
+        be restored when leaving apply mode.
+        """
+        try:
+            budget = self._budget_w if budget_w is UNCHANGED else check_budget(budget_w)
+        except ValueError as e:
+            raise ValueError(f"power_budget_watts {e}") from None
+        try:
+            new_mode = None if mode is None else check_mode(mode)
+        except ValueError as e:
+            raise ValueError(f"mode {e}") from None
+        try:
+            names = None if policies is None else parse_policies(policies)
+        except ValueError as e:
+            raise ValueError(f"policies {e}") from None
+        failures: list[str] = []
+        with self._lock:
+            if budget != self._budget_w:
+                log.info("power budget: %s", "none" if budget is None else f"{budget:.0f} W")
+            self._budget_w = budget
+            self._store.set_power_budget(BUDGET_SCOPE, budget)
+            if names is not None:
+                self._explicit = names
+            self._apply_switches()
+            if new_mode is not None and new_mode != self.engine.mode:
+                log.info("policy engine mode: %s", new_mode)
+                failures = self.engine.set_mode(new_mode)
+            self._publish()
+        return self.status(failures)
+
+    def _apply_switches(self) -> None:
+        wanted = self._wanted()
+        for name, s in self._switches.items():
+            if s.on != (name in wanted):
+                log.info("policy %s %s", name, "on" if name in wanted else "off")
+            s.switch(name in wanted)
+
+    def _wanted(self) -> tuple[str, ...]:
+        if self._explicit is not None:
+            return self._explicit
+        return ("thermal", "budget") if self._budget_w is not None else ("thermal",)
+
+    # ------------------------------------------------------------------ one period
+    def period(self) -> list[Decision]:
+        """One period: decide (and act, in apply mode), plan moves, journal, publish."""
+        with self._lock:
+            return self._period()
+
+    def _period(self) -> list[Decision]:
+        self.periods += 1
+        failure = None
+        moves: list[MoveRecord] = []
+        try:
+            decisions = self.engine.step(self._jobs.jobs())
+        except Exception as e:  # a failing policy holds the loop, never stops it
+            decisions, failure = [], e
+        else:
+            try:
+                moves = self._migrate(decisions)
+            except Exception as e:  # the limits decided stand; no job moves this period
+                failure = e
+            self._journal(decisions, moves)
+        if failure is not None:
+            self._failed(failure)
+        elif self._failure is not None:
+            log.info("policy engine runs again after: %s", self._failure)
+            self._failure = None
+        self._publish()
+        return decisions
+
+    def _failed(self, e: Exception) -> None:
+        self.errors_total += 1
+        message = str(e) if isinstance(e, PolicyFailed) else f"{type(e).__name__}: {e}"
+        if message != self._failure:  # each error once, until it changes or the loop recovers
+            log.error("policy engine holds: %s", message, exc_info=e)
+        self._failure = message
+
+    def _migrate(self, decisions: list[Decision]) -> list[MoveRecord]:
+        inputs = self.engine.last_inputs
+        if self._migrator is None or inputs is None:
+            return []
+        self._migrator.capper = self._capper()  # a budget policy turned on again is a new one
+        try:
+            planned = self._migrator.plan(inputs, decisions)
+        except Exception as e:
+            raise PolicyFailed(MIGRATION, e) from e
+        mode = self.engine.mode
+        now = self._wall()
+        records = []
+        for move in planned:
+            error = None
+            if mode == "apply":
+                try:
+                    self._jobs.request_migration(move.job, move.to_gpu)
+                except JobError as e:  # ended or unregistered since the period began
+                    error = str(e)
+                else:
+                    self._store.count_migration(move.reason)
+            self._store.count_policy_decision(MIGRATION, "migrate", mode)
+            record = MoveRecord(
+                move.job, move.from_gpu, move.to_gpu, move.reason, mode, now, error, move.detail
+            )
+            log.info(
+                "%s%s%s",
+                record.explanation,
+                "" if mode == "apply" else " (dry-run: not moved)",
+                "" if error is None else f": refused: {error}",
+            )
+            records.append(record)
+        with self._moves_lock:
+            self._moves.extend(records)
+        return records
+
+    def _journal(self, decisions: list[Decision], moves: list[MoveRecord]) -> None:
+        """Journal what the history shows: sets, holds as they start, and moves."""
+        held = {d.gpu for d in decisions if d.action == "hold"}
+        rows = [
+            _journalled(d)
+            for d in decisions
+            if d.action == "set" or (d.action == "hold" and d.gpu not in self._held)
+        ]
+        rows += [
+            JournalledDecision(
+                m.timestamp_s, m.from_gpu, MIGRATION, "migrate", m.mode, None, None,
+                m.explanation, m.job, m.error,
+            )
+            for m in moves
+        ]  # fmt: skip
+        self._held = held
+        if rows:
+            self._actuator.journal_decisions(rows)
+
+    def _publish(self) -> None:
+        self._store.set_policy_state(
+            PolicyState(
+                mode=self.engine.mode,
+                active=self.active(),
+                holding=self.holding is not None,
+                fallback=self.engine.fallback is not None,
+                budget_unreachable=self.budget_unreachable(),
+            )
+        )
+
+    # ------------------------------------------------------------------ the thread
+    def prune_journal(self) -> int:
+        """Drop journalled changes and decisions older than the retention (never originals)."""
+        if self._retention_s is None:
+            return 0
+        pruned = self._actuator.prune(self._retention_s)
+        if pruned:
+            log.info(
+                "journal: pruned %d row(s) older than %g days", pruned, self._retention_s / 86400
+            )
+        return pruned
+
+    def start(self) -> None:
+        """Prune the journal, then run periods on a daemon thread until :meth:`close`."""
+        self._thread = threading.Thread(target=self._run, name="wattwarden-policy", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        next_at = self._monotonic()
+        while True:
+            now = self._monotonic()
+            if now >= self._next_prune_s:
+                self._next_prune_s = now + PRUNE_EVERY_S
+                self._guarded(self.prune_journal, "journal pruning")
+            self._guarded(self.period, "policy period")
+            next_at += self.period_s
+            now = self._monotonic()
+            next_at = max(next_at, now)  # fell behind: skip missed periods rather than burst
+            if self._stop.wait(next_at - now):
+                return
+
+    def _guarded(self, fn: Callable[[], object], what: str) -> None:
+        try:
+            fn()
+        except Exception as e:  # e.g. the journal's disk is full: the loop goes on
+            message = f"{type(e).__name__}: {e}"
+            if self._last_error.get(what) != message:  # once, until it changes or recovers
+                self._last_error[what] = message
+                log.exception("%s failed", what)
+        else:
+            self._last_error.pop(what, None)
+
+    def close(self) -> None:
+        """Stop the thread (a period in progress finishes first)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=STOP_TIMEOUT_S)
+
+
+def _journalled(d: Decision) -> JournalledDecision:
+    return JournalledDecision(
+        d.timestamp_s, d.gpu, d.policy, d.action, d.mode, d.from_w, d.watts, d.reason,
+        ",".join(d.jobs), d.error,
+    )  # fmt: skip
