@@ -245,6 +245,65 @@ def test_max_slowdown_is_honoured_and_the_cheapest_feasible_limit_is_chosen(
     assert curve.cost(search.target_w, eta, hi) <= curve.cost(best, eta, hi) * (1 + 1e-9)
 
 
+@dataclass(frozen=True)
+class Table(Curve):
+    """A job given by its (energy, seconds) per step at each limit."""
+
+    table: tuple[tuple[float, float, float], ...] = ()
+    """(limit, energy, seconds)."""
+
+    def step(self, limit_w: float) -> tuple[float, float]:
+        for w, energy, seconds in self.table:
+            if abs(w - limit_w) < 1e-9:
+                return energy, seconds
+        raise KeyError(limit_w)
+
+
+def test_costs_that_tie_keep_the_lower_limits() -> None:
+    # 300-575 W all cost 342.5 at a lower power than at the maximum; 275 W costs a hair less
+    rows = []
+    for w in limit_grid(200, 700, 25):
+        if w >= 600:
+            energy, seconds = 350.0, 0.5
+        elif w >= 300:
+            energy, seconds = 300.0, 0.55
+        else:  # 275 W: 342.4; below it the cost climbs
+            seconds = 0.55 - 0.0002 if w == 275 else 0.56 + (275 - w) * 0.001
+            energy = 300.0
+        rows.append((w, energy, seconds))
+    curve = Table(table=tuple(rows))
+    search = LimitSearch(200, 700, eta=0.5, window_steps=1, window_s=0)
+    run_search(search, curve)
+    assert search.target_w == 275.0 == grid_optimum(curve, search)
+
+
+def test_a_limit_the_job_does_not_reach_sends_the_search_down_whatever_its_cost_says() -> None:
+    # The job draws 110.3 W: 115 W and up do not bind and truly cost the same, and 110 W costs
+    # 1.3 % less. Noise tilts the measured costs above the draw so that lower limits look worse
+    # (0.5 % per stride), at the same power.
+    job = Curve(idle_w=20.0, dynamic_w=289.0, alpha=2.0, memory_bound=0.0, utilization=0.3125)
+    draw_w = 20.0 + 289.0 * 0.3125
+    rows = []
+    for w in limit_grid(110, 145, 5):
+        energy, seconds = job.step(w)
+        if w > draw_w:
+            tilt = 1 + 0.005 * (145 - w) / 5
+            energy, seconds = energy * tilt, seconds * tilt
+        rows.append((w, energy, seconds))
+    search = LimitSearch(110, 145, eta=1.0, resolution_w=5, window_steps=1, window_s=0)
+    run_search(search, Table(table=tuple(rows)))
+    assert search.target_w == 110.0 == grid_optimum(job, search)
+
+
+def test_limits_well_above_the_jobs_draw_are_not_profiled() -> None:
+    search = LimitSearch(200, 700, eta=0.5, window_steps=1, window_s=0)
+    run_search(search, Curve(utilization=0.6))  # draws 448 W at the maximum limit
+    above = [w for w in search.profiles if w > 448 * 1.1]
+    assert above == [700.0]  # the maximum, the reference; then 500 W at most
+    assert max(w for w in search.profiles if w < 700) <= 500.0
+    assert search.planned == len(search.profiles) == 6  # over 200-500 W: 13 limits
+
+
 def test_a_slowdown_bound_moves_the_energy_optimum_up_to_the_slowest_allowed_limit() -> None:
     curve = Curve()
     free = LimitSearch(200, 700, eta=1.0, window_steps=1, window_s=0)
