@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from conftest import FakeNvml
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from wattwarden.collectors.gpu import GpuCollector
 from wattwarden.collectors.samples import GpuSample
 from wattwarden.collectors.store import GpuView, StoreSnapshot
-from wattwarden.hardware.device import GpuInfo, GpuReading
+from wattwarden.hardware.device import ClockEvent, GpuInfo, GpuReading
 from wattwarden.hardware.nvml import NvmlBackend
+from wattwarden.hardware.sim.gpu import DEFAULT_AMBIENT_C, SimGpu
+from wattwarden.hardware.sim.models import MODELS
+from wattwarden.nodesim import SimNode
 from wattwarden.policies.base import Intent, PolicyInputs
 from wattwarden.policies.thermal import ThermalGuard, ceiling_c
 
@@ -185,8 +191,20 @@ def test_after_a_cut_a_rising_reading_cuts_again_and_a_steady_one_waits_settle_s
     held = [loop.period(84.0) for _ in range(4)]  # 1..4 s after the last cut
     assert {i.watts for i in held if i is not None} == {rising.watts}
     assert held[0] is not None and "holding" in held[0].reason
-    falling = loop.period(83.0)  # 5 s after it: settle_s is over, still inside the margin
-    assert falling is not None and falling.watts < rising.watts
+    steady = loop.period(84.0)  # 5 s after it, no cooler: the cut was not enough
+    assert steady is not None and steady.watts < rising.watts
+
+
+def test_while_the_temperature_falls_inside_the_margin_the_guard_lets_the_cut_act() -> None:
+    loop = Loop(ThermalGuard(settle_s=5.0))
+    cut = loop.period(85.0)
+    assert cut is not None
+    # one degree cooler every 5 s: the cut is working, however long it stays in the margin
+    falling = [loop.period(85.0 - (i + 1) // 5) for i in range(10)]  # 85 C x4, 84 C x5, 83 C
+    assert [i.watts for i in falling if i is not None] == [cut.watts] * 10
+    stalled = [loop.period(83.0) for _ in range(5)]  # 83 C for a whole settle_s: cut again
+    assert [i.watts for i in stalled if i is not None][:4] == [cut.watts] * 4
+    assert stalled[4] is not None and stalled[4].watts < cut.watts
 
 
 def test_the_same_reading_seen_twice_is_one_step() -> None:
@@ -366,3 +384,178 @@ def test_a_driver_without_thresholds_gives_none_and_the_guard_leaves_its_gpus_al
     guard = ThermalGuard()
     assert list(guard.intents(PolicyInputs(StoreSnapshot(views, {}, None), (), 1.0))) == []
     collector.backend.close()
+
+
+# ------------------------------------------------------------- closed loop on the simulated node
+THROTTLED = ClockEvent.SW_THERMAL | ClockEvent.HW_SLOWDOWN | ClockEvent.HW_THERMAL
+
+
+@dataclass
+class Watch:
+    """What a GPU went through, checked on every sampler pass."""
+
+    hottest_c: float = 0.0
+    throttled_passes: int = 0
+
+    def __call__(self, gpu: SimGpu) -> None:
+        self.hottest_c = max(self.hottest_c, gpu.true_temperature_c())
+        if gpu.clock_event_reasons() & THROTTLED:
+            self.throttled_passes += 1
+
+
+def overheat(
+    state_dir: Path,
+    *,
+    guard: bool,
+    model: str,
+    load: float,
+    delta_c: float,
+    heat_first: bool,
+    warm_s: float = 100.0,
+) -> tuple[Watch, SimNode]:
+    """One GPU under load whose surroundings get ``delta_c`` hotter; every pass watched.
+
+    ``heat_first``: the heat comes while the GPU idles and the load after it (the steepest
+    climb, from a cool die), else the load runs to its steady state and the heat comes then
+    (the climb starts closest to the margin).
+    """
+    node = SimNode(
+        1,
+        state_dir=state_dir,
+        policies=[ThermalGuard()] if guard else [],
+        mode="apply",
+        model=model,
+    )
+    gpu = node.fleet[0]
+    watch = Watch()
+    first, second = (
+        (lambda: gpu.inject("overheat", delta_c=delta_c), lambda: gpu.set_load(load))
+        if heat_first
+        else (lambda: gpu.set_load(load), lambda: gpu.inject("overheat", delta_c=delta_c))
+    )
+    first()
+    node.run(warm_s, on_pass=lambda _n: watch(gpu))
+    second()
+    node.run(300.0, on_pass=lambda _n: watch(gpu))
+    return watch, node
+
+
+def guard_of(node: SimNode) -> ThermalGuard:
+    (guard,) = node.engine.policies
+    assert isinstance(guard, ThermalGuard)
+    return guard
+
+
+def steady_c(model: str, watts: float, delta_c: float) -> float:
+    """Where the die settles at ``watts`` with surroundings ``delta_c`` hotter than usual."""
+    spec = MODELS[model]
+    return DEFAULT_AMBIENT_C + delta_c + watts * spec.thermal_resistance_c_per_w
+
+
+def load_w(model: str, load: float) -> float:
+    """What the GPU draws at this load, uncapped."""
+    spec = MODELS[model]
+    return spec.idle_w + spec.dynamic_w * load
+
+
+def delta_for(model: str, load: float, excess_c: float) -> float:
+    """The heat that puts this load's steady state ``excess_c`` over the GPU's throttle point."""
+    return MODELS[model].sw_thermal_c + excess_c - steady_c(model, load_w(model, load), 0.0)
+
+
+def test_an_overheating_gpu_is_cooled_before_it_throttles_and_without_the_guard_it_throttles(
+    tmp_path: Path,
+) -> None:
+    delta = delta_for("h100-sxm", 1.0, 15.0)  # a 102 C steady state at full load
+    guarded, node = overheat(
+        tmp_path / "on", guard=True, model="h100-sxm", load=1.0, delta_c=delta, heat_first=False
+    )
+    try:
+        assert guarded.throttled_passes == 0
+        assert guarded.hottest_c < MAX_OPERATING_C
+        sets = [d for d in node.decisions if d.action == "set"]
+        assert sets and {d.policy for d in sets} == {"thermal"}
+        assert min(d.watts or 0 for d in sets) >= 200.0 and node.limits_w()[0] < 700.0
+        # it settles: over the last 100 s the limit moved one way at most (no oscillation)
+        late = [d.watts or 0 for d in sets if d.timestamp_s >= node.wall() - 100.0]
+        moves = [b - a for a, b in itertools.pairwise(late)]
+        assert all(m > 0 for m in moves) or all(m < 0 for m in moves)
+    finally:
+        node.close()
+    control, node = overheat(
+        tmp_path / "off", guard=False, model="h100-sxm", load=1.0, delta_c=delta, heat_first=False
+    )
+    node.close()
+    assert control.throttled_passes > 0 and control.hottest_c >= MAX_OPERATING_C
+
+
+def test_a_cooled_gpu_gets_its_full_limit_back_and_the_guard_lets_go(tmp_path: Path) -> None:
+    _, node = overheat(
+        tmp_path, guard=True, model="h100-sxm", load=1.0, delta_c=25.0, heat_first=False
+    )
+    try:
+        assert node.limits_w()[0] < 700.0
+        node.fleet[0].inject("clear")
+        cleared = len(node.decisions)
+        node.run(400.0)
+        assert node.limits_w()[0] == 700.0
+        sets = [(d.policy, d.watts) for d in node.decisions[cleared:] if d.action == "set"]
+        ups = [w for policy, w in sets[:-1] if policy == "thermal"]
+        assert ups == sorted(ups) and len(ups) >= 2  # back up in steps
+        assert sets[-1] == ("engine", 700.0)  # no intent left: the engine gave the limit back
+        assert guard_of(node).targets() == {}
+    finally:
+        node.close()
+
+
+ROOM_C = 10.0
+"""The heats the property draws leave the guard this much room: at its minimum limit the GPU
+would settle at least 10 C (two margins) under its throttle point. With less, the minimum limit
+(all the guard may set) cannot keep the GPU away from its throttle point for long, and the
+driver's own slowdown is what protects it."""
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    model=st.sampled_from(["h100-sxm", "a100-sxm"]),
+    load=st.floats(0.5, 1.0),
+    where=st.floats(0.0, 1.0),
+    warm_s=st.floats(0.0, 120.0),
+    heat_first=st.booleans(),
+)
+def test_over_loads_and_heat_steps_the_guard_keeps_every_pass_under_the_throttle_point(
+    model: str, load: float, where: float, warm_s: float, heat_first: bool
+) -> None:
+    spec = MODELS[model]
+    # from a heat that just throttles the unguarded GPU (1 C over) to the guard's full room
+    least = delta_for(model, load, 1.0)
+    most = (
+        spec.sw_thermal_c
+        - ROOM_C
+        - steady_c(model, min(spec.power_min_w, load_w(model, load)), 0.0)
+    )
+    assume(least <= most)
+    delta = least + where * (most - least)
+    with tempfile.TemporaryDirectory() as d:
+        guarded, node = overheat(
+            Path(d) / "on",
+            guard=True,
+            model=model,
+            load=load,
+            delta_c=delta,
+            heat_first=heat_first,
+            warm_s=warm_s,
+        )
+        node.close()
+        control, node = overheat(
+            Path(d) / "off",
+            guard=False,
+            model=model,
+            load=load,
+            delta_c=delta,
+            heat_first=heat_first,
+            warm_s=warm_s,
+        )
+        node.close()
+    assert guarded.throttled_passes == 0 and guarded.hottest_c < spec.sw_thermal_c
+    assert control.throttled_passes > 0  # the same heat, unguarded, does throttle

@@ -14,9 +14,9 @@ second; a period that sees the same reading again repeats the last intent):
   ``cut_fraction`` at the margin's edge, rising linearly to ``max_cut_fraction`` at the ceiling
   and over it, from the lowest of the guard's own last limit, the enforced limit and the power
   the GPU draws now (a cut from above the draw would change nothing). After a cut the guard
-  cuts again on the next reading only if the temperature still rose; while it holds or falls,
-  the guard waits ``settle_s`` for the cut to act (the die follows power with a lag of tens of
-  seconds, so cutting on every reading while it catches up would cut far deeper than needed).
+  cuts again on the next reading only if the temperature still rose, and otherwise only once
+  it has not fallen over a whole ``settle_s``: the die follows power with a lag of tens of
+  seconds, so cutting on every reading while it catches up would cut far deeper than needed.
   Over the ceiling it cuts on every reading. Never below the GPU's minimum limit.
 - **cool**, more than ``margin_c + hysteresis_c`` under the ceiling: the limit comes back up by
   ``raise_fraction`` of the GPU's [min, max] range, at most once every ``settle_s``, so the die
@@ -25,15 +25,18 @@ second; a period that sees the same reading again repeats the last intent):
 - in between: hold the last limit. The gap between "cut" and "raise" is the hysteresis that
   keeps the guard from oscillating around one temperature.
 
-Why these defaults hold on the simulated H100 (``hardware/sim/models.py``: ceiling 87 C, 0.065 C
-per W, a 20 s time constant, 200-700 W): at full load a heat step of up to 30 C raises the
-steady state to 105.5 C, and the die at 82 C (where the guard starts) climbs at most
-(105.5 - 82) / 20 = 1.2 C/s. Cuts of 10-30 % on each rising reading bring 700 W to about 300 W
-within four readings, whose steady state (30 + 30 + 300 * 0.065 = 79.5 C) is under the margin,
-before the die has climbed the 5 C to its ceiling; the closed-loop tests check this on every
-sampler pass. Raising 25 W (5 % of 500 W) at most every 5 s moves the steady state by 1.6 C per
-step, slow enough next to the 20 s lag that the die never overshoots the hysteresis band into
-the ceiling.
+Why these defaults hold on the simulated H100 (``hardware/sim/models.py``: throttle point 87 C,
+0.065 C per W, a 20 s time constant, limits 200-700 W): a heat step that puts the full-load steady
+state 15 C over the throttle point (102 C) makes the die climb at most (102 - 82) / 20 = 1 C/s
+from where the guard starts. Cuts of 10 % growing to 30 % on each rising reading take 700 W to
+444 W in three readings, whose steady state (85.4 C) is under the throttle point: the die peaks
+at 84.5 C, and one more cut once it stops falling settles it near 80 C. The closed-loop tests
+check, on every sampler pass, that the guard holds every heat that leaves it room (at its
+minimum limit the GPU would settle at least two margins under its throttle point) on both
+simulated models at any load from half to full, and that the same heat throttles the GPU
+without the guard. Raising 25 W (5 % of 500 W) at most every 5 s moves the steady state 1.6 C a
+step, slow next to the 20 s lag, so giving power back never carries the die from the cool band
+up to its throttle point.
 
 What is taken from where:
 
@@ -228,12 +231,17 @@ class ThermalGuard:
     def _hot(self, track: _Track, now: _Now) -> Intent:
         """Within the margin (or over the ceiling): cut, or let the last cut act."""
         headroom = now.ceiling_c - now.temp_c
+        settled = now.now_s - track.step_mono_s >= self.settle_s
+        if track.last_step == "cut" and settled and now.temp_c < track.step_c:
+            # still falling since the last look: the cut is working, look again in settle_s
+            track.step_c, track.step_mono_s = now.temp_c, now.now_s
+            settled = False
         cut_again = (
             track.target_w is None
             or track.last_step != "cut"
             or headroom <= 0
             or now.temp_c > track.step_c
-            or now.now_s - track.step_mono_s >= self.settle_s
+            or settled
         )
         if not cut_again and track.target_w is not None:
             track.reason = (
