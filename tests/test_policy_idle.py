@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +14,7 @@ from wattwarden.collectors.jobs import IDLE_UTILIZATION, JobView
 from wattwarden.collectors.samples import GpuSample
 from wattwarden.collectors.store import GpuView, StoreSnapshot
 from wattwarden.hardware.device import GpuInfo, GpuReading
+from wattwarden.nodesim import SimJob, SimNode
 from wattwarden.policies.base import Intent, PolicyInputs
 from wattwarden.policies.idle import IdleCapper
 
@@ -212,3 +215,106 @@ def test_the_cap_appears_exactly_once_a_gpu_has_read_idle_for_idle_after_s_with_
             assert out == []  # never a cap on a GPU with a job or with load
         want = since is not None and now - since >= idle_after_s
         assert [i.watts for i in out] == ([200.0] if want else [])
+
+
+# ------------------------------------------------------------- closed loop on the simulated node
+@dataclass
+class Passes:
+    """Every sampler pass: seconds since the node started, each GPU's limit, GPU 0's load as
+    the store shows it (what the policies see)."""
+
+    start_s: float
+    seen: list[tuple[float, list[float], float | None]] = field(default_factory=list)
+
+    def __call__(self, node: SimNode) -> None:
+        reading = node.store.snapshot().gpus[0].sample.reading
+        util = None if reading is None else reading.utilization_gpu_ratio
+        self.seen.append((node.clock() - self.start_s, node.limits_w(), util))
+
+    @property
+    def now_s(self) -> float:
+        return self.seen[-1][0]
+
+    def first_limit(self, gpu: int, watts: float, after_s: float = 0.0) -> float:
+        """When GPU ``gpu`` first had ``watts`` at or after ``after_s``."""
+        return next(t for t, lim, _ in self.seen if t >= after_s and lim[gpu] == watts)
+
+    def first_load_shown(self, after_s: float) -> float:
+        """When the store first showed load on GPU 0 at or after ``after_s``."""
+        return next(t for t, _, u in self.seen if t >= after_s and (u or 0) > IDLE_UTILIZATION)
+
+    def limits(self, gpu: int, since_s: float = 0.0, until_s: float = 1e9) -> set[float]:
+        return {lim[gpu] for t, lim, _ in self.seen if since_s <= t < until_s}
+
+
+def idle_node(state_dir: Path, idle_after_s: float) -> tuple[SimNode, Passes]:
+    """GPU 0 idle from the start, GPU 1 busy throughout; the idle capper on, in apply mode."""
+    node = SimNode(
+        2, state_dir=state_dir, policies=[IdleCapper(idle_after_s=idle_after_s)], mode="apply"
+    )
+    node.fleet[1].set_load(0.8)
+    return node, Passes(node.clock())
+
+
+def capped_in_time(passes: Passes, idle_after_s: float, period_s: float) -> float:
+    """GPU 0 (idle from the start) is capped no sooner than idle_after_s, and at most two
+    periods later: the first period starts the timer one period in, and the period clock's
+    float steps can put the crossing one period further."""
+    capped = passes.first_limit(0, 200.0)
+    assert idle_after_s <= capped <= idle_after_s + 2 * period_s + 1e-6
+    assert passes.limits(0, 0.0, capped) == {700.0}
+    return capped
+
+
+def test_an_idle_gpu_is_capped_after_idle_after_s_and_load_or_a_job_lifts_the_cap_within_a_period(
+    tmp_path: Path,
+) -> None:
+    node, passes = idle_node(tmp_path, 60.0)
+    try:
+        node.run(90.0, on_pass=passes)
+        capped_in_time(passes, 60.0, node.period_s)
+        load_at = passes.now_s
+        node.fleet[0].set_load(0.5)
+        node.run(10.35, on_pass=passes)
+        shown = passes.first_load_shown(load_at)
+        back = passes.first_limit(0, 700.0, load_at)
+        assert back - shown <= node.period_s + 1e-6  # the first period that sees the load
+        decision = next(d for d in reversed(node.decisions) if d.gpu == 0 and d.action == "set")
+        assert (decision.policy, decision.watts) == ("engine", 700.0)
+        # idle again: capped again; then a job arrives that puts no load on it yet
+        node.fleet[0].set_load(0.0)
+        node.run(70.0, on_pass=passes)
+        assert passes.seen[-1][1][0] == 200.0
+        job_at = passes.now_s
+        node.add_job(SimJob("warming-up", gpu=0, utilization=0.004))  # reads 0 %
+        node.run(5.0, on_pass=passes)
+        assert passes.first_limit(0, 700.0, job_at) - job_at <= node.period_s + 1e-6
+        assert {(u or 0) <= IDLE_UTILIZATION for t, _, u in passes.seen if t >= job_at} == {True}
+        assert passes.limits(1) == {700.0}  # the busy GPU was never capped
+    finally:
+        node.close()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    idle_after_s=st.floats(5.0, 60.0),
+    load=st.floats(0.02, 1.0),
+    arrives_s=st.floats(0.0, 30.0),
+)
+def test_over_idle_times_and_loads_the_cap_comes_after_idle_after_s_and_goes_within_a_period(
+    idle_after_s: float, load: float, arrives_s: float
+) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        node, passes = idle_node(Path(d), idle_after_s)
+        try:
+            node.run(idle_after_s + 3.0, on_pass=passes)
+            capped_in_time(passes, idle_after_s, node.period_s)
+            node.run(arrives_s, on_pass=passes)
+            load_at = passes.now_s
+            node.fleet[0].set_load(load)
+            node.run(3.0, on_pass=passes)
+            back = passes.first_limit(0, 700.0, load_at)
+            assert back - passes.first_load_shown(load_at) <= node.period_s + 1e-6
+            assert passes.limits(1) == {700.0}
+        finally:
+            node.close()
