@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import bcrypt
@@ -232,6 +233,12 @@ def live(live_server: Live) -> Live:
     return live_server
 
 
+def without_engine(live: Live, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """The context of an agent with no policy engine, in ``mode``: the mode is then its own."""
+    monkeypatch.setattr(live.ctx, "policy", None)
+    monkeypatch.setattr(live.ctx, "mode", mode)
+
+
 def routes_of_the_app(ctx: AgentContext) -> list[tuple[str, str]]:
     """(method, path) of every route in the app's own table, HEAD left out."""
     edge = build_app(ctx)
@@ -253,6 +260,7 @@ ROUTES = {
     ("GET", "/api/v1/jobs/{name}"), ("POST", "/api/v1/jobs"), ("DELETE", "/api/v1/jobs/{name}"),
     ("POST", "/api/v1/jobs/{name}/progress"), ("POST", "/api/v1/jobs/{name}/migrate"),
     ("POST", "/api/v1/power-limits"), ("POST", "/api/v1/sim/faults"), ("POST", "/api/v1/sim/load"),
+    ("GET", "/api/v1/decisions"), ("GET", "/api/v1/policy"), ("POST", "/api/v1/policy"),
 }  # fmt: skip
 
 # What a write with the right token gets: a body that passes the first field, so the answer shows
@@ -266,6 +274,8 @@ WRITE_WITH_TOKEN: dict[tuple[str, str], tuple[Any, int, str]] = {
     ("POST", "/api/v1/power-limits"): ({"gpu": 0}, 400, "missing field 'watts'"),
     ("POST", "/api/v1/sim/faults"): ({"gpu": 0}, 400, "missing field 'fault'"),
     ("POST", "/api/v1/sim/load"): ({"gpu": 0}, 400, "missing field 'utilization'"),
+    ("POST", "/api/v1/policy"): (
+        {"mode": "fast"}, 422, "field 'mode' must be one of dry_run, apply; got 'fast'"),
 }  # fmt: skip
 
 
@@ -529,7 +539,7 @@ def test_gpu_index_bounds_at_both_ends(
 ) -> None:
     # the store holds 2 GPUs (the agent's); the sim endpoints see a fleet of 3
     monkeypatch.setattr(live.ctx, "fleet", [StubGpu(), StubGpu(), StubGpu()])
-    monkeypatch.setattr(live.ctx, "mode", "apply")
+    without_engine(live, monkeypatch, "apply")
     monkeypatch.setattr(live.ctx, "actuator", StubActuator())
     count = 3 if "/sim/" in path else 2
     assert live.post("/api/v1/jobs", {"name": "bounds", "pid": os.getpid(), "gpu": 0})[0] in (
@@ -694,7 +704,7 @@ def test_power_limit_outcomes_map_to_their_status(
 ) -> None:  # fmt: skip
     actuator = StubActuator(error)
     monkeypatch.setattr(live.ctx, "actuator", actuator)
-    monkeypatch.setattr(live.ctx, "mode", "apply")
+    without_engine(live, monkeypatch, "apply")
     store = live.ctx.store
     counted = []
     monkeypatch.setattr(store, "count_policy_action", lambda *a: counted.append(a))
@@ -716,7 +726,7 @@ def test_power_limit_changes_need_apply_mode_and_an_actuator(
 ) -> None:
     actuator = StubActuator()
     monkeypatch.setattr(live.ctx, "actuator", actuator if has_actuator else None)
-    monkeypatch.setattr(live.ctx, "mode", mode)
+    without_engine(live, monkeypatch, mode)
     status, body = live.post("/api/v1/power-limits", {"gpu": 0, "watts": 300})
     assert status == 409
     assert body["error"] == (
@@ -744,7 +754,7 @@ def test_watts_must_be_a_finite_number_and_not_a_bool(
 ) -> None:
     actuator = StubActuator()
     monkeypatch.setattr(live.ctx, "actuator", actuator)
-    monkeypatch.setattr(live.ctx, "mode", "apply")
+    without_engine(live, monkeypatch, "apply")
     status, _, body = live.call("POST", "/api/v1/power-limits", raw=raw, token=live.token)
     assert status == 400
     assert body["error"].startswith(error)
@@ -756,7 +766,7 @@ def test_watts_given_as_an_integer_is_taken_as_a_float(
 ) -> None:
     actuator = StubActuator()
     monkeypatch.setattr(live.ctx, "actuator", actuator)
-    monkeypatch.setattr(live.ctx, "mode", "apply")
+    without_engine(live, monkeypatch, "apply")
     assert live.post("/api/v1/power-limits", {"gpu": 0, "watts": 250})[0] == 200
     assert actuator.calls == [(0, 250.0, "api")] and isinstance(actuator.calls[0][1], float)
 
@@ -974,7 +984,7 @@ def test_energy_reads_each_gpu_counter_and_says_which_could_not_be_read() -> Non
 
 
 def test_reads_answer_what_the_context_holds(live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(live.ctx, "mode", "apply")
+    without_engine(live, monkeypatch, "apply")
     monkeypatch.setattr(live.ctx, "node", "node-7")
     status, got, state = live.call("GET", "/api/v1/state")
     assert status == 200 and got["content-type"] == "application/json"
@@ -1075,3 +1085,42 @@ def test_a_job_record_out_of_shape_is_refused_naming_the_field(live: Live) -> No
         with pytest.raises(ContractError, match=f"field '{key}'"):
             JobRecord.from_json({**body, key: bad})
     live.call("DELETE", "/api/v1/jobs/shape", token=live.token)
+
+
+def test_the_policy_routes_are_404_on_an_agent_without_a_policy_engine(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    without_engine(live, monkeypatch, "apply")
+    missing = {"error": "this agent runs no policy engine"}
+    assert live.call("GET", "/api/v1/policy")[::2] == (404, missing)
+    assert live.call("GET", "/api/v1/decisions")[::2] == (404, missing)
+    assert live.post("/api/v1/policy", {"mode": "dry_run"}) == (404, missing)
+    assert live.call("GET", "/api/v1/state")[2]["policy_mode"] == "apply"
+
+
+@pytest.mark.parametrize(
+    ("holding", "fallback", "why"),
+    [
+        ("GPU 1 is lost", None, b"policy engine holding: GPU 1 is lost\n"),
+        (None, "no permission", b"apply fell back to dry-run: no permission\n"),
+        ("GPU 1 is lost", "no permission",
+         b"policy engine holding: GPU 1 is lost\napply fell back to dry-run: no permission\n"),
+    ],
+)  # fmt: skip
+def test_healthz_adds_why_the_policy_engine_holds_or_fell_back_to_either_answer(
+    live: Live, monkeypatch: pytest.MonkeyPatch, holding: str | None, fallback: str | None,
+    why: bytes,
+) -> None:  # fmt: skip
+    now = [1000.0]
+    store = MetricStore(monotonic=lambda: now[0])
+    store.mark_pass(1000.0)
+    monkeypatch.setattr(live.ctx, "store", store)
+    engine = SimpleNamespace(holding=holding, engine=SimpleNamespace(fallback=fallback))
+    monkeypatch.setattr(live.ctx, "policy", engine)
+    assert live.call("GET", "/healthz")[::2] == (200, b"degraded\n" + why)
+    now[0] += 5.01
+    assert live.call("GET", "/healthz")[::2] == (503, b"sampler stalled\n" + why)
+    engine.holding, engine.engine.fallback = None, None
+    assert live.call("GET", "/healthz")[::2] == (503, b"sampler stalled\n")
+    now[0] -= 5.01
+    assert live.call("GET", "/healthz")[::2] == (200, b"ok\n")

@@ -34,6 +34,7 @@ from wattwarden.config import (
     Integer,
     Listen,
     Number,
+    PolicyNames,
     Setting,
     Switch,
     Text,
@@ -387,6 +388,7 @@ def _two_valid_values(s: Setting) -> tuple[Any, Any]:
         Listen: ("[::1]:0", "localhost:1"),
         FilePath: ("/srv/wattwarden", "relative/dir"),
         Switch: (True, False),
+        PolicyNames: ("thermal,budget", "idle"),
     }[type(k)]
 
 
@@ -428,6 +430,10 @@ def _values(s: Setting) -> st.SearchStrategy[Any]:
         return hostport | text
     if isinstance(k, Switch):
         return st.booleans()
+    if isinstance(k, PolicyNames):
+        word = st.sampled_from(["thermal", "budget", "idle", "tuner", "none", "Thermal", "x", ""])
+        spaced = st.builds("{}{}{}".format, st.sampled_from(["", " "]), word, st.just(""))
+        return st.lists(spaced, max_size=5).map(",".join) | text
     return text
 
 

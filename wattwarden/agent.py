@@ -31,6 +31,8 @@ from wattwarden.hardware.device import GpuBackend
 from wattwarden.hardware.errors import HardwareUnavailable
 from wattwarden.hardware.nvml import NvmlBackend
 from wattwarden.policies.actuator import JournalError, LimitActuator
+from wattwarden.policies.control import PolicyLoop, PolicySettings
+from wattwarden.policies.migration import Migrator
 
 if TYPE_CHECKING:  # the simulator is loaded only when it is chosen (open_backend)
     from wattwarden.hardware.sim.fleet import SimFleet
@@ -203,14 +205,34 @@ class Agent:
             self.jobs.add_listener(self._place_on_sim)
         self.sampler = Sampler(self.store, collectors, interval_s=interval_s, on_pass=self._on_pass)
         try:
-            self.actuator = LimitActuator(self.opened.backend.devices(), state_dir / JOURNAL_FILE)
+            self.actuator = LimitActuator(
+                self.opened.backend.devices(),
+                state_dir / JOURNAL_FILE,
+                # below the period, so the engine's own changes are never refused as too soon
+                min_interval_s=min(1.0, 0.5 * cfg.policy_period_s),
+            )
         except JournalError as e:
             raise ConfigError(str(e)) from e
         failures = self.actuator.recover()
         if failures:
             log.error("%d power limit(s) could not be restored; see above", len(failures))
-        if cfg.power_budget_watts is not None:
-            self.store.set_power_budget("node", cfg.power_budget_watts)
+        self.policy = PolicyLoop(
+            store=self.store,
+            jobs=self.jobs,
+            actuator=self.actuator,
+            settings=PolicySettings(
+                thermal_margin_c=cfg.thermal_margin_c,
+                idle_after_s=cfg.idle_after_s,
+                tune_eta=cfg.tune_eta,
+                max_slowdown=cfg.max_slowdown,
+            ),
+            policies=cfg.policy,
+            budget_w=cfg.power_budget_watts,
+            mode="apply" if cfg.apply else "dry_run",
+            period_s=cfg.policy_period_s,
+            migrator=Migrator(),
+            journal_retention_s=cfg.journal_retention_s,
+        )
         self.otlp = open_otlp(cfg, self.store)
         otlp_families = None if self.otlp is None else otlp_metric_families(self.otlp)
 
@@ -235,6 +257,7 @@ class Agent:
             jobs=self.jobs,
             energy=self._read_energy,
             web=web,
+            policy=self.policy,
         )
         self._closed = threading.Event()
 
@@ -291,16 +314,27 @@ class Agent:
         """Take a first sample (so the first scrape has data), then serve."""
         self.sampler.run_once()
         self.sampler.start()
+        self.policy.start()
         self.server.start(self.context)
         if self.otlp is not None:
             self.otlp.start()
             log.info("exporting OTLP metrics to %s", self.otlp.endpoint)
+        status = self.policy.status()
+        on = [name for name, active in status.policies.items() if active]
+        budget = status.power_budget_w
+        log.info(
+            "policy engine: %s every %g s, budget %s, mode %s",
+            ", ".join(on) or "no policy",
+            status.period_s,
+            "none" if budget is None else f"{budget:.0f} W",
+            status.mode,
+        )
         log.info(
             "%s; serving %s/metrics every %d ms, mode %s",
             self.opened.description,
             self.url,
             self.cfg.interval_ms,
-            self.context.mode,
+            self.context.mode_in_force,
         )
 
     def close(self) -> None:
@@ -311,6 +345,7 @@ class Agent:
         self.server.close()
         if self.otlp is not None:
             self.otlp.close()
+        self.policy.close()  # before restoring: no period may cap a GPU after its restore
         failures = self.actuator.restore_all()
         self.actuator.close()
         self.sampler.close()  # closes the GPU backend too

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "agent",
         help="run the node agent (NVML, or a simulated fleet when no driver is present)",
         description="Sample GPUs (NVML, or a simulated fleet of 8 GPUs when no NVIDIA driver is "
-        "present) and the host, and serve Prometheus metrics and a JSON API.",
+        "present) and the host, serve Prometheus metrics and a JSON API, and run the policy "
+        "engine (thermal guard; budget capping with a budget; dry-run unless --apply).",
     )
     agent.add_argument("--config", type=Path, help="TOML file; flags override its keys")
     add_setting_flags(agent, SETTINGS.values())
@@ -71,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status",
-        help="one-shot table of power, limit, temperature, utilization, memory, clock events",
-        description="Print one table of every GPU, from a running agent, or read locally "
-        "(NVML, or a simulated fleet with --sim N) when no agent answers.",
+        help="one-shot table of power, limit, target, temperature, utilization, memory, clock "
+        "events; budget and mode",
+        description="Print one table of every GPU, from a running agent (with the limit its "
+        "policy engine wants, the budget and the mode), or read locally (NVML, or a simulated "
+        "fleet with --sim N) when no agent answers.",
     )
     source = status.add_mutually_exclusive_group()
     source.add_argument(
@@ -170,12 +173,16 @@ def _fmt(value: float | None, unit: str, scale: float = 1.0, digits: int = 0) ->
 
 
 def format_status(state: dict[str, Any]) -> str:
-    """An nvidia-smi/gpustat-like table."""
-    header = ("GPU", "NAME", "POWER", "LIMIT", "TEMP", "UTIL", "MEMORY", "CLOCK EVENTS")
+    """An nvidia-smi/gpustat-like table, then the node's total, budget and policy mode.
+
+    TARGET is the limit the policy engine wants (in dry-run too, where it is not set); a
+    holding engine or a fallback from apply to dry-run is said on a line of its own.
+    """
+    header = ("GPU", "NAME", "POWER", "LIMIT", "TARGET", "TEMP", "UTIL", "MEMORY", "CLOCK EVENTS")
     rows = [header]
     for g in state.get("gpus", []):
         if not g["up"]:
-            rows.append((str(g["index"]), g["name"], "LOST", "-", "-", "-", "-", "gpu_up=0"))
+            rows.append((str(g["index"]), g["name"], "LOST", "-", "-", "-", "-", "-", "gpu_up=0"))
             continue
         used, total = g["memory_used_bytes"], g["memory_total_bytes"]
         mem = (
@@ -188,6 +195,7 @@ def format_status(state: dict[str, Any]) -> str:
                 g["name"],
                 _fmt(g["power_watts"], " W"),
                 _fmt(g["power_limit_watts"], " W"),
+                _fmt(g.get("power_limit_target_watts"), " W"),
                 _fmt(g["temperature_celsius"], " C"),
                 _fmt(None if util is None else util * 100, "%"),
                 mem,
@@ -195,7 +203,7 @@ def format_status(state: dict[str, Any]) -> str:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    right = {0, 2, 3, 4, 5}
+    right = {0, 2, 3, 4, 5, 6}
     lines = []
     for r in rows:
         cells = [
@@ -206,7 +214,16 @@ def format_status(state: dict[str, Any]) -> str:
     total_power = sum(g["power_watts"] or 0.0 for g in state.get("gpus", []) if g["up"])
     count = len(state.get("gpus", []))
     node, backend = state.get("node", "?"), state.get("backend", "?")
-    lines.append(f"{count} GPU(s), {total_power:.0f} W in total, node {node} ({backend})")
+    summary = f"{count} GPU(s), {total_power:.0f} W in total"
+    if "policy_mode" in state:  # from an agent (a local read has no policy engine)
+        budget = state.get("power_budget_watts")
+        summary += f", budget {'none' if budget is None else f'{budget:.0f} W'}"
+        summary += f", mode {state['policy_mode']}"
+    lines.append(f"{summary}, node {node} ({backend})")
+    if state.get("policy_fallback"):
+        lines.append(f"apply fell back to dry-run: {state['policy_fallback']}")
+    if state.get("policy_holding"):
+        lines.append(f"policy engine holding: {state['policy_holding']}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,13 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from wattwarden.hardware.sim.models import MODELS
+from wattwarden.policies.control import (
+    BUDGET_RANGE_W,
+    DEFAULT_PERIOD_S,
+    DEFAULT_RETENTION_S,
+    PERIOD_RANGE_S,
+    parse_policies,
+)
 
 DEFAULT_PORT = 9767
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
@@ -227,6 +234,23 @@ class Switch:
         return value
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyNames:
+    """Policy names, each at most once: a TOML list, or a comma-separated string.
+
+    The string form is the flag's (``--policy thermal,budget``); ``none`` in it, or an empty
+    TOML list, names none. The API's ``POST /api/v1/policy`` reads them the same way.
+    """
+
+    def parse(self, text: str) -> str:
+        """See :class:`Kind`."""
+        return text
+
+    def check(self, value: Any) -> tuple[str, ...]:
+        """See :class:`Kind`."""
+        return parse_policies(value)
+
+
 # ------------------------------------------------------------------ the settings
 @dataclass(frozen=True, slots=True)
 class Setting:
@@ -290,10 +314,56 @@ class AgentConfig:
         "DIR",
     )
     power_budget_watts: float | None = setting(
-        None, Number(1.0, 1e6), "node power budget, exported for the over-budget alert", "W"
+        None,
+        Number(*BUDGET_RANGE_W),
+        "node power budget: budget capping keeps the GPUs under it (also exported, for the "
+        "over-budget alert)",
+        "W",
     )
     apply: bool = setting(
         False, Switch(), "act on power limits (default: dry-run); --no-apply forces dry-run"
+    )
+    policy: tuple[str, ...] | None = setting(
+        None,
+        PolicyNames(),
+        "policies to run: thermal, budget, idle, tuner, or none (default: thermal, and budget "
+        "when a budget is set)",
+        "P,...",
+    )
+    policy_period_s: float = setting(
+        DEFAULT_PERIOD_S,
+        Number(*PERIOD_RANGE_S),
+        f"policy engine period (default {DEFAULT_PERIOD_S:g})",
+        "S",
+    )
+    thermal_margin_c: float = setting(
+        5.0,
+        Number(0.5, 30.0),
+        "thermal guard: lower a GPU's limit once it is this close to its throttle point "
+        "(default 5)",
+        "C",
+    )
+    idle_after_s: float = setting(
+        300.0, Number(1.0, 86400.0), "idle capping: cap a GPU idle this long (default 300)", "S"
+    )
+    tune_eta: float = setting(
+        0.5,
+        Number(0.0, 1.0),
+        "energy tuner: weight of energy against time in the cost it minimises (default 0.5)",
+        "ETA",
+    )
+    max_slowdown: float | None = setting(
+        None,
+        Number(0.0, 1.0),
+        "energy tuner: the most a job's step may slow down, e.g. 0.05 (default: no bound)",
+        "F",
+    )
+    journal_retention_s: float = setting(
+        DEFAULT_RETENTION_S,
+        Number(60.0, 10 * 365 * 86400.0),
+        "keep journalled limit changes and decisions this long (default 30 days); the limits "
+        "to restore are kept whatever their age",
+        "S",
     )
     otlp_endpoint: str | None = setting(
         None,

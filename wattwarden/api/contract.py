@@ -20,6 +20,17 @@ from urllib.parse import quote
 
 from wattwarden.collectors.jobs import COUNT_MAX, NAME_PATTERN, PID_MAX, JobView
 from wattwarden.collectors.jobs import PRIORITIES as _PRIORITIES
+from wattwarden.policies.base import Decision
+from wattwarden.policies.control import (
+    POLICY_NAMES,
+    UNCHANGED,
+    LoopStatus,
+    MoveRecord,
+    Unchanged,
+    check_budget,
+    check_mode,
+    parse_policies,
+)
 
 PRIORITIES = _PRIORITIES
 """A job's priority: one of these (``normal`` when not given)."""
@@ -38,6 +49,8 @@ JOB_MIGRATE = JOB + "/migrate"
 POWER_LIMITS = "/api/v1/power-limits"
 SIM_FAULTS = "/api/v1/sim/faults"
 SIM_LOAD = "/api/v1/sim/load"
+DECISIONS = "/api/v1/decisions"
+POLICY = "/api/v1/policy"
 
 
 def job_path(route: str, name: str) -> str:
@@ -328,6 +341,70 @@ class SimLoad:
         return body
 
 
+def _unprocessable(message: str) -> ApiError:
+    return ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, message)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyUpdate:
+    """``POST /api/v1/policy``: change the budget, the mode and which policies run.
+
+    Every field is optional (absent: unchanged); ``power_budget_watts`` null clears the budget.
+    Values are checked as the agent's settings of the same meaning are (the same bounds and
+    names: ``power_budget_watts``, ``--apply`` as ``mode``, ``policy`` as ``policies``); a bad
+    one, or a key that is none of these, is a 422 naming the field.
+    """
+
+    power_budget_watts: float | Unchanged | None = UNCHANGED
+    """Watts (1..1e6), None to clear it, or :data:`UNCHANGED`."""
+    mode: str | None = None
+    """``dry_run`` or ``apply``; unchanged when None. Leaving apply restores every limit."""
+    policies: tuple[str, ...] | None = None
+    """The policies to run (the others stop); unchanged when None."""
+
+    FIELDS = ("power_budget_watts", "mode", "policies")
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> PolicyUpdate:
+        """Checked: unknown keys first, then power_budget_watts, mode, policies."""
+        unknown = sorted(set(body) - set(cls.FIELDS))
+        if unknown:
+            raise _unprocessable(
+                f"field {_short(unknown[0])} is not a policy setting "
+                f"(known: {', '.join(sorted(cls.FIELDS))})"
+            )
+        budget: float | Unchanged | None = UNCHANGED
+        if "power_budget_watts" in body:
+            try:
+                budget = check_budget(body["power_budget_watts"])
+            except ValueError as e:
+                raise _unprocessable(f"field 'power_budget_watts' {e}") from None
+        mode = None
+        if "mode" in body:
+            try:
+                mode = check_mode(body["mode"])
+            except ValueError as e:
+                raise _unprocessable(f"field 'mode' {e}") from None
+        policies = None
+        if "policies" in body:
+            try:
+                policies = parse_policies(body["policies"])
+            except ValueError as e:
+                raise _unprocessable(f"field 'policies' {e}") from None
+        return cls(budget, mode, policies)
+
+    def to_json(self) -> dict[str, Any]:
+        """The body: only the fields that change something."""
+        body: dict[str, Any] = {}
+        if not isinstance(self.power_budget_watts, Unchanged):
+            body["power_budget_watts"] = self.power_budget_watts
+        if self.mode is not None:
+            body["mode"] = self.mode
+        if self.policies is not None:
+            body["policies"] = list(self.policies)
+        return body
+
+
 # --------------------------------------------------------------------------------- responses
 class ContractError(ValueError):
     """An answer that does not have the contract's shape."""
@@ -481,3 +558,191 @@ class EnergySnapshot:
             return cls(float(data["timestamp"]), gpus, host)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ContractError(str(e)) from e
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyStatus:
+    """``GET /api/v1/policy`` (and the answer of ``POST``): the engine as it runs now."""
+
+    mode: str
+    """``dry_run`` or ``apply`` in force (``dry_run`` after a fallback)."""
+    power_budget_watts: float | None
+    """The budget in force, or null."""
+    policies: dict[str, bool]
+    """Every policy by name: on or off."""
+    fallback: str | None
+    """Why ``apply`` fell back to dry-run (the driver refused permission), else null."""
+    holding: str | None
+    """Why the engine holds (stale or lost readings, a failing policy), else null."""
+    budget_unreachable: bool
+    period_seconds: float
+    periods: int
+    errors_total: int
+    """Periods a policy failed in (each one held)."""
+    last_error: str | None
+    restore_failures: list[str] = field(default_factory=list)
+    """After a switch out of apply mode: limits that could not be restored (journalled)."""
+
+    @classmethod
+    def from_status(cls, status: LoopStatus) -> PolicyStatus:
+        """The answer for the control loop's status."""
+        return cls(
+            mode=status.mode,
+            power_budget_watts=status.power_budget_w,
+            policies=dict(status.policies),
+            fallback=status.fallback,
+            holding=status.holding,
+            budget_unreachable=status.budget_unreachable,
+            period_seconds=status.period_s,
+            periods=status.periods,
+            errors_total=status.errors_total,
+            last_error=status.last_error,
+            restore_failures=list(status.restore_failures),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> PolicyStatus:
+        """A status from an answer; ContractError naming the first field out of shape."""
+        if not isinstance(data, dict):
+            raise ContractError(f"a policy status is {_short(data)}, not an object")
+        policies = data.get("policies")
+        if not isinstance(policies, dict) or not all(
+            k in POLICY_NAMES and isinstance(v, bool) for k, v in policies.items()
+        ):
+            raise ContractError(f"field 'policies' is {_short(policies)}")
+        failures = data.get("restore_failures", [])
+        if not isinstance(failures, list) or not all(isinstance(f, str) for f in failures):
+            raise ContractError(f"field 'restore_failures' is {_short(failures)}")
+        return cls(
+            mode=_typed(data, "mode", (str,), False),
+            power_budget_watts=_typed(data, "power_budget_watts", _NUMBER, True),
+            policies=dict(policies),
+            fallback=_typed(data, "fallback", (str,), True),
+            holding=_typed(data, "holding", (str,), True),
+            budget_unreachable=_typed(data, "budget_unreachable", (bool,), False),
+            period_seconds=_typed(data, "period_seconds", _NUMBER, False),
+            periods=_typed(data, "periods", (int,), False),
+            errors_total=_typed(data, "errors_total", (int,), False),
+            last_error=_typed(data, "last_error", (str,), True),
+            restore_failures=list(failures),
+        )
+
+
+DECISIONS_DEFAULT = 100
+DECISIONS_MAX = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """One entry of ``GET /api/v1/decisions``: a limit set, a hold, or a job move.
+
+    ``action`` is ``set`` (a new limit: made in apply mode, recorded in dry-run), ``hold`` (no
+    decision: stale or lost readings) or ``migrate`` (a job moved from ``gpu`` to ``to_gpu``);
+    ``policy`` is the one whose intent won (``engine`` for holds and for going back to the
+    limit a GPU had before, ``migration`` for moves), and ``intents`` every policy's wish for
+    the GPU with its reason, the losers' too.
+    """
+
+    time: float
+    """Wall-clock time of the period, seconds since the epoch."""
+    gpu: int
+    policy: str
+    action: str
+    reason: str
+    mode: str
+    jobs: list[str]
+    """The running jobs on the GPU (for a move: the job moved)."""
+    from_watts: float | None
+    """The limit before (the engine's would-be limit in dry-run)."""
+    to_watts: float | None
+    """The limit decided; null for a hold or a move."""
+    enforced_watts: float | None
+    """After a set in apply mode: the limit the driver enforces, read back."""
+    error: str | None
+    """Why a set (or a move) was refused."""
+    to_gpu: int | None = None
+    intents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Every policy's intent by policy name: ``{"watts": W, "reason": "..."}``."""
+
+    @classmethod
+    def from_decision(cls, d: Decision) -> DecisionRecord:
+        """A limit decision of the engine."""
+        return cls(
+            time=d.timestamp_s,
+            gpu=d.gpu,
+            policy=d.policy,
+            action=d.action,
+            reason=d.reason,
+            mode=d.mode,
+            jobs=list(d.jobs),
+            from_watts=d.from_w,
+            to_watts=d.watts,
+            enforced_watts=d.enforced_w,
+            error=d.error,
+            intents={
+                name: {"watts": i.watts, "reason": i.reason}
+                for name, i in sorted(d.intents.items())
+            },
+        )
+
+    @classmethod
+    def from_move(cls, m: MoveRecord) -> DecisionRecord:
+        """A job move of the control loop."""
+        return cls(
+            time=m.timestamp_s,
+            gpu=m.from_gpu,
+            policy="migration",
+            action="migrate",
+            reason=m.explanation,
+            mode=m.mode,
+            jobs=[m.job],
+            from_watts=None,
+            to_watts=None,
+            enforced_watts=None,
+            error=m.error,
+            to_gpu=m.to_gpu,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> DecisionRecord:
+        """A record from an answer; ContractError naming the first field out of shape."""
+        if not isinstance(data, dict):
+            raise ContractError(f"a decision is {_short(data)}, not an object")
+        jobs = data.get("jobs")
+        if not isinstance(jobs, list) or not all(isinstance(j, str) for j in jobs):
+            raise ContractError(f"field 'jobs' is {_short(jobs)}")
+        intents = data.get("intents", {})
+        if not isinstance(intents, dict):
+            raise ContractError(f"field 'intents' is {_short(intents)}")
+        return cls(
+            time=_typed(data, "time", _NUMBER, False),
+            gpu=_typed(data, "gpu", (int,), False),
+            policy=_typed(data, "policy", (str,), False),
+            action=_typed(data, "action", (str,), False),
+            reason=_typed(data, "reason", (str,), False),
+            mode=_typed(data, "mode", (str,), False),
+            jobs=list(jobs),
+            from_watts=_typed(data, "from_watts", _NUMBER, True),
+            to_watts=_typed(data, "to_watts", _NUMBER, True),
+            enforced_watts=_typed(data, "enforced_watts", _NUMBER, True),
+            error=_typed(data, "error", (str,), True),
+            to_gpu=_typed(data, "to_gpu", (int,), True),
+            intents=dict(intents),
+        )
+
+
+def decision_record(d: Decision | MoveRecord) -> DecisionRecord:
+    """The answer's record of a decision or a move."""
+    return (
+        DecisionRecord.from_move(d)
+        if isinstance(d, MoveRecord)
+        else DecisionRecord.from_decision(d)
+    )

@@ -34,12 +34,17 @@ from wattwarden.api import contract as c
 from wattwarden.api import sim_routes
 from wattwarden.api.auth import check_basic, check_bearer
 from wattwarden.api.contract import (
+    DECISIONS_DEFAULT,
+    DECISIONS_MAX,
     ApiError,
     JobProgress,
     JobRecord,
     JobRegistration,
     Migration,
+    PolicyStatus,
+    PolicyUpdate,
     PowerLimitRequest,
+    decision_record,
     parse_body,
 )
 from wattwarden.api.http import HttpLimits, HttpServer
@@ -52,6 +57,7 @@ from wattwarden.exporters.prometheus import render
 from wattwarden.hardware.device import GpuDevice
 from wattwarden.hardware.errors import HardwareError, NotSupported
 from wattwarden.policies.actuator import LimitActuator
+from wattwarden.policies.control import PolicyLoop
 from wattwarden.policies.manual import Refusal, Refused, set_power_limit
 
 log = logging.getLogger(__name__)
@@ -70,10 +76,18 @@ class AgentContext:
     actuator: LimitActuator | None = None
     fleet: SimulatedGpus | None = None
     mode: str = "dry_run"
+    """The mode without a control loop; with one, the loop's mode is in force."""
     jobs: JobRegistry = field(default_factory=JobRegistry)
     web: WebConfig | None = None
     energy: Callable[[], dict[str, Any]] | None = None
     """Reads the GPU energy counters now, for ``GET /api/v1/energy``."""
+    policy: PolicyLoop | None = None
+    """The policy engine's control loop (decisions, ``/api/v1/policy``), if the agent runs one."""
+
+    @property
+    def mode_in_force(self) -> str:
+        """``apply`` or ``dry_run``: the control loop's (it may have fallen back), else ``mode``."""
+        return self.mode if self.policy is None else self.policy.mode
 
 
 def _bad(message: str) -> ApiError:
@@ -86,6 +100,10 @@ def _short(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------ responses
+def _lines(*lines: str) -> bytes:
+    return "".join(f"{line}\n" for line in lines).encode()
+
+
 def _json(status: int, obj: Any) -> Response:
     return Response(json.dumps(obj).encode(), status, media_type="application/json")
 
@@ -130,6 +148,9 @@ class _Api:
             Route(c.POWER_LIMITS, write(self._power_limit), methods=post),
             Route(c.SIM_FAULTS, write(self._sim_fault), methods=post),
             Route(c.SIM_LOAD, write(self._sim_load), methods=post),
+            Route(c.DECISIONS, read(self._decisions), methods=get),
+            Route(c.POLICY, read(self._policy), methods=get),
+            Route(c.POLICY, write(self._policy_update), methods=post),
         ]
 
     # ------------------------------------------------------------ plumbing
@@ -211,17 +232,45 @@ class _Api:
         return Response(body, HTTPStatus.OK, media_type=content_type)
 
     def _healthz(self, request: Request) -> Response:
+        """Health: 200 ``ok``; 200 ``degraded`` with why; 503 ``sampler stalled``.
+
+        Degraded: the policy engine holds, or apply fell back to dry-run (each said on a line
+        of its own, after ``sampler stalled`` too).
+
+        Only a stalled sampler is a 503: the agent then serves nothing current, and a restart
+        may help. A hold or a fallback leave the agent serving and its limits safe (held, or
+        restored), and a restart would not help, so probes must not kill it for them; the
+        ``wattwarden_policy_holding`` and ``wattwarden_policy_apply_fallback`` alerts say so.
+        """
         age_s = self.ctx.store.seconds_since_pass()
         stale_after = max(5.0, 10 * self.ctx.interval_s)
+        loop = self.ctx.policy
+        why = []
+        if loop is not None:
+            holding = loop.holding
+            if holding is not None:
+                why.append(f"policy engine holding: {holding}")
+            fallback = loop.engine.fallback
+            if fallback is not None:
+                why.append(f"apply fell back to dry-run: {fallback}")
         if age_s is None or age_s > stale_after:
-            return _text(HTTPStatus.SERVICE_UNAVAILABLE, b"sampler stalled\n")
-        return _text(HTTPStatus.OK, b"ok\n")
+            return _text(HTTPStatus.SERVICE_UNAVAILABLE, _lines("sampler stalled", *why))
+        return _text(HTTPStatus.OK, _lines("degraded", *why) if why else b"ok\n")
 
     def _state(self, request: Request) -> Response:
         snap = self.ctx.store.snapshot()
         ctx = self.ctx
+        loop = ctx.policy
         return _json(
-            HTTPStatus.OK, state_json(snap, backend=ctx.backend, node=ctx.node, mode=ctx.mode)
+            HTTPStatus.OK,
+            state_json(
+                snap,
+                backend=ctx.backend,
+                node=ctx.node,
+                mode=ctx.mode_in_force,
+                holding=None if loop is None else loop.holding,
+                fallback=None if loop is None else loop.engine.fallback,
+            ),
         )
 
     def _history(self, request: Request) -> Response:
@@ -281,12 +330,39 @@ class _Api:
         view = self.ctx.jobs.request_migration(request.path_params["name"], req.gpu)
         return _json(HTTPStatus.OK, _record(view))
 
+    # -------------------------------------------------------- the policy engine
+    def _loop(self) -> PolicyLoop:
+        if self.ctx.policy is None:
+            raise ApiError(HTTPStatus.NOT_FOUND, "this agent runs no policy engine")
+        return self.ctx.policy
+
+    def _decisions(self, request: Request) -> Response:
+        raw = request.query_params.getlist("limit")[-1:] or [str(DECISIONS_DEFAULT)]
+        try:
+            limit = int(raw[0])
+        except ValueError:
+            raise _bad(f"limit must be an integer, got {_short(raw[0])}") from None
+        if not 1 <= limit <= DECISIONS_MAX:
+            raise _bad(f"limit must be within 1..{DECISIONS_MAX}, got {_short(raw[0])}")
+        records = [decision_record(d).to_json() for d in self._loop().decisions(limit)]
+        return _json(HTTPStatus.OK, {"decisions": records})
+
+    def _policy(self, request: Request) -> Response:
+        return _json(HTTPStatus.OK, PolicyStatus.from_status(self._loop().status()).to_json())
+
+    def _policy_update(self, request: Request, body: dict[str, Any]) -> Response:
+        req = PolicyUpdate.from_json(body)
+        loop = self._loop()
+        status = loop.update(budget_w=req.power_budget_watts, mode=req.mode, policies=req.policies)
+        log.info("policy changed over the API: %s", json.dumps(req.to_json()))
+        return _json(HTTPStatus.OK, PolicyStatus.from_status(status).to_json())
+
     # -------------------------------------------------------- power limits
     def _power_limit(self, request: Request, body: dict[str, Any]) -> Response:
         req = PowerLimitRequest.from_json(body, self._gpu_count())
         ctx = self.ctx
         try:
-            change = set_power_limit(ctx.actuator, ctx.mode, ctx.store, req.gpu, req.watts)
+            change = set_power_limit(ctx.actuator, ctx.mode_in_force, ctx.store, req.gpu, req.watts)
         except Refused as e:
             status, message = _REFUSALS[e.kind]
             raise ApiError(status, message.format(e)) from None

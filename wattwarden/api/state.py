@@ -13,14 +13,18 @@ from wattwarden.hardware.device import CLOCK_EVENT_LABELS
 
 
 def gpu_json(
-    sample: GpuSample, power_mean_w: float | None = None, power_peak_w: float | None = None
+    sample: GpuSample,
+    power_mean_w: float | None = None,
+    power_peak_w: float | None = None,
+    power_limit_target_w: float | None = None,
 ) -> dict[str, Any]:
     """One GPU as a JSON object (base units, ``null`` where unsupported or not read now).
 
     The readings are the GPU metric table's rows that name a JSON key. A lost GPU keeps its
     identity, ``up: false`` and its counters, like /metrics: no reading from before it was lost.
     ``power_watts`` is the store's window mean (None when this pass could not tell the power),
-    else this sample's power: never a reading frozen from before.
+    else this sample's power: never a reading frozen from before. ``power_limit_target_watts``
+    is the limit the policy engine wants (None without one).
     """
     i = sample.info
     r = sample.reading if sample.up else None
@@ -28,7 +32,7 @@ def gpu_json(
     events = [label for bit, label in CLOCK_EVENT_LABELS if mask is not None and mask & bit]
     if sample.up and power_mean_w is None:  # one sample, no window (``status`` without an agent)
         power_mean_w = sample.power_w
-    view = GpuView(sample, power_mean_w, power_peak_w)
+    view = GpuView(sample, power_mean_w, power_peak_w, power_limit_target_w)
     readings = {key: value for spec in GPU_METRICS for key, value in json_values(spec, view)}
     if r is None:  # the size does not change: a lost or unread GPU's comes from its identity
         readings["memory_total_bytes"] = i.memory_total_bytes
@@ -61,16 +65,34 @@ def gpu_json(
     }
 
 
-def state_json(snap: StoreSnapshot, *, backend: str, node: str, mode: str) -> dict[str, Any]:
-    """The agent's whole state, for ``GET /api/v1/state``."""
+def state_json(
+    snap: StoreSnapshot,
+    *,
+    backend: str,
+    node: str,
+    mode: str,
+    holding: str | None = None,
+    fallback: str | None = None,
+) -> dict[str, Any]:
+    """The agent's whole state, for ``GET /api/v1/state``.
+
+    ``policy_mode`` is the mode in force, ``policy_holding`` why the policy engine holds and
+    ``policy_fallback`` why apply mode fell back to dry-run (null when not), and each GPU's
+    ``power_limit_target_watts`` the limit the engine wants on it.
+    """
     host = next(iter(snap.samples(HostSample)), None)
     return {
         "node": node,
         "backend": backend,
         "policy_mode": mode,
+        "policy_holding": holding,
+        "policy_fallback": fallback,
         "last_sample_timestamp": snap.last_sample_s,
         "power_budget_watts": snap.power_budgets_w.get("node"),
-        "gpus": [gpu_json(v.sample, v.power_mean_w, v.power_peak_w) for v in snap.gpus],
+        "gpus": [
+            gpu_json(v.sample, v.power_mean_w, v.power_peak_w, v.power_limit_target_w)
+            for v in snap.gpus
+        ],
         "host": None
         if host is None
         else {key: value for spec in HOST_METRICS for key, value in json_values(spec, host)},
