@@ -127,13 +127,14 @@ class Loop:
         (None, 87.0, 87.0),
         (90.0, None, 90.0),
         (None, None, None),
+        (0.0, 87.0, 87.0),  # a board that answers 0 has no such threshold
     ],
 )
 def test_the_ceiling_is_the_lower_of_the_thresholds_the_gpu_reports(
     slowdown: float | None, max_operating: float | None, ceiling: float | None
 ) -> None:
     identity = info(slowdown=slowdown, max_operating=max_operating)
-    assert ceiling_c(view(60.0, 1.0, identity=identity)) == ceiling
+    assert ceiling_c(identity) == ceiling
 
 
 def test_a_gpu_without_thresholds_or_limit_bounds_gets_no_intent_however_hot() -> None:

@@ -59,6 +59,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from wattwarden.collectors.store import GpuView
+from wattwarden.hardware.device import GpuInfo
 from wattwarden.policies.base import Intent, PolicyInputs
 
 DEFAULT_MARGIN_C = 5.0
@@ -69,9 +70,8 @@ DEFAULT_RAISE_FRACTION = 0.05
 DEFAULT_SETTLE_S = 5.0
 
 
-def ceiling_c(view: GpuView) -> float | None:
+def ceiling_c(info: GpuInfo) -> float | None:
     """A GPU's throttle point: the lower of its max operating and slowdown temperatures."""
-    info = view.sample.info
     known = [
         t
         for t in (info.temperature_max_operating_c, info.temperature_slowdown_c)
@@ -191,7 +191,7 @@ class ThermalGuard:
         track = self._tracks.get(info.uuid)
         if track is None or track.index != info.index:
             track = self._tracks[info.uuid] = _Track(info.index)
-        ceiling = ceiling_c(view)
+        ceiling = ceiling_c(info)
         lo, hi = info.power_limit_min_w, info.power_limit_max_w
         if ceiling is None or lo is None or hi is None or hi < lo:
             track.target_w = None  # nothing to measure against, or no bounds to stay within
