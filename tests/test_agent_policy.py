@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -334,6 +335,35 @@ def test_healthz_says_why_while_the_engine_holds(tmp_path: Path) -> None:
         agent.opened.fleet[2].inject("clear")
         wait_for(lambda: http_get(agent.url + "/healthz") == (200, b"ok\n"), timeout_s=30,
                  what="/healthz ok again")  # fmt: skip
+
+
+def test_a_stalled_sampler_makes_the_engine_hold_its_limits_and_healthz_say_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with agent_on(tmp_path, apply=True, **IDLE_CAPS) as agent:
+        wait_for(lambda: limits(agent) == [H100_MIN_W] * 4, timeout_s=30, what="idle caps")
+        stuck = threading.Event()  # a driver call that never returns, until the test ends
+        sample = agent.sampler.run_once
+        monkeypatch.setattr(agent.sampler, "run_once", lambda: (stuck.wait(60), sample()))
+        try:
+
+            def says_why() -> list[str] | None:
+                status, body = http_get(agent.url + "/healthz")
+                lines = body.decode().splitlines()
+                return lines if status == 503 and len(lines) == 2 else None
+
+            lines = wait_for(says_why, timeout_s=30, what="/healthz to say why")
+            assert lines[0] == "sampler stalled"
+            assert lines[1].startswith("policy engine holding: ")
+            held = lines[1].removeprefix("policy engine holding: ").split("; ")
+            assert [h.split()[1] for h in held] == ["0", "1", "2", "3"]
+            for h in held:
+                assert re.fullmatch(r"GPU \d readings are [\d.]+ s old \(stale after 5 s\)", h), h
+            m = parse_metrics(http_get(agent.url + "/metrics")[1].decode())
+            assert m["wattwarden_policy_holding"] == [({}, 1.0)]
+            assert limits(agent) == [H100_MIN_W] * 4  # held where they were, not changed
+        finally:
+            stuck.set()
 
 
 def test_healthz_and_a_gauge_say_when_apply_fell_back_for_lack_of_permission(
