@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from wattwarden.collectors.store import GpuView
 from wattwarden.hardware.device import ClockEvent
 from wattwarden.nodesim import SimJob, SimNode
 from wattwarden.policies.base import Decision, Intent, PolicyInputs
+from wattwarden.policies.capping import BudgetCapper
 from wattwarden.policies.migration import CRITICAL_XIDS, Migrator, Move, ceiling_c
 
 ALERTS = Path(__file__).resolve().parent.parent / "deploy/prometheus/rules/alerts.yml"
@@ -297,10 +298,10 @@ FAULTS = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     events=st.lists(
-        st.tuples(st.integers(0, 3), FAULTS, st.integers(5, 90)), min_size=1, max_size=8
+        st.tuples(st.integers(0, 3), FAULTS, st.integers(5, 60)), min_size=1, max_size=6
     ),
     priorities=st.lists(st.sampled_from(["high", "normal", "low"]), min_size=3, max_size=3),
 )
@@ -326,6 +327,7 @@ def test_no_job_moves_twice_within_the_cooldown_and_every_target_was_fit(
                 node.fleet[gpu].inject(fault)
             node.run(wait_s)
         node.run(60)
+    event(f"{min(len(loop.planned), 3)}+ moves")
     last: dict[str, Planned] = {}
     per_period: dict[float, list[int]] = {}
     for p in loop.planned:
@@ -413,6 +415,43 @@ def test_a_starving_gpu_sheds_its_low_priority_sharer_onto_a_gpu_already_at_its_
     assert node.fleet[0].relative_throughput() > rate_before
     assert high.steps > steps and node.sim_jobs["low"].gpu == 1
     node.close()
+
+
+@pytest.mark.parametrize("budget_w", [800.0, 900.0])
+def test_with_the_budget_capper_the_high_priority_job_gains_and_node_power_does_not(
+    tmp_path: Path, budget_w: float
+):
+    # the real capper on the same three GPUs, with and without the planner: sharing GPU 0, the
+    # high-priority job is starved by the budget; moved, its low-priority sharer joins the GPU
+    # the capper already holds at its minimum
+    runs = {}
+    for migrate in (False, True):
+        capper = BudgetCapper(lambda: budget_w)
+        node, loop = make_node(
+            tmp_path / str(migrate),
+            gpus=3,
+            migrator=Migrator(capper=capper),
+            policies=[capper],
+            mode="apply",
+        )
+        if not migrate:
+            node.after_period.clear()
+        node.store.set_power_budget("node", budget_w)
+        high = node.add_job(SimJob("high", 0, priority="high", utilization=0.6, restart_s=5.0))
+        node.add_job(SimJob("low", 0, priority="low", utilization=0.4, restart_s=5.0))
+        node.add_job(SimJob("other", 1, priority="low", utilization=0.9))
+        powers: list[float] = []
+        node.run(30)
+        node.run(90, on_pass=lambda n, p=powers: p.append(n.power_w()))
+        runs[migrate] = (high.steps, sum(powers) / len(powers), max(powers), loop.moves)
+        node.close()
+    (steps_kept, mean_kept, _, _), (steps_moved, mean_moved, peak_moved, moves) = (
+        runs[False],
+        runs[True],
+    )
+    assert [(m.job, m.from_gpu, m.to_gpu, m.reason) for m in moves] == [("low", 0, 1, "budget")]
+    assert steps_moved > steps_kept * 1.1
+    assert mean_moved <= mean_kept + 1.0 and peak_moved <= budget_w
 
 
 def test_a_starving_gpu_with_only_idle_gpus_to_go_to_moves_nothing_and_says_so_once(

@@ -30,10 +30,11 @@ period at most, so a second job on it moves in a later period):
    drew), so only two moves are made, each of which provably helps:
 
    - *split*: a starving GPU (a high-priority job's limit is below its need) also runs a
-     lower-priority job. That job moves to a GPU that already draws its whole enforced limit
-     and runs nothing above that job's priority. Neither GPU can draw more than its limit, and
-     the limits do not change, so node power does not rise; the high-priority job gets the
-     whole of its GPU's power instead of sharing it.
+     lower-priority job. That job moves to a GPU that already draws its whole limit (the
+     enforced one, or one the engine has just cut below its draw) and runs nothing above that
+     job's priority. Neither GPU can draw more than its limit, and the limits do not change,
+     so node power does not rise; the high-priority job gets the whole of its GPU's power
+     instead of sharing it.
    - *consolidate*: the budget is unreachable (the minimum limits alone exceed it) and the
      node draws more than its budget. A job that runs alone on a GPU at its limit moves to
      another GPU at its limit (nothing above its priority there). The target draws no more
@@ -357,13 +358,24 @@ class _Plan:
         return None if reading is None else reading.power_limit_w
 
     def _binding(self, index: int) -> bool:
-        """The GPU draws its whole enforced limit: more load cannot raise its power."""
-        reading = self.views[index].sample.reading
+        """The GPU draws its whole limit: more load cannot raise its power.
+
+        The limit is the lower of the enforced one and the engine's decision this period: a GPU
+        drawing more than a limit just cut below its draw is held at that limit from now on.
+        """
+        limit = self._pinned_w(index)
         draw = _draw_w(self.views[index])
-        if reading is None or reading.power_limit_w is None or draw is None:
+        if limit is None or draw is None:
             return False
-        limit = reading.power_limit_w
         return draw >= limit - max(self.m.bind_fraction * limit, BIND_MIN_W)
+
+    def _pinned_w(self, index: int) -> float | None:
+        """The limit that holds the GPU's power from now on: enforced, or lower if decided so."""
+        reading = self.views[index].sample.reading
+        enforced = None if reading is None else reading.power_limit_w
+        decided = self.limits.get(index)
+        known = [w for w in (enforced, decided) if w is not None]
+        return min(known) if known else None
 
     def _add(self, job: JobView, to_gpu: int, reason: Reason, detail: str) -> None:
         self.moves.append(Move(job.name, job.gpu, to_gpu, reason, detail))
@@ -420,7 +432,8 @@ class _Plan:
         capper = self.m.capper
         if capper is None or not (self.starving or capper.unreachable):
             return
-        helped = False
+        # a move already under way (its job stopped, not yet started again) may be the help
+        helped = any(j.target_gpu is not None for j in self.running)
         for gpu in sorted(self.starving):
             helped |= self._split(gpu)
         if capper.unreachable and self._over_budget():
@@ -455,7 +468,7 @@ class _Plan:
                 target,
                 "budget",
                 f"GPU {gpu} starves a high-priority job: job {job.name} ({job.priority}) shares "
-                f"it and moves to GPU {target}, already at its {self._enforced(target):.0f} W "
+                f"it and moves to GPU {target}, already at its {self._pinned_w(target) or 0:.0f} W "
                 "limit, so node power does not rise",
             )
             return True
@@ -483,9 +496,10 @@ class _Plan:
                 job,
                 target,
                 "budget",
-                f"the budget is unreachable and the node draws {self._node_w():.0f} W over it: "
+                f"the budget is unreachable and the node draws {self._node_w():.0f} W, over its "
+                f"{min(w for w in self.budgets_w if w > 0):.0f} W budget: "
                 f"job {job.name} ({job.priority}) leaves GPU {job.gpu} idle and joins GPU "
-                f"{target}, already at its {self._enforced(target):.0f} W limit",
+                f"{target}, already at its {self._pinned_w(target) or 0:.0f} W limit",
             )
             return True
         return False
@@ -502,11 +516,7 @@ class _Plan:
         ]
         if not fit:
             return None
-        return min(fit, key=lambda i: (self._enforced(i), len(self.load.get(i, [])), i))
-
-    def _enforced(self, index: int) -> float:
-        reading = self.views[index].sample.reading
-        return 0.0 if reading is None or reading.power_limit_w is None else reading.power_limit_w
+        return min(fit, key=lambda i: (self._pinned_w(i) or 0.0, len(self.load.get(i, [])), i))
 
     def _node_w(self) -> float:
         return sum(_draw_w(v) or 0.0 for v in self.views.values() if v.sample.up)
