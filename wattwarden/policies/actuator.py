@@ -240,14 +240,6 @@ class LimitActuator:
             ).fetchall()
         return [JournalledDecision(*row) for row in rows]
 
-    def changes(self) -> list[tuple[float, int, float, str]]:
-        """Every journalled change, oldest first: (time, gpu, requested watts, status)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT at, gpu, requested_watts, status FROM changes ORDER BY id"
-            ).fetchall()
-        return [(float(a), int(g), float(w), str(st)) for a, g, w, st in rows]
-
     def prune(self, older_than_s: float) -> int:
         """Delete changes and decisions older than ``older_than_s``; returns how many.
 
