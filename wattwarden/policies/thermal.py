@@ -57,9 +57,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from wattwarden.collectors.store import GpuView
-from wattwarden.hardware.device import GpuInfo
 from wattwarden.policies.base import Intent, PolicyInputs
 
 DEFAULT_MARGIN_C = 5.0
@@ -70,7 +70,21 @@ DEFAULT_RAISE_FRACTION = 0.05
 DEFAULT_SETTLE_S = 5.0
 
 
-def ceiling_c(info: GpuInfo) -> float | None:
+class Thresholds(Protocol):
+    """What the guard reads of a GPU's identity (a ``GpuInfo``; policies hold no device types)."""
+
+    @property
+    def temperature_max_operating_c(self) -> float | None:
+        """Max operating temperature (software thermal slowdown), if the GPU reports one."""
+        ...
+
+    @property
+    def temperature_slowdown_c(self) -> float | None:
+        """Hardware slowdown temperature, if the GPU reports one."""
+        ...
+
+
+def ceiling_c(info: Thresholds) -> float | None:
     """A GPU's throttle point: the lower of its max operating and slowdown temperatures."""
     known = [
         t
