@@ -26,27 +26,36 @@ What it measures:
   ``low``.
 
 The split is of ``setpoint`` times the budget (98 % by default): the capper aims a little under
-the budget, so the power limiter's ripple, sensor error and a GPU waking up under its limit do
-not cross it. Bands of P against the budget B, checked each period:
+the budget, so the power limiter's ripple and sensor error do not cross it. Bands of P against
+the budget B, checked each period:
 
-- **over**, P > B: every GPU above its share is cut to it at once. The shares sum to at most
-  the budget, so the node is under it by the next sampler pass after the engine acts, and within
-  two periods of any load step. GPUs below their share may rise into the room the cuts leave.
-- **near**, ``ease_below`` (89 %) < P/B <= 100 %: a gentle multiplicative cut (``ease_step``,
-  5 % of the limit per period, never below the share) of the lowest-priority GPUs above their
-  share: headroom held by GPUs that do not use it, or by a lower priority than a GPU that needs
-  it, is taken back before the node crosses its budget.
-- **hold**, ``raise_below`` (80 %) < P/B <= 89 %: no cut, no oversubscribing raise. The gap
-  between 80 and 89 % is the hysteresis that keeps the loop from cutting and raising in turn.
-- **low**, P/B <= 80 %: slow additive increase (``raise_step``, 5 % of each GPU's
-  [min, ceiling] range per period) of every GPU below its share, towards it.
+- **over**, P > B: every GPU above its share is cut to it at once. The shares sum to at most the
+  budget, so the node is under it by the next sampler pass after the engine acts, and within two
+  periods of any load step.
+- **near**, ``ease_below`` (89 %) < P/B <= 100 %: headroom is taken back before the node
+  crosses its budget. Headroom nobody uses (a GPU above its share that draws less than its limit)
+  goes at once, down to what the GPU draws plus the margin (or its share, if higher); and the
+  lowest priority with GPUs above their share eases them by a gentle multiplicative step
+  (``ease_step``, 5 % of the limit per period, never below the share).
+- **hold**, ``raise_below`` (80 %) < P/B <= 89 %: nothing moves while no GPU wants more. When
+  one does (it draws its whole limit, or its need is above it, and its share is higher: a job
+  woke up, or a higher priority arrived), power *moves* to it: unused headroom goes at once and
+  the lowest priority above its share eases, as near the budget, and the GPU rises into what that
+  freed. The sum of the limits never grows past the split budget in this band: it is a transfer,
+  not a raise of the node, so the hysteresis holds (nothing oversubscribes between 80 and 89 %).
+- **low**, P/B <= 80 %: the same transfers, and every GPU still below its share climbs a slow
+  additive step (``raise_step``, 5 % of its [min, ceiling] range per period) towards it, even
+  past the split budget: the node is well under its budget, and the near band takes the excess
+  back if power comes up.
 
-In every band but over, a GPU below its share also rises at once, highest priority first, into
-*room*: what the split budget leaves over the sum of the capper's limits. That raise cannot lift
-the node over the split budget whatever the load does (the node cannot draw more than the sum of
-its limits), so it is not held back by the bands; it is how power moves from a low-priority GPU
-the near band cut to a high-priority GPU that needs it. Moves smaller than ``deadband_w`` are not
-made, except cuts over budget. Limits never leave [min, ceiling].
+In every band, after the cuts, a GPU below its share rises at once, highest priority first, into
+*room*: what the split budget leaves over the sum of the capper's limits. That raise cannot take
+the node over the split budget whatever the load does (it cannot draw more than the sum of its
+limits), so it needs no band's leave. Every move converges on the shares (cuts from above,
+raises from below, neither past them), so under a steady load the limits settle instead of
+oscillating; moves smaller than ``deadband_w`` are not made, except cuts over budget, so sensor
+noise in the shares of GPUs that draw less than their limit moves nothing. Limits never leave
+[min, ceiling].
 
 If the minimum limits alone exceed the budget, the budget is unreachable: every GPU goes to its
 minimum at once, :attr:`BudgetCapper.unreachable` is set with :attr:`BudgetCapper.shortfall_w`,
@@ -72,8 +81,7 @@ What is taken from where (what the papers describe, not their numbers):
   setpoint under the budget plays the capping target and the hold band the dead band.
 - Multiplicative decrease and additive increase (Chiu and Jain's AIMD, as in TCP's congestion
   control): cut in proportion near the constraint, give back in small fixed steps, so the loop
-  errs on the safe side and converges instead of oscillating. Dynamo does not describe its
-  uncapping as AIMD; the slow additive raise is our choice, for the same reason.
+  errs on the safe side and converges instead of oscillating.
 
 Threads: :meth:`BudgetCapper.intents` runs on the engine's thread; the public attributes are
 replaced whole at the end of each period and may be read from any thread.
@@ -88,7 +96,6 @@ from dataclasses import dataclass
 
 from wattwarden.collectors.jobs import PRIORITIES
 from wattwarden.collectors.store import GpuView
-from wattwarden.hardware.device import ClockEvent
 from wattwarden.policies.base import Intent, PolicyInputs
 from wattwarden.policies.budget import (
     DEFAULT_MARGIN_FRACTION,
@@ -110,6 +117,9 @@ DEFAULT_EASE_STEP = 0.05
 DEFAULT_RAISE_STEP = 0.05
 DEFAULT_DEADBAND_W = 5.0
 DEFAULT_PINNED_FRACTION = 0.02
+SW_POWER_CAP = 0x4
+"""NVML's clock-event bit for the software power cap (``ClockEvent.SW_POWER_CAP``; policies read
+readings from the store and never import the device layer)."""
 SAME_W = 1.0
 """Limits within this are the same (the engine's keep band)."""
 _RANK = {p: i for i, p in enumerate(PRIORITIES)}  # high 0, normal 1, low 2
@@ -128,6 +138,8 @@ class _Gpu:
     priority: str
     limit_w: float
     """The capper's limit, from the last period (or the ceiling for a GPU it has not capped)."""
+    need_w: float = 0.0
+    """Its draw plus the allocator's margin, within its bounds."""
     share_w: float = 0.0
     moved: str = ""
     """What this period did: ``cut``, ``eased``, ``raised``, or empty."""
@@ -236,6 +248,9 @@ class BudgetCapper:
         split = self._split(budget, gpus, fixed)
         for g in gpus:
             g.share_w = split.limits_w[g.index]
+            g.need_w = need_w(
+                GpuDemand(g.index, g.lo_w, g.hi_w, g.power_w), self.margin_fraction, self.margin_w
+            )
         ratio = power / budget if budget > 0 else math.inf
         band = _band(ratio, self.ease_below, self.raise_below)
         if split.unreachable:
@@ -246,8 +261,10 @@ class BudgetCapper:
             room = split.budget_w - sum(g.limit_w for g in gpus)
             if band == "over":
                 room += self._cut(gpus)
-            elif band == "near":
-                room += self._ease(gpus)
+            elif band == "near" or self._wanted(gpus) > 0:  # near: take back; else: transfer
+                room += self._trim(gpus)
+                if band == "near" or self._wanted(gpus) > room:
+                    room += self._ease(gpus)
             room = self._fill(gpus, room)
             if band == "low":
                 self._climb(gpus)
@@ -335,7 +352,7 @@ class BudgetCapper:
         reading = view.sample.reading
         mask = None if reading is None else reading.clock_event_mask
         if mask is not None:
-            return bool(mask & ClockEvent.SW_POWER_CAP)
+            return bool(mask & SW_POWER_CAP)
         return drawn >= enforced * (1 - self.pinned_fraction)
 
     def _split(self, budget: float, gpus: list[_Gpu], fixed: float) -> Allocation:
@@ -366,6 +383,31 @@ class BudgetCapper:
             if g.limit_w > g.share_w + SAME_W:
                 freed += g.limit_w - g.share_w
                 g.limit_w, g.moved = g.share_w, "cut"
+        return freed
+
+    def _wanted(self, gpus: list[_Gpu]) -> float:
+        """What the GPUs held under their share, and short of their need, lack, in watts."""
+        return sum(
+            g.share_w - g.limit_w
+            for g in gpus
+            if g.share_w - g.limit_w >= self.deadband_w
+            and (g.pinned or g.need_w > g.limit_w + SAME_W)
+        )
+
+    def _trim(self, gpus: list[_Gpu]) -> float:
+        """Headroom nobody uses goes at once. Returns the watts freed.
+
+        A GPU above its share that does not draw its limit comes down to its share or its need
+        (draw plus margin), whichever is higher.
+        """
+        freed = 0.0
+        for g in gpus:
+            if g.pinned or g.limit_w <= g.share_w + self.deadband_w:
+                continue
+            new = max(g.share_w, g.need_w)
+            if g.limit_w - new >= self.deadband_w:
+                freed += g.limit_w - new
+                g.limit_w, g.moved = new, "trimmed"
         return freed
 
     def _ease(self, gpus: list[_Gpu]) -> float:
@@ -428,6 +470,8 @@ class BudgetCapper:
                 what = f"{who} held at its minimum {g.lo_w:.0f} W"
             elif g.moved == "cut":
                 what = f"{who} cut to {g.limit_w:.0f} W"
+            elif g.moved == "trimmed":
+                what = f"{who} trimmed to {g.limit_w:.0f} W, what it draws plus a margin"
             elif g.moved == "eased":
                 what = f"{who} eased to {g.limit_w:.0f} W, towards its {g.share_w:.0f} W share"
             elif g.moved == "raised" and g.limit_w < g.share_w - SAME_W:
@@ -465,7 +509,7 @@ class BudgetCapper:
             for g in gpus
             if g.priority == "high"
             and g.limit_w < g.hi_w - SAME_W
-            and g.limit_w < self._need(g) - SAME_W
+            and g.limit_w < g.need_w - SAME_W
         )
         self._targets = {g.index: g.limit_w for g in gpus if g.limit_w < g.hi_w - SAME_W}
         self.unreachable = unreachable
@@ -474,10 +518,6 @@ class BudgetCapper:
         self.node_power_w = power
         self.band = band
         self.allocation = split
-
-    def _need(self, g: _Gpu) -> float:
-        demand = GpuDemand(g.index, g.lo_w, g.hi_w, g.power_w, g.priority)
-        return need_w(demand, self.margin_fraction, self.margin_w)
 
     def _forget(self) -> None:
         """No budget: nothing capped, nothing to say (the engine restores what it changed)."""
