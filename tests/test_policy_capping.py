@@ -224,21 +224,42 @@ def test_over_budget_every_gpu_above_its_share_is_cut_to_it_at_once() -> None:
     capped_at_shares(BudgetCapper(lambda: 2000.0))
 
 
-def test_in_the_hold_band_no_limit_moves_even_with_a_gpu_below_its_share() -> None:
+def test_in_the_hold_band_nothing_moves_while_no_gpu_wants_more() -> None:
     capper = BudgetCapper(lambda: 2000.0)
     capped_at_shares(capper)
-    # GPU 0's job woke up (held at 200 W, its share is now 700 W), GPUs 2 and 3 draw 600 W:
-    # 1760 W is 88 % of the budget, and the limits already sum to the split's 1960 W
+    # 1750 W is 88 %: GPUs 2 and 3 keep 50 W they do not use, GPU 0's share grew (the budget's
+    # leftover goes to the high priority first), but no GPU draws its limit or needs more
+    gpus = [(150.0, 200.0, False), (300.0, 360.0, False), light(650), light(650)]
+    assert period(capper, gpus, 2) == {0: 200.0, 1: 360.0} and capper.band == "hold"
+
+
+def test_in_the_hold_band_a_gpu_that_wakes_up_gets_power_moved_to_it_not_added() -> None:
+    capper = BudgetCapper(lambda: 2000.0)
+    capped_at_shares(capper)
+    # GPU 0's job woke up (held at 200 W, its share is now 700 W), GPUs 2 and 3 draw 600 W of
+    # their 700: 1760 W is 88 % of the budget. The 70 W each of GPUs 2 and 3 use nothing
+    # (trimmed to their 630 W need at once), GPU 1 (low, above its 200 W share) eases 5 %, and
+    # GPU 0 gets what both freed: the limits still sum to the split budget's 1960 W
     wants = period(capper, [pinned(200), pinned(360), light(600), light(600)], 2)
-    assert capper.band == "hold" and wants == {0: 200.0, 1: 360.0}
+    assert capper.band == "hold" and wants == {0: 358.0, 1: 342.0, 2: 630.0, 3: 630.0}
+    assert sum(wants.values()) == pytest.approx(1960.0)
 
 
-def test_well_under_budget_gpus_below_their_share_climb_one_additive_step() -> None:
-    capper = BudgetCapper(lambda: 2000.0)
-    capped_at_shares(capper)
-    # 1360 W is 68 %: GPU 0 (share 700) and GPU 1 (share 420) climb 5 % of 500 W each
-    wants = period(capper, [pinned(200), pinned(360), light(400), light(400)], 2)
-    assert capper.band == "low" and wants == {0: 225.0, 1: 385.0}
+def test_well_under_budget_a_gpu_below_its_share_also_climbs_an_additive_step() -> None:
+    # the same node and period twice, with the low band's edge on either side of its 99 %
+    # (a driver holds a capped board a little under its limit: 690 W of 700)
+    wants = {}
+    for raise_below in (0.995, 0.985):
+        capper = BudgetCapper(
+            lambda: 2000.0, setpoint=1.0, ease_below=0.999, raise_below=raise_below
+        )
+        first = period(capper, [light(150), pinned(700), pinned(700), pinned(700)], 1)
+        assert first == {0: 200.0, 1: 400.0}
+        busy = (690.0, 700.0, True)
+        wants[capper.band] = period(capper, [pinned(200), pinned(400), busy, busy], 2)
+    # both: GPU 1 (low, over its 200 W share) eases 5 % and GPU 0 (high) takes the 20 W;
+    # under the low band's edge GPU 0 also climbs 5 % of its 500 W range
+    assert wants == {"hold": {0: 220.0, 1: 380.0}, "low": {0: 245.0, 1: 380.0}}
 
 
 def test_near_the_budget_the_lowest_priority_above_its_share_eases_and_the_highest_takes_it() -> (
