@@ -212,6 +212,24 @@ def test_an_overheating_gpus_job_moves_to_a_cool_gpu(tmp_path: Path):
     assert node.sim_jobs["hot"].gpu == 2 and node.fleet[2].true_utilization() > 0.8
 
 
+def test_stale_readings_move_nothing_and_fresh_ones_do(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    node, loop = make_node(tmp_path)
+    node.after_period.clear()  # the planner joins once the GPU is hot
+    node.add_job(SimJob("hot", 0))
+    node.fleet[0].inject("overheat", delta_c=40)
+    node.run(90)
+    node.after_period.append(loop)
+    node.clock.advance(10.0)  # the sampler stalls: every reading is 10 s old
+    with caplog.at_level(logging.WARNING, logger="wattwarden.policies.migration"):
+        node.period()
+    assert loop.moves == []
+    assert caplog.records == []  # not even tried: no "no GPU is fit" either
+    node.run(2)
+    assert [(m.job, m.reason) for m in loop.moves] == [("hot", "thermal")]
+
+
 def test_an_overheating_gpu_sheds_its_lowest_priority_job_first(tmp_path: Path):
     node, loop = make_node(tmp_path)
     node.add_job(SimJob("high", 0, priority="high", utilization=0.3))

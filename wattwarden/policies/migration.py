@@ -53,11 +53,11 @@ not migratable, one already moving (its ``target_gpu`` is set), or one moved wit
 where it is, and even then never back to the GPU it left within the cooldown.
 
 Which target (lost, xid, thermal): the healthiest GPU with headroom. It must be up and freshly
-read (the engine does not hold it), at least ``target_margin_c`` under its throttle point, with
-no critical XID ever counted, not starving a high-priority job, and not the GPU the job left
-within the cooldown. Among those: the fewest jobs (moves already on their way there count),
-then the most limit headroom (its limit minus its draw), then the coolest. None suitable: no
-move, and the log says so once until that changes.
+read (within ``stale_after_s``, the engine's rule for holding), at least ``target_margin_c``
+under its throttle point, with no critical XID ever counted, not starving a high-priority job,
+and not the GPU the job left within the cooldown. Among those: the fewest jobs (moves already
+on their way there count), then the most limit headroom (its limit minus its draw), then the
+coolest. None suitable: no move, and the log says so once until that changes.
 
 What is taken from where: the move itself is the checkpoint-stop-restart path of the job
 supervisor (``wattwarden/workloads/job.py``), so a migration costs the steps since the last
@@ -78,6 +78,7 @@ from wattwarden.collectors.jobs import PRIORITIES, JobView
 from wattwarden.collectors.store import GpuView
 from wattwarden.hardware.device import ClockEvent, GpuInfo
 from wattwarden.policies.base import Decision, PolicyInputs
+from wattwarden.policies.engine import DEFAULT_STALE_AFTER_S
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,15 @@ class _Moved:
 
 
 class Migrator:
-    """Plans job moves off lost, faulty, overheating or budget-starved GPUs (see the module)."""
+    """Plans job moves off lost, faulty, overheating or budget-starved GPUs (see the module).
+
+    Keyword-only settings: ``capper`` (the budget capper's state, or None: no budget moves; the
+    control loop may replace it between periods), ``cooldown_s`` (no second move of a job
+    within it), ``critical_xids``, ``hot_margin_c`` and ``hot_for_s`` (hot at its minimum limit
+    for this long: move), ``target_margin_c`` (a target's least distance under its throttle
+    point), ``bind_fraction`` (how close to its limit a GPU draws to count as at its limit) and
+    ``stale_after_s`` (readings older than this neither trigger a move nor qualify a target).
+    """
 
     def __init__(
         self,
@@ -153,9 +162,11 @@ class Migrator:
         target_margin_c: float = DEFAULT_TARGET_MARGIN_C,
         hot_for_s: float = DEFAULT_HOT_FOR_S,
         bind_fraction: float = DEFAULT_BIND_FRACTION,
+        stale_after_s: float = DEFAULT_STALE_AFTER_S,
     ) -> None:
         for name, value in (
             ("cooldown_s", cooldown_s),
+            ("stale_after_s", stale_after_s),
             ("hot_margin_c", hot_margin_c),
             ("target_margin_c", target_margin_c),
             ("hot_for_s", hot_for_s),
@@ -176,6 +187,7 @@ class Migrator:
         self.target_margin_c = target_margin_c
         self.hot_for_s = hot_for_s
         self.bind_fraction = bind_fraction
+        self.stale_after_s = stale_after_s
         self._moved: dict[str, _Moved] = {}
         """Jobs moved within the cooldown, by name: when, and from which GPU."""
         self._xid_seen: dict[str, dict[int, int]] = {}
@@ -206,6 +218,8 @@ class Migrator:
             what = ", ".join(str(x) for x in sorted(xids)) or "critical"
             plan.relieve(index, "xid", f"GPU {index} reported XID {what}", said_now)
         for index, view in sorted(views.items()):
+            if index in plan.held:
+                continue  # stale readings (or lost): no move on old temperatures
             why = self._overheating(view, limits.get(index), now)
             if why is not None:
                 plan.relieve(index, "thermal", why, said_now)
@@ -290,8 +304,10 @@ class _Plan:
         self.m = owner
         self.now = inputs.now_mono_s
         self.views = {v.sample.info.index: v for v in inputs.snapshot.gpus}
-        self.held = {d.gpu for d in decisions if d.action == "hold"}
-        """GPUs the engine holds: stale or lost readings, no fit target."""
+        self.held = {d.gpu for d in decisions if d.action == "hold"} | {
+            i for i, v in self.views.items() if not _fresh(v, self.now, owner.stale_after_s)
+        }
+        """GPUs the engine holds, or would (lost, unread or stale): no trigger, no target."""
         self.limits = {d.gpu: d.watts for d in decisions if d.watts is not None}
         """The engine's limits this period (in dry-run too: what the limit would be)."""
         self.running = [j for j in inputs.jobs if j.state == "running"]
@@ -535,6 +551,18 @@ def ceiling_c(info: GpuInfo) -> float | None:
         if t is not None and t > 0
     ]
     return min(known) if known else None
+
+
+def _fresh(view: GpuView, now_s: float, stale_after_s: float) -> bool:
+    """Up and read within ``stale_after_s`` (the engine's rule for holding a GPU)."""
+    sample = view.sample
+    read = sample.read_mono_s
+    return (
+        sample.up
+        and sample.reading is not None
+        and read is not None
+        and now_s - read <= stale_after_s
+    )
 
 
 def _temperature(view: GpuView) -> float | None:
