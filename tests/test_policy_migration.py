@@ -25,7 +25,8 @@ from wattwarden.hardware.device import ClockEvent
 from wattwarden.nodesim import SimJob, SimNode
 from wattwarden.policies.base import Decision, Intent, PolicyInputs
 from wattwarden.policies.capping import BudgetCapper
-from wattwarden.policies.migration import CRITICAL_XIDS, Migrator, Move, ceiling_c
+from wattwarden.policies.migration import CRITICAL_XIDS, THERMAL_EVENTS, Migrator, Move
+from wattwarden.policies.thermal import ceiling_c
 
 ALERTS = Path(__file__).resolve().parent.parent / "deploy/prometheus/rules/alerts.yml"
 H100_MIN_W = 200.0
@@ -183,6 +184,10 @@ def test_the_critical_xids_are_the_alert_rules(tmp_path: Path):
         frozenset(int(x) for x in m.split("|")) for m in re.findall(r'xid=~"([^"]+)"', rule["expr"])
     }
     assert sets == {CRITICAL_XIDS}
+
+
+def test_the_thermal_clock_event_bits_are_the_drivers():
+    assert ClockEvent(THERMAL_EVENTS) == ClockEvent.SW_THERMAL | ClockEvent.HW_THERMAL
 
 
 # ---------------------------------------------------------------------------------- thermal

@@ -19,9 +19,10 @@ period at most, so a second job on it moves in a later period):
    ``GpuXidErrorCritical`` alert in ``deploy/prometheus/rules/alerts.yml`` fires on (a test
    checks both agree): an XID that needs the GPU drained and reset.
 3. **thermal** — a GPU at or over its throttle point (the lower of its max operating and its
-   slowdown temperature, the thresholds the GPU reports), or whose clocks the driver already
-   slows for heat (the sw_thermal or hw_thermal clock-event reason: the driver holds a GPU at
-   its max operating temperature, so its reading may hover just under it), or within
+   slowdown temperature, the thresholds the GPU reports: the thermal guard's
+   :func:`~wattwarden.policies.thermal.ceiling_c`, so both agree), or whose clocks the driver
+   already slows for heat (the sw_thermal or hw_thermal clock-event reason: the driver holds a
+   GPU at its max operating temperature, so its reading may hover just under it), or within
    ``hot_margin_c`` of it for ``hot_for_s`` while its limit already is the GPU's minimum:
    capping has nothing left to cool it with.
 4. **budget** — the budget capper (``capper``: its ``starving`` GPUs and ``unreachable`` flag)
@@ -76,9 +77,9 @@ from typing import Literal, Protocol
 
 from wattwarden.collectors.jobs import PRIORITIES, JobView
 from wattwarden.collectors.store import GpuView
-from wattwarden.hardware.device import ClockEvent, GpuInfo
 from wattwarden.policies.base import Decision, PolicyInputs
 from wattwarden.policies.engine import DEFAULT_STALE_AFTER_S
+from wattwarden.policies.thermal import ceiling_c
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,10 @@ DEFAULT_BIND_FRACTION = 0.05
 BIND_MIN_W = 10.0
 """A GPU draws its whole limit when its draw is within the larger of ``bind_fraction`` of the
 limit and this (a driver holds a capped board a little under its limit)."""
-THERMAL_EVENTS = ClockEvent.SW_THERMAL | ClockEvent.HW_THERMAL
-"""Clock-event reasons that say the driver or the board already slows the GPU for heat."""
+THERMAL_EVENTS = 0x20 | 0x40
+"""NVML's clock-event bits that say the driver or the board already slows the GPU for heat
+(``ClockEvent.SW_THERMAL | ClockEvent.HW_THERMAL``; policies read them from the reading's mask
+and hold no device types)."""
 AT_MIN_W = 1.0
 """A limit within this of the GPU's minimum is at its minimum (the engine's keep band)."""
 _RANK = {p: i for i, p in enumerate(PRIORITIES)}  # high 0, normal 1, low 2
@@ -541,16 +544,6 @@ class _Plan:
         """The node draws more than the lowest budget in force (node's own, or leased)."""
         budgets = [w for w in self.budgets_w if w > 0]
         return bool(budgets) and self._node_w() > min(budgets)
-
-
-def ceiling_c(info: GpuInfo) -> float | None:
-    """A GPU's throttle point: the lower of its max operating and slowdown temperatures."""
-    known = [
-        t
-        for t in (info.temperature_max_operating_c, info.temperature_slowdown_c)
-        if t is not None and t > 0
-    ]
-    return min(known) if known else None
 
 
 def _fresh(view: GpuView, now_s: float, stale_after_s: float) -> bool:
