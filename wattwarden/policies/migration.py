@@ -336,7 +336,7 @@ class _Plan:
                 continue
             moved = self.m._moved.get(j.name)
             if moved is not None and not lost:
-                continue  # cooled down: a job that cannot run where it is is the exception
+                continue  # within its cooldown; a job that cannot run where it is may go
             out.append(j)
         first_high = reason in ("lost", "xid")  # all must leave: the important one first
         return sorted(
