@@ -17,11 +17,13 @@ What it measures:
   samples). The larger of the two errs on the safe side: a cut reacts to the step at once, and a
   spike that fell between samples still counts. A GPU that is up but whose power cannot be told
   counts at its enforced limit (what it could draw).
-- **demand** per GPU, for the split: the same power, except that a GPU drawing at the limit the
-  capper gave it (the driver reports the SW power cap clock event, or, where clock events are not
-  read, it draws within ``pinned_fraction`` of that limit) wants more than it gets, by an amount
-  nobody can see: its demand is its ceiling, so GPUs held back by the budget share what is left
-  evenly within a priority, instead of each keeping whatever it happened to have.
+- **demand** per GPU, for the split: its draw, the mean over the last period (the latest sample
+  where it is above the mean by more than the margin: a load step), except that a GPU drawing at
+  the limit the capper gave it (the driver reports the SW power cap clock event, or, where clock
+  events are not read, it draws within ``pinned_fraction`` of that limit) wants more than it
+  gets, by an amount nobody can see: its demand is its ceiling, so GPUs held back by the budget
+  share what is left evenly within a priority, instead of each keeping whatever it happened to
+  have.
 - **priority** per GPU: the highest priority of the running jobs on it; a GPU without a job is
   ``low``.
 
@@ -53,9 +55,12 @@ In every band, after the cuts, a GPU below its share rises at once, highest prio
 the node over the split budget whatever the load does (it cannot draw more than the sum of its
 limits), so it needs no band's leave. Every move converges on the shares (cuts from above,
 raises from below, neither past them), so under a steady load the limits settle instead of
-oscillating; moves smaller than ``deadband_w`` are not made, except cuts over budget, so sensor
-noise in the shares of GPUs that draw less than their limit moves nothing. Limits never leave
-[min, ceiling].
+oscillating. Moves smaller than ``deadband_w`` (20 W: about 1 % of a GPU's throughput near its
+default limit) are not made, so small drifts of the shares move nothing, with two exceptions:
+cuts over budget, and moves that give a GPU that wants power what it lacks (the watts it is owed
+may sit in slivers above the shares of many GPUs). Demand uses the period's mean, not the latest
+sample, whose sensor noise (about 1 %) would otherwise move every share a little each period.
+Limits never leave [min, ceiling].
 
 If the minimum limits alone exceed the budget, the budget is unreachable: every GPU goes to its
 minimum at once, :attr:`BudgetCapper.unreachable` is set with :attr:`BudgetCapper.shortfall_w`,
@@ -115,7 +120,7 @@ DEFAULT_EASE_BELOW = 0.89
 DEFAULT_RAISE_BELOW = 0.80
 DEFAULT_EASE_STEP = 0.05
 DEFAULT_RAISE_STEP = 0.05
-DEFAULT_DEADBAND_W = 5.0
+DEFAULT_DEADBAND_W = 20.0
 DEFAULT_PINNED_FRACTION = 0.02
 SW_POWER_CAP = 0x4
 """NVML's clock-event bit for the software power cap (``ClockEvent.SW_POWER_CAP``; policies read
@@ -134,6 +139,10 @@ class _Gpu:
     hi_w: float
     """The ceiling: the default limit (or the maximum where unknown), within [min, max]."""
     power_w: float
+    """Its power as P counts it: the larger of the latest sample and the period's mean."""
+    draw_w: float
+    """Its draw as its demand counts it: the period's mean, unless the latest sample is above it
+    by more than the margin (a load step, not sensor noise)."""
     pinned: bool
     priority: str
     limit_w: float
@@ -249,7 +258,7 @@ class BudgetCapper:
         for g in gpus:
             g.share_w = split.limits_w[g.index]
             g.need_w = need_w(
-                GpuDemand(g.index, g.lo_w, g.hi_w, g.power_w), self.margin_fraction, self.margin_w
+                GpuDemand(g.index, g.lo_w, g.hi_w, g.draw_w), self.margin_fraction, self.margin_w
             )
         ratio = power / budget if budget > 0 else math.inf
         band = _band(ratio, self.ease_below, self.raise_below)
@@ -262,9 +271,11 @@ class BudgetCapper:
             if band == "over":
                 room += self._cut(gpus)
             elif band == "near" or self._wanted(gpus) > 0:  # near: take back; else: transfer
-                room += self._trim(gpus)
+                # a GPU that wants power gathers it even in slivers under the deadband
+                fine = SAME_W if self._wanted(gpus) > room else self.deadband_w
+                room += self._trim(gpus, fine)
                 if band == "near" or self._wanted(gpus) > room:
-                    room += self._ease(gpus)
+                    room += self._ease(gpus, fine)
             room = self._fill(gpus, room)
             if band == "low":
                 self._climb(gpus)
@@ -296,22 +307,26 @@ class BudgetCapper:
                 continue  # a lost GPU draws nothing the node's budget sees; its track is kept
             bounds = _bounds(view)
             if bounds is None:
-                drawn = self._power(view, None)
-                if drawn is not None:
-                    power += drawn
-                    fixed += drawn  # cannot be limited: reserved out of the budget
+                latest = view.sample.power_w
+                if latest is not None and math.isfinite(latest):
+                    power += latest
+                    fixed += latest  # cannot be limited: reserved out of the budget
                 continue
             lo, hi = bounds
             track = self._tracks.get(info.index)
             if track is None or track.uuid != info.uuid:  # new, or another board at this index
                 track = self._tracks[info.index] = _Track(info.uuid, hi)
-            drawn = self._power(view, track)
+            latest, mean = self._power(view, track)
             track.energy_j, track.read_mono_s = sample.energy_j, sample.read_mono_s
             limit = min(hi, max(lo, track.limit_w))
             reading = sample.reading
             enforced = None if reading is None else reading.power_limit_w
-            if drawn is None:  # up but its power cannot be told: count what it could draw
-                drawn = enforced if enforced is not None else hi
+            known = [p for p in (latest, mean) if p is not None]
+            if known:
+                drawn = max(known)
+                draw = self._draw(latest, mean)
+            else:  # up but its power cannot be told: count what it could draw
+                drawn = draw = enforced if enforced is not None else hi
             power += drawn
             gpus.append(
                 _Gpu(
@@ -319,6 +334,7 @@ class BudgetCapper:
                     lo,
                     hi,
                     drawn,
+                    draw,
                     self._pinned(view, drawn, limit, enforced),
                     priority.get(info.index, NO_JOB),
                     limit,
@@ -327,14 +343,15 @@ class BudgetCapper:
         return gpus, power, fixed
 
     @staticmethod
-    def _power(view: GpuView, track: _Track | None) -> float | None:
-        """The larger of the latest power and the mean over the last period (energy counter)."""
+    def _power(view: GpuView, track: _Track) -> tuple[float | None, float | None]:
+        """The latest power, and the mean over the last period (from the energy counter)."""
         sample = view.sample
         latest = sample.power_w
+        if latest is not None and not math.isfinite(latest):
+            latest = None
         mean = None
         if (
-            track is not None
-            and track.energy_j is not None
+            track.energy_j is not None
             and track.read_mono_s is not None
             and sample.read_mono_s is not None
         ):
@@ -342,8 +359,24 @@ class BudgetCapper:
             de = sample.energy_j - track.energy_j
             if dt > 0 and de >= 0:  # a counter reset or a new GPU gives no mean
                 mean = de / dt
-        known = [p for p in (latest, mean) if p is not None and math.isfinite(p)]
-        return max(known) if known else None
+        return latest, mean
+
+    def _draw(self, latest: float | None, mean: float | None) -> float:
+        """What a GPU draws, for its demand: the period's mean, or the latest sample on a step.
+
+        The mean comes from the energy counter (exact); the latest sample wins when it is above
+        the mean by more than the margin.
+
+        The latest sample carries sensor noise (about 1 %); fed into the split, it would move
+        every share by a few watts each period, and the GPUs held at their share with them. A
+        load step larger than the margin shows in the latest sample before the mean catches up.
+        """
+        if mean is None:
+            assert latest is not None
+            return latest
+        if latest is not None and latest > mean + max(self.margin_fraction * mean, self.margin_w):
+            return latest
+        return mean
 
     def _pinned(self, view: GpuView, drawn: float, limit: float, enforced: float | None) -> bool:
         """Whether the capper's own limit holds this GPU back (it would draw more without it)."""
@@ -364,7 +397,7 @@ class BudgetCapper:
         mins = math.fsum(g.lo_w for g in gpus)
         aim = left * self.setpoint
         demands = [
-            GpuDemand(g.index, g.lo_w, g.hi_w, g.hi_w if g.pinned else g.power_w, g.priority)
+            GpuDemand(g.index, g.lo_w, g.hi_w, g.hi_w if g.pinned else g.draw_w, g.priority)
             for g in gpus
         ]
         return allocate(
@@ -385,34 +418,38 @@ class BudgetCapper:
                 g.limit_w, g.moved = g.share_w, "cut"
         return freed
 
-    def _wanted(self, gpus: list[_Gpu]) -> float:
-        """What the GPUs held under their share, and short of their need, lack, in watts."""
-        return sum(
-            g.share_w - g.limit_w
-            for g in gpus
-            if g.share_w - g.limit_w >= self.deadband_w
-            and (g.pinned or g.need_w > g.limit_w + SAME_W)
+    def _wants(self, g: _Gpu) -> bool:
+        """Held under its share by at least the deadband, and short of its need."""
+        return g.share_w - g.limit_w >= self.deadband_w and (
+            g.pinned or g.need_w > g.limit_w + SAME_W
         )
 
-    def _trim(self, gpus: list[_Gpu]) -> float:
+    def _wanted(self, gpus: list[_Gpu]) -> float:
+        """What the GPUs that want power lack, in watts."""
+        return sum(g.share_w - g.limit_w for g in gpus if self._wants(g))
+
+    def _trim(self, gpus: list[_Gpu], above_w: float) -> float:
         """Headroom nobody uses goes at once. Returns the watts freed.
 
         A GPU above its share that does not draw its limit comes down to its share or its need
-        (draw plus margin), whichever is higher.
+        (draw plus margin), whichever is higher, if that frees more than ``above_w``.
         """
         freed = 0.0
         for g in gpus:
-            if g.pinned or g.limit_w <= g.share_w + self.deadband_w:
+            if g.pinned:
                 continue
             new = max(g.share_w, g.need_w)
-            if g.limit_w - new >= self.deadband_w:
+            if g.limit_w - new > above_w:
                 freed += g.limit_w - new
                 g.limit_w, g.moved = new, "trimmed"
         return freed
 
-    def _ease(self, gpus: list[_Gpu]) -> float:
-        """Near the budget: the lowest priority with GPUs above their share eases them down."""
-        above = [g for g in gpus if g.limit_w > g.share_w + self.deadband_w]
+    def _ease(self, gpus: list[_Gpu], above_w: float) -> float:
+        """One gentle step down for the lowest priority above its share. Returns the watts freed.
+
+        Only GPUs above their share by more than ``above_w`` count.
+        """
+        above = [g for g in gpus if g.limit_w > g.share_w + above_w]
         if not above:
             return 0.0
         lowest = max(_RANK[g.priority] for g in above)
@@ -425,13 +462,19 @@ class BudgetCapper:
         return freed
 
     def _fill(self, gpus: list[_Gpu], room: float) -> float:
-        """GPUs below their share rise into the room, highest priority first. Returns the rest."""
+        """GPUs below their share rise into the room, highest priority first. Returns the rest.
+
+        A GPU that wants power takes whatever room there is; one that does not draw its limit
+        rises only by the deadband or more (it gains headroom, not throughput).
+        """
         for g in sorted(gpus, key=lambda g: (_RANK[g.priority], g.index)):
             gap = g.share_w - g.limit_w
-            if room < self.deadband_w:
+            if room < SAME_W:
                 break
-            if gap >= self.deadband_w:
-                up = min(gap, room)
+            if gap < self.deadband_w:
+                continue
+            up = min(gap, room)
+            if up >= self.deadband_w or self._wants(g):
                 room -= up
                 g.limit_w += up
                 g.moved = g.moved or "raised"
