@@ -44,8 +44,11 @@ def node_with(
     mode: Mode = "apply",
     interval_s: float = 0.1,
     state_dir: Path | None = None,
+    deadband_w: float | None = None,
 ) -> Iterator[tuple[SimNode, BudgetCapper]]:
-    capper = BudgetCapper(budget)
+    capper = (
+        BudgetCapper(budget) if deadband_w is None else BudgetCapper(budget, deadband_w=deadband_w)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         node = SimNode(
             gpus,
@@ -273,20 +276,38 @@ def test_near_the_budget_the_lowest_priority_above_its_share_eases_and_the_highe
     assert capper.band == "near" and wants == {0: 218.0, 1: 342.0}
 
 
+def test_shares_that_drift_by_less_than_the_deadband_move_no_limit() -> None:
+    moved = {}
+    for deadband_w in (20.0, 0.0):
+        capper = BudgetCapper(lambda: 2000.0, deadband_w=deadband_w)
+        capped_at_shares(capper)
+        # GPU 0 now draws 195 W: its need (205 W) is over its 200 W limit, and GPU 1's share
+        # falls by the 5 W that GPU 0's rises
+        moved[deadband_w] = period(
+            capper, [(195.0, 200.0, False), pinned(360), pinned(700), pinned(700)], 2
+        )
+    assert moved == {20.0: {0: 200.0, 1: 360.0}, 0.0: {0: 205.0, 1: 355.0}}
+
+
 # -------------------------------------------------------------------------------- steadiness
 @pytest.mark.parametrize(
-    ("utilizations", "fraction"),
+    ("utilizations", "fraction", "deadband_w"),
     [
-        ([1.0] * 8, 0.6),  # all busy: the split sits just under the budget
-        ([1.0, 1.0, 0.6, 0.6, 0.3, 0.3, 0.0, 0.0], 0.6),  # light and idle GPUs: shares of draw
-        ([1.0, 1.0, 0.6, 0.6, 0.3, 0.3, 0.0, 0.0], 0.5),  # the same, a tighter budget
-        ([0.8] * 8, 0.9),  # near the budget without a cut
+        ([1.0] * 8, 0.6, None),  # all busy: the split sits just under the budget
+        ([1.0, 1.0, 0.6, 0.6, 0.3, 0.3, 0.0, 0.0], 0.6, None),  # light and idle GPUs
+        ([1.0, 1.0, 0.6, 0.6, 0.3, 0.3, 0.0, 0.0], 0.5, None),  # the same, a tighter budget
+        ([0.8] * 8, 0.9, None),  # near the budget without a cut
+        ([0.5] * 8, 0.5, None),  # every GPU held at what it draws plus the margin
+        # the same with a 1 W deadband: steady only because the demand is the period's mean
+        # from the energy counter, not the latest sample with its sensor noise
+        ([0.5] * 8, 0.5, 1.0),
     ],
 )
 def test_limits_settle_under_steady_load_and_change_at_most_once_in_60_periods(
-    utilizations: list[float], fraction: float
+    utilizations: list[float], fraction: float, deadband_w: float | None
 ) -> None:
-    with node_with(8, Budget(fraction * 8 * H100_MAX_W)) as (node, _):
+    budget = Budget(fraction * 8 * H100_MAX_W)
+    with node_with(8, budget, deadband_w=deadband_w) as (node, _):
         for i, u in enumerate(utilizations):
             if u > 0:
                 node.add_job(SimJob(f"job{i}", i, priority=MIXED[i], utilization=u))
