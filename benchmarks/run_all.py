@@ -27,6 +27,8 @@ BENCHMARKS = (
     "bench_train_overhead",
     "http_load",
     "tuner_vs_zeus",
+    "policy_vs_uniform",
+    "engine_timing",
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
