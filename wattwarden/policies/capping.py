@@ -151,7 +151,7 @@ class _Gpu:
     """Its draw plus the allocator's margin, within its bounds."""
     share_w: float = 0.0
     moved: str = ""
-    """What this period did: ``cut``, ``eased``, ``raised``, or empty."""
+    """What this period did: ``cut``, ``trimmed``, ``eased``, ``raised``, or empty."""
 
 
 @dataclass(slots=True)
