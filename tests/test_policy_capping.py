@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,9 +18,18 @@ from wattwarden.collectors.jobs import JobView
 from wattwarden.collectors.samples import GpuSample
 from wattwarden.collectors.store import GpuView, StoreSnapshot
 from wattwarden.hardware.device import ClockEvent, GpuInfo, GpuReading
+from wattwarden.hardware.sim.gpu import SENSOR_NOISE_RATIO
 from wattwarden.nodesim import SimJob, SimNode
 from wattwarden.policies.base import Mode, PolicyInputs
-from wattwarden.policies.capping import BudgetCapper
+from wattwarden.policies.capping import (
+    DEFAULT_MARGIN,
+    DEFAULT_MARGIN_CEILING,
+    DEFAULT_MARGIN_FLOOR,
+    DEFAULT_OVERSHOOT_MIN_READINGS,
+    DEFAULT_OVERSHOOT_SAFETY,
+    MARGIN_STEP,
+    BudgetCapper,
+)
 from wattwarden.policies.engine import SAME_LIMIT_W as SAME_W
 
 H100_MIN_W, H100_MAX_W = 200.0, 700.0
@@ -177,7 +187,9 @@ def test_a_reason_says_the_node_power_the_budget_and_what_happened_to_the_gpu() 
         cut = next(d for d in node.decisions if d.gpu == 5 and d.action == "set")
     assert cut.policy == "budget" and "\n" not in cut.reason
     head, what = cut.reason.split(": ")
-    assert head.startswith("node at 5") and head.endswith(" W over its 3360 W budget")
+    assert head.startswith("node at 5") and head.endswith(
+        " W over its 3360 W budget, split 3293 W (margin 2.0 %, the default until learned)"
+    )
     assert what == "GPU 5 (low) cut to 200 W"
 
 
@@ -448,3 +460,185 @@ def test_limits_stay_within_bounds_and_the_node_returns_under_budget_within_two_
             # at the minimum, to the engine's 1 W keep band (a limit 0.4 W over it is kept)
             assert node.limits_w() == [pytest.approx(H100_MIN_W, abs=SAME_W)] * gpus
     assert longest[0] <= 2 * PERIOD_S + 1e-9
+
+
+# ------------------------------------------------------------------------ the budget's margin
+@pytest.mark.parametrize(
+    ("priorities", "fraction"),
+    [
+        (MIXED, 0.6),  # every GPU held at a limit: the node's noise is its GPUs' averaged
+        (["normal"] * 3, 0.4),  # three held, five idle: less to average, a larger margin
+    ],
+)
+def test_on_the_simulator_the_learned_margin_settles_near_its_sensor_noise_and_holds_budget(
+    priorities: list[str], fraction: float
+) -> None:
+    # the simulated limiter holds a GPU exactly at its limit; only the readings are off, by up
+    # to SENSOR_NOISE_RATIO (1 %): the margin learned from them is about that, not the 2 %
+    budget = fraction * 8 * H100_MAX_W
+    over: list[float] = []
+    margins = [DEFAULT_MARGIN]
+    with node_with(8, Budget(budget)) as (node, capper):
+        load_all(node, priorities)
+        node.run(DEFAULT_OVERSHOOT_MIN_READINGS + 10)
+        assert capper.margin_source == "learned"
+        for _ in range(540):  # until its 600 readings fill the window, and on
+            node.run(PERIOD_S, on_pass=lambda n: over.append(n.power_w() - budget))
+            if capper.margin != margins[-1]:
+                margins.append(capper.margin)
+        assert capper.overshoot is not None
+        assert 0 < capper.overshoot <= SENSOR_NOISE_RATIO
+        assert DEFAULT_MARGIN_FLOOR <= capper.margin <= 1.5 * SENSOR_NOISE_RATIO
+        assert capper.margin < DEFAULT_MARGIN
+        # and the shares hand out what it gained (limits sum to the split, to the keep band)
+        assert sum(node.limits_w()) >= (1 - capper.margin) * budget - 8 * SAME_W
+    assert max(over) <= 0
+    assert len(margins) <= 3, margins  # learned once, and moved at most once more in 9 minutes
+
+
+def test_before_enough_readings_the_margin_is_the_conservative_default() -> None:
+    margins: dict[int, float] = {}
+    with node_with(8, Budget(sixty_percent(8))) as (node, capper):
+        assert capper.margin == DEFAULT_MARGIN and capper.margin_source == "default"
+        load_all(node, MIXED)
+        while capper.overshoot_readings < DEFAULT_OVERSHOOT_MIN_READINGS:
+            node.run(PERIOD_S)
+            margins[capper.overshoot_readings] = capper.margin
+    early = {n: m for n, m in margins.items() if n < DEFAULT_OVERSHOOT_MIN_READINGS}
+    assert len(early) > DEFAULT_OVERSHOOT_MIN_READINGS / 2
+    assert set(early.values()) == {DEFAULT_MARGIN}
+    assert margins[DEFAULT_OVERSHOOT_MIN_READINGS] < DEFAULT_MARGIN  # enough: it learns
+
+
+# A synthetic node of four fully loaded boards (each would draw 800 W, more than its 700 W
+# maximum) whose power, once its limiter holds it, runs ``overshoot`` over the limit, plus
+# noise of up to ``noise`` of it (a seeded uniform draw): its readings are its true power.
+class Boards:
+    """Four boards under the capper: each period, the capper's intents become the limits."""
+
+    def __init__(self, capper: BudgetCapper, overshoot: float, noise: float = 0.0) -> None:
+        self.capper = capper
+        self.overshoot = overshoot
+        self.noise = noise
+        self.rng = random.Random(f"{overshoot}/{noise}")
+        self.limits = [H100_MAX_W] * 4
+        self.energy = [0.0] * 4
+        self.t = 0.0
+        self.powers: list[float] = []
+        """The node's power in each period (its true power: what the budget is about)."""
+
+    def period(self) -> float:
+        self.t += PERIOD_S
+        views = []
+        node = 0.0
+        for i, limit in enumerate(self.limits):
+            watts = limit * (1 + self.overshoot + self.noise * self.rng.uniform(-1, 1))
+            self.energy[i] += watts * PERIOD_S
+            node += watts
+            info = GpuInfo(i, f"GPU-{i}", "NVIDIA H100", f"0:{i}", "550", None, 200.0, 700.0, 700.0)
+            mask = int(ClockEvent.SW_POWER_CAP)
+            reading = GpuReading(
+                watts, watts, self.energy[i], limit, 60, 60, 1.0, 0.5, 0, 0, 1.9e9, 2.6e9, mask
+            )
+            sample = GpuSample(
+                info,
+                True,
+                self.t,
+                reading,
+                self.energy[i],
+                "counter",
+                watts,
+                "instant",
+                self.t,
+                self.t,
+            )
+            views.append(GpuView(sample, watts, watts))
+        jobs = tuple(
+            JobView(f"job{i}", 100 + i, i, p, 0.0, 0, 0, 0, None, {}, 0.0)
+            for i, p in enumerate(PRIORITY)
+        )
+        snapshot = StoreSnapshot(tuple(views), {}, self.t)
+        wants = {i.gpu: i.watts for i in self.capper.intents(PolicyInputs(snapshot, jobs, self.t))}
+        # what the engine does: the capper's limit, or the original limit back without one
+        self.limits = [min(H100_MAX_W, max(H100_MIN_W, wants.get(i, H100_MAX_W))) for i in range(4)]
+        self.powers.append(node)
+        return node
+
+
+@FAST
+@given(overshoot=st.floats(0.0, 0.04), noise=st.floats(0.0, 0.01))
+def test_a_margin_learned_on_boards_that_overshoot_their_limits_covers_it_and_holds_budget(
+    overshoot: float, noise: float
+) -> None:
+    budget = 2000.0
+    capper = BudgetCapper(lambda: budget)
+    boards = Boards(capper, overshoot, noise)
+    for _ in range(DEFAULT_OVERSHOOT_MIN_READINGS + 30):
+        boards.period()
+    # the first period is uncapped, the second cut to the default margin's shares (the first
+    # reading comes after a limit has held for one period): from the fourth on, the margin
+    # covers what the boards do, both on its first readings and once it has enough
+    assert max(boards.powers[3:]) <= budget
+    assert capper.margin >= overshoot / (1 + overshoot)  # what every board does at once
+    assert DEFAULT_MARGIN_FLOOR <= capper.margin <= DEFAULT_MARGIN_CEILING
+    # and it costs no more than the rule asks: safety x what the readings show, rounded up
+    # (rounded up a step, and kept while within two steps of what the readings ask)
+    asked = DEFAULT_OVERSHOOT_SAFETY * (overshoot + noise)
+    assert capper.margin <= max(DEFAULT_MARGIN_FLOOR, asked) + 3 * MARGIN_STEP
+    assert capper.margin_source == "learned"
+
+
+def test_a_fixed_two_percent_margin_leaves_boards_that_overshoot_by_3_percent_over_budget() -> None:
+    # what the learned margin is for: the fixed 98 % setpoint of before, on such boards
+    fixed = Boards(BudgetCapper(lambda: 2000.0, setpoint=0.98), 0.03)
+    learned = Boards(BudgetCapper(lambda: 2000.0), 0.03)
+    for _ in range(DEFAULT_OVERSHOOT_MIN_READINGS + 30):
+        fixed.period()
+        learned.period()
+    assert min(fixed.powers[3:]) == pytest.approx(1.03 * 0.98 * 2000.0)  # over, every period
+    assert max(learned.powers[3:]) <= 2000.0
+    assert fixed.capper.margin == pytest.approx(0.02) and fixed.capper.margin_source == "set"
+    assert fixed.capper.overshoot == pytest.approx(0.03)  # measured, and shown, all the same
+    assert learned.capper.margin == pytest.approx(0.045)  # 1.5 x 3 %
+
+
+def test_the_first_readings_may_raise_the_margin_at_once_but_not_lower_it() -> None:
+    rising = Boards(BudgetCapper(lambda: 2000.0), 0.03)
+    exact = Boards(BudgetCapper(lambda: 2000.0), 0.0)
+    seen: list[tuple[int, float, float]] = []
+    for _ in range(DEFAULT_OVERSHOOT_MIN_READINGS + 5):
+        rising.period()
+        exact.period()
+        seen.append((exact.capper.overshoot_readings, exact.capper.margin, rising.capper.margin))
+    first = next(i for i, (n, _, _) in enumerate(seen) if n == 1)
+    assert seen[first] == (1, DEFAULT_MARGIN, pytest.approx(0.045))
+    assert all(m == DEFAULT_MARGIN for n, m, _ in seen if n < DEFAULT_OVERSHOOT_MIN_READINGS)
+    assert all(m == DEFAULT_MARGIN_FLOOR for n, m, _ in seen if n >= DEFAULT_OVERSHOOT_MIN_READINGS)
+
+
+def test_a_limit_still_settling_and_a_reading_seen_before_are_not_overshoot_readings() -> None:
+    capper = BudgetCapper(lambda: 2000.0)
+    # GPU 1 is cut from 700 to 360 W and reads 500 W: the cut's transient, not an overshoot
+    period(capper, [light(150), pinned(700), pinned(700), pinned(700)], 1)
+    period(capper, [light(150), (500.0, 360.0, True), pinned(700), pinned(700)], 2)
+    assert capper.overshoot == pytest.approx(0.0)  # GPUs 2 and 3, held at 700 W
+    # the same readings again (the sampler stalled): nothing new to count
+    readings = capper.overshoot_readings
+    period(capper, [light(150), (500.0, 360.0, True), pinned(700), pinned(700)], 2)
+    assert capper.overshoot_readings == readings
+    # held a period at 360 W and still over it: now it counts
+    period(capper, [light(150), (396.0, 360.0, True), pinned(700), pinned(700)], 3)
+    assert capper.overshoot == pytest.approx(36.0 / 1760.0)
+
+
+def test_a_reason_names_the_learned_margin_once_the_capper_has_learned_it() -> None:
+    with node_with(8, Budget(sixty_percent(8))) as (node, capper):
+        load_all(node, MIXED)
+        node.run(DEFAULT_OVERSHOOT_MIN_READINGS + 10)
+        assert capper.margin_source == "learned"
+        last = [d for d in node.decisions if d.policy == "budget"][-1]
+    split = round((1 - capper.margin) * sixty_percent(8))
+    assert last.reason.split(": ")[0].endswith(
+        f" W budget, split {split} W (margin {100 * capper.margin:.1f} %, learned from how the "
+        "GPUs hold their limits)"
+    )

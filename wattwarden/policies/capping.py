@@ -27,9 +27,10 @@ What it measures:
 - **priority** per GPU: the highest priority of the running jobs on it; a GPU without a job is
   ``low``.
 
-The split is of ``setpoint`` times the budget (98 % by default): the capper aims a little under
-the budget, so the power limiter's ripple and sensor error do not cross it. Bands of P against
-the budget B, checked each period:
+The split is of ``1 - margin`` times the budget: the capper aims a little under the budget, so
+that GPUs held at their limits, whose power ripples around the limit and whose readings carry
+sensor error, do not take the node over it. The margin is learned (see *The margin* below)
+unless ``setpoint`` fixes it. Bands of P against the budget B, checked each period:
 
 - **over**, P > B: every GPU above its share is cut to it at once. The shares sum to at most the
   budget, so the node is under it by the next sampler pass after the engine acts, and within two
@@ -62,6 +63,33 @@ may sit in slivers above the shares of many GPUs). Demand uses the period's mean
 sample, whose sensor noise (about 1 %) would otherwise move every share a little each period.
 Limits never leave [min, ceiling].
 
+The margin. How far over its limit a GPU's power goes depends on the board (its limiter's
+regulation and ripple, the sensor's noise); a fixed margin is too little on some and wastes
+power on others, so the capper measures it. Each period in which some GPUs are held at their
+enforced limit by the power limiter (the SW power cap clock event; where clock events are not
+read, a reading within ``pinned_fraction`` of the limit), whoever set that limit, gives one
+reading of the node's *overshoot*: the power of those GPUs over the sum of their limits, minus
+one, from the same full reading as the limit and the clock events. A GPU counts only when its
+reading is new and its enforced limit is the one the previous reading showed: a limit just moved
+is still settling, which is a cut's transient, not how the board holds a limit. The node sum is
+what the budget sees (ripple that every GPU of a job shares adds up; independent noise partly
+cancels), and relative to the limits of the GPUs held it errs on the safe side: with few GPUs
+held it is noisier than a node whose every GPU is held, and readings cannot tell which part of
+it is shared. The margin is ``overshoot_safety`` (1.5) times the ``overshoot_quantile`` (99th
+percentile) of the last ``overshoot_window`` (600) readings, within ``margin_floor`` (0.5 %) and
+``margin_ceiling`` (5 %), rounded up to 0.1 %. Until ``overshoot_min_readings`` (60) readings
+are in, it is never under ``margin_default`` (2 %, what a fresh agent uses), but it rises at
+once when the first readings ask for more: little evidence may make the node safer, never less
+safe. It moves only when the readings ask for two steps (0.2 %) more or less than the margin in
+force, so that a quantile drifting in its window does not move every share each period; the
+margin in force still covers the quantile itself (1.5 q - 0.2 % >= q from q = 0.4 %, and the
+floor below that). When it falls, the watts it frees are handed out that period even in slivers
+under the deadband. On an exact limiter with 1 % sensor noise (the simulator) it settles at
+0.7 % with eight GPUs held and 0.9 % with three (1.5 % at most: 1.5 times the noise's bound); on
+boards that read 3 % over their limits, at 4.5 %. The capper logs each change, and warns (once
+per episode) when the margin is at its ceiling while the readings ask for more.
+:attr:`BudgetCapper.margin` is the margin in force.
+
 If the minimum limits alone exceed the budget, the budget is unreachable: every GPU goes to its
 minimum at once, :attr:`BudgetCapper.unreachable` is set with :attr:`BudgetCapper.shortfall_w`,
 and the capper logs it once per episode (and once when it is reachable again).
@@ -83,7 +111,8 @@ What is taken from where (what the papers describe, not their numbers):
   the target, below the uncapping threshold caps are lifted, and in between nothing changes, so
   that readings near one threshold do not flip the decision. Cuts go to lower-priority services
   first and, within a priority, to the servers drawing the most (see :mod:`.budget`). Here the
-  setpoint under the budget plays the capping target and the hold band the dead band.
+  setpoint under the budget plays the capping target (learned here from how the boards hold
+  their limits, where Dynamo's is configured) and the hold band the dead band.
 - Multiplicative decrease and additive increase (Chiu and Jain's AIMD, as in TCP's congestion
   control): cut in proportion near the constraint, give back in small fixed steps, so the loop
   errs on the safe side and converges instead of oscillating.
@@ -94,8 +123,10 @@ replaced whole at the end of each period and may be read from any thread.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -115,7 +146,19 @@ from wattwarden.policies.budget import (
 log = logging.getLogger(__name__)
 
 NAME = "budget"
-DEFAULT_SETPOINT = 0.98
+DEFAULT_MARGIN = 0.02
+"""The budget margin before the node's readings say otherwise (a fixed 98 % setpoint before)."""
+DEFAULT_MARGIN_FLOOR = 0.005
+DEFAULT_MARGIN_CEILING = 0.05
+DEFAULT_OVERSHOOT_QUANTILE = 0.99
+DEFAULT_OVERSHOOT_SAFETY = 1.5
+"""For an overshoot with a Gaussian tail, 1.5 times its 99th percentile is 3.5 standard
+deviations: exceeded by about one reading in 4000."""
+DEFAULT_OVERSHOOT_WINDOW = 600
+"""Node readings kept: ten minutes of periods with GPUs held at their limits."""
+DEFAULT_OVERSHOOT_MIN_READINGS = 60
+MARGIN_STEP = 0.001
+"""The margin moves in steps of 0.1 % (rounded up), and only by two steps or more."""
 DEFAULT_EASE_BELOW = 0.89
 DEFAULT_RAISE_BELOW = 0.80
 DEFAULT_EASE_STEP = 0.05
@@ -164,23 +207,44 @@ class _Track:
     read_mono_s: float | None = None
 
 
+@dataclass(slots=True)
+class _Held:
+    """The last full reading of one GPU the margin learning saw (kept with or without budget)."""
+
+    uuid: str
+    slow_mono_s: float | None
+    enforced_w: float | None
+
+
 class BudgetCapper:
     """Hold the node's GPU power under ``budget_w()``, split by priority and demand (see module).
 
     ``budget_w`` is called once per period: the budget in watts, or None for no budget (the
     capper then proposes nothing). Keyword-only settings: ``setpoint`` (the share of the budget
-    the split aims at), ``ease_below`` and ``raise_below`` (the band edges as fractions of the
-    budget), ``ease_step`` (the near band's cut, a fraction of the limit), ``raise_step`` (the
-    low band's raise, a fraction of the GPU's range), ``deadband_w`` (smaller moves are not
-    made), ``pinned_fraction`` (a GPU drawing this close to its limit is held back by it, where
-    clock events are not read), and the allocator's ``margin_fraction`` and ``margin_w``.
+    the split aims at, fixed; None, the default, learns the margin under the budget from how the
+    GPUs hold their limits: ``margin_default``, ``margin_floor``, ``margin_ceiling``,
+    ``overshoot_quantile``, ``overshoot_safety``, ``overshoot_window`` and
+    ``overshoot_min_readings``, see the module), ``ease_below`` and ``raise_below`` (the band
+    edges as fractions of the budget), ``ease_step`` (the near band's cut, a fraction of the
+    limit), ``raise_step`` (the low band's raise, a fraction of the GPU's range),
+    ``deadband_w`` (smaller moves are not made), ``pinned_fraction`` (a GPU drawing this close
+    to its limit is held back by it, where clock events are not read), and the allocator's
+    ``margin_fraction`` and ``margin_w`` (a GPU's headroom over its draw, not the budget's
+    margin).
     """
 
     def __init__(
         self,
         budget_w: Callable[[], float | None],
         *,
-        setpoint: float = DEFAULT_SETPOINT,
+        setpoint: float | None = None,
+        margin_default: float = DEFAULT_MARGIN,
+        margin_floor: float = DEFAULT_MARGIN_FLOOR,
+        margin_ceiling: float = DEFAULT_MARGIN_CEILING,
+        overshoot_quantile: float = DEFAULT_OVERSHOOT_QUANTILE,
+        overshoot_safety: float = DEFAULT_OVERSHOOT_SAFETY,
+        overshoot_window: int = DEFAULT_OVERSHOOT_WINDOW,
+        overshoot_min_readings: int = DEFAULT_OVERSHOOT_MIN_READINGS,
         ease_below: float = DEFAULT_EASE_BELOW,
         raise_below: float = DEFAULT_RAISE_BELOW,
         ease_step: float = DEFAULT_EASE_STEP,
@@ -195,8 +259,25 @@ class BudgetCapper:
                 "band edges must satisfy 0 < raise_below < ease_below < 1, got "
                 f"{raise_below!r} and {ease_below!r}"
             )
-        if not ease_below < setpoint <= 1:
+        if setpoint is not None and not ease_below < setpoint <= 1:
             raise ValueError(f"setpoint must be in (ease_below, 1], got {setpoint!r}")
+        if setpoint is None and not (
+            0 <= margin_floor <= margin_default <= margin_ceiling < 1 - ease_below
+        ):
+            raise ValueError(
+                "budget margins must satisfy 0 <= margin_floor <= margin_default <= "
+                f"margin_ceiling < 1 - ease_below, got {margin_floor!r}, {margin_default!r}, "
+                f"{margin_ceiling!r}"
+            )
+        if not 0 < overshoot_quantile <= 1:
+            raise ValueError(f"overshoot_quantile must be in (0, 1], got {overshoot_quantile!r}")
+        if not (math.isfinite(overshoot_safety) and overshoot_safety > 0):
+            raise ValueError(f"overshoot_safety must be a number > 0, got {overshoot_safety!r}")
+        if not 1 <= overshoot_min_readings <= overshoot_window:
+            raise ValueError(
+                "overshoot readings must satisfy 1 <= overshoot_min_readings <= overshoot_window, "
+                f"got {overshoot_min_readings!r} and {overshoot_window!r}"
+            )
         for name, value in (("ease_step", ease_step), ("raise_step", raise_step)):
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
@@ -210,7 +291,14 @@ class BudgetCapper:
         if not 0 <= pinned_fraction < 1:
             raise ValueError(f"pinned_fraction must be in [0, 1), got {pinned_fraction!r}")
         self._budget_w = budget_w
-        self.setpoint = setpoint
+        self.fixed_setpoint = setpoint
+        """The setpoint given to the constructor, or None: the margin is learned."""
+        self.margin_default = margin_default
+        self.margin_floor = margin_floor
+        self.margin_ceiling = margin_ceiling
+        self.overshoot_quantile = overshoot_quantile
+        self.overshoot_safety = overshoot_safety
+        self.overshoot_min_readings = overshoot_min_readings
         self.ease_below = ease_below
         self.raise_below = raise_below
         self.ease_step = ease_step
@@ -220,7 +308,16 @@ class BudgetCapper:
         self.margin_fraction = margin_fraction
         self.margin_w = margin_w
         self._tracks: dict[int, _Track] = {}
+        self._held: dict[int, _Held] = {}
+        self._overshoots: deque[float] = deque(maxlen=overshoot_window)
+        self._at_ceiling = False
+        self._margin_fell = False
+        """The margin fell this period (its room is handed out to the watt)."""
         self._targets: dict[int, float] = {}
+        self.margin: float = margin_default if setpoint is None else 1.0 - setpoint
+        """The budget's margin in force: the split aims at ``1 - margin`` of the budget."""
+        self.overshoot: float | None = None
+        """The node's overshoot quantile over the window of readings; None before the first."""
         self.unreachable: bool = False
         """The minimum limits alone exceed the budget: every GPU is held at its minimum."""
         self.shortfall_w: float = 0.0
@@ -239,6 +336,27 @@ class BudgetCapper:
         """``budget``."""
         return NAME
 
+    @property
+    def setpoint(self) -> float:
+        """The share of the budget the split aims at now: ``1 - margin``."""
+        return 1.0 - self.margin
+
+    @property
+    def margin_source(self) -> str:
+        """Where :attr:`margin` comes from: ``set``, ``default`` (few readings yet), ``learned``."""
+        if self.fixed_setpoint is not None:
+            return "set"
+        if len(self._overshoots) < self.overshoot_min_readings and self.margin <= (
+            self.margin_default
+        ):
+            return "default"
+        return "learned"
+
+    @property
+    def overshoot_readings(self) -> int:
+        """Node readings of the overshoot in the window (what the learned margin rests on)."""
+        return len(self._overshoots)
+
     def targets(self) -> dict[int, float]:
         """The limit the capper wants per GPU index, for the GPUs it holds under their ceiling."""
         return dict(self._targets)
@@ -246,6 +364,7 @@ class BudgetCapper:
     # ------------------------------------------------------------------------------- period
     def intents(self, inputs: PolicyInputs) -> Iterable[Intent]:
         """One intent per GPU the capper holds under its ceiling; none without a budget."""
+        self._learn(inputs)  # with or without a budget: how the boards hold limits is the same
         budget = self._budget_w()
         if budget is None or not math.isfinite(budget) or budget < 0:
             self._forget()
@@ -276,7 +395,9 @@ class BudgetCapper:
                 room += self._trim(gpus, fine)
                 if band == "near" or self._wanted(gpus) > room:
                     room += self._ease(gpus, fine)
-            room = self._fill(gpus, room)
+            # a margin that just fell hands its watts out even in slivers under the deadband:
+            # it moved every share at once and will not move again soon
+            room = self._fill(gpus, room, SAME_W if self._margin_fell else self.deadband_w)
             if band == "low":
                 self._climb(gpus)
         for g in gpus:
@@ -389,7 +510,7 @@ class BudgetCapper:
         return drawn >= enforced * (1 - self.pinned_fraction)
 
     def _split(self, budget: float, gpus: list[_Gpu], fixed: float) -> Allocation:
-        """The shares: ``setpoint`` of the budget (all of it if the minimums need more) split.
+        """The shares: ``1 - margin`` of the budget (all of it if the minimums need more) split.
 
         What GPUs without limit bounds draw is taken out of the budget first.
         """
@@ -406,6 +527,106 @@ class BudgetCapper:
             margin_fraction=self.margin_fraction,
             margin_w=self.margin_w,
         )
+
+    # ----------------------------------------------------------------------------- learning
+    def _learn(self, inputs: PolicyInputs) -> None:
+        """Take this period's reading of the node's overshoot; set the margin from the window."""
+        self._margin_fell = False
+        reading = self._overshoot_reading(inputs)
+        if reading is not None:
+            self._overshoots.append(reading)
+        self._set_margin()
+
+    def _overshoot_reading(self, inputs: PolicyInputs) -> float | None:
+        """The power of the GPUs held at an unchanged limit over the sum of those limits, - 1.
+
+        None when no GPU was held at its limit across two fresh full readings.
+        """
+        power = limits = 0.0
+        listed = set()
+        for view in inputs.snapshot.gpus:
+            sample = view.sample
+            info = sample.info
+            listed.add(info.index)
+            reading = sample.reading
+            if not sample.up or reading is None:
+                continue
+            before = self._held.get(info.index)
+            now = _Held(info.uuid, sample.slow_read_mono_s, reading.power_limit_w)
+            self._held[info.index] = now
+            if (
+                before is None
+                or before.uuid != info.uuid
+                or now.slow_mono_s is None
+                or before.slow_mono_s is None
+                or now.slow_mono_s <= before.slow_mono_s  # not a new reading
+                or now.enforced_w is None
+                or before.enforced_w is None
+                or abs(now.enforced_w - before.enforced_w) > SAME_W  # a limit still settling
+                or now.enforced_w <= 0
+            ):
+                continue
+            watts = reading.power_instant_w
+            if watts is None or not math.isfinite(watts):
+                watts = reading.power_w
+            if watts is None or not math.isfinite(watts):
+                continue
+            mask = reading.clock_event_mask
+            held = (
+                bool(mask & SW_POWER_CAP)
+                if mask is not None
+                else watts >= now.enforced_w * (1 - self.pinned_fraction)
+            )
+            if held:
+                power += watts
+                limits += now.enforced_w
+        for index in [i for i in self._held if i not in listed]:
+            del self._held[index]
+        return power / limits - 1.0 if limits > 0 else None
+
+    def _set_margin(self) -> None:
+        """The margin from the window: safety x quantile, bounded, rounded up, with hysteresis."""
+        count = len(self._overshoots)
+        if count == 0:
+            return
+        # the quantile by nearest rank: the k-th largest reading
+        k = count - math.ceil(self.overshoot_quantile * count) + 1
+        quantile = heapq.nlargest(k, self._overshoots)[-1]
+        self.overshoot = quantile
+        if self.fixed_setpoint is not None:
+            return  # measured for the operator's eyes, but the margin is theirs
+        wanted = max(0.0, quantile) * self.overshoot_safety
+        steps = math.ceil(wanted / MARGIN_STEP - 1e-9)
+        target = min(self.margin_ceiling, max(self.margin_floor, steps * MARGIN_STEP))
+        if count < self.overshoot_min_readings:
+            target = max(target, self.margin_default)  # few readings may only make it safer
+        at_ceiling = wanted > self.margin_ceiling
+        if at_ceiling and not self._at_ceiling:
+            log.warning(
+                "budget margin at its %.1f %% ceiling: GPUs held at their power limits read "
+                "%.2f %% over them (p%g of %d readings), which asks for %.1f %%; the node may "
+                "run over its budget",
+                100 * self.margin_ceiling,
+                100 * quantile,
+                100 * self.overshoot_quantile,
+                count,
+                100 * wanted,
+            )
+        self._at_ceiling = at_ceiling
+        # a dead band of two steps either way: the margin in force is still at least the
+        # quantile itself (1.5 q - 0.2 % >= q from q = 0.4 %; the floor covers less)
+        if abs(target - self.margin) >= 2 * MARGIN_STEP - 1e-12:
+            log.info(
+                "budget margin %.1f %% -> %.1f %%: GPUs held at their power limits read %.2f %% "
+                "over them (p%g of %d readings)",
+                100 * self.margin,
+                100 * target,
+                100 * quantile,
+                100 * self.overshoot_quantile,
+                count,
+            )
+            self._margin_fell = target < self.margin
+            self.margin = target
 
     # ------------------------------------------------------------------------------- moving
     @staticmethod
@@ -461,7 +682,7 @@ class BudgetCapper:
                 g.limit_w, g.moved = new, "eased"
         return freed
 
-    def _fill(self, gpus: list[_Gpu], room: float) -> float:
+    def _fill(self, gpus: list[_Gpu], room: float, deadband_w: float) -> float:
         """GPUs below their share rise into the room, highest priority first. Returns the rest.
 
         A GPU that wants power takes whatever room there is; one that does not draw its limit
@@ -471,10 +692,10 @@ class BudgetCapper:
             gap = g.share_w - g.limit_w
             if room < SAME_W:
                 break
-            if gap < self.deadband_w:
+            if gap < deadband_w:
                 continue
             up = min(gap, room)
-            if up >= self.deadband_w or self._wants(g):
+            if up >= deadband_w or self._wants(g):
                 room -= up
                 g.limit_w += up
                 g.moved = g.moved or "raised"
@@ -504,6 +725,11 @@ class BudgetCapper:
             head = (
                 f"node at {power:.0f} W, {100 * power / budget:.0f} % of its {budget:.0f} W budget"
             )
+        if not split.unreachable:
+            source = {"set": "set", "default": "the default until learned"}.get(
+                self.margin_source, "learned from how the GPUs hold their limits"
+            )
+            head += f", split {split.budget_w:.0f} W (margin {100 * self.margin:.1f} %, {source})"
         out = []
         for g in gpus:
             if g.limit_w >= g.hi_w - SAME_W and not split.unreachable:
