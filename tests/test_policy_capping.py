@@ -194,9 +194,10 @@ def test_a_reason_says_the_node_power_the_budget_and_what_happened_to_the_gpu() 
 
 
 # ------------------------------------------------------------------------------ one period
-# Four H100s (200-700 W), a 2000 W budget (the split aims at 98 %: 1960 W). GPU 0 runs a high-
-# priority job, GPU 1 a low one, GPUs 2 and 3 normal ones. A GPU is (power drawn, enforced limit,
-# held back by its limit: the SW power cap clock event).
+# Four H100s (200-700 W), a 2000 W budget (the split aims at 98 %, the default margin until it
+# is learned: 1960 W). GPU 0 runs a high-priority job, GPU 1 a low one, GPUs 2 and 3 normal
+# ones. A GPU is (power drawn, enforced limit, held back by its limit: the SW power cap clock
+# event).
 PRIORITY = ["high", "low", "normal", "normal"]
 
 
