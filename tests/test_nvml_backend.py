@@ -129,6 +129,24 @@ def test_set_power_limit_reads_back_the_enforced_limit_and_maps_errors(
         backend.close()
 
 
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(watts=st.floats(200.0, 700.0))
+def test_a_limit_is_set_in_whole_milliwatts_never_above_the_watts_asked(
+    fake_nvml: FakeNvml, watts: float
+) -> None:
+    backend, direct = NvmlBackend(), SimBackend(fake_nvml.fleet)
+    try:
+        for dev in (backend.devices()[0], direct.devices()[1]):
+            enforced = dev.set_power_limit(watts)
+            assert watts - 0.001 < enforced <= watts
+            assert enforced * 1000 == pytest.approx(round(enforced * 1000), abs=1e-6)
+        assert backend.devices()[0].set_power_limit(250.0 - 1e-13) == 250.0  # float noise kept
+    finally:
+        backend.close()
+
+
 def test_energy_is_integrated_from_power_when_the_counter_is_not_supported(
     fake_nvml: FakeNvml,
 ) -> None:

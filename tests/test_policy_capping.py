@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from wattwarden.collectors.jobs import JobView
@@ -410,6 +410,10 @@ def scenarios(draw: st.DrawFn) -> dict[str, object]:
 
 @FAST
 @given(scenarios())
+@example(  # a budget 1 % over the minimums: the engine's 1 W keep band must not carry it over
+    {"gpus": 2, "priorities": ["high", "high"], "job_util": [1.0, 1.0], "steps": [[], []],
+     "budgets": [(0.0, 0.2890625)], "fault": None}
+)  # fmt: skip
 def test_limits_stay_within_bounds_and_the_node_returns_under_budget_within_two_periods(
     case: dict,
 ) -> None:

@@ -6,6 +6,7 @@ implement :class:`GpuBackend`; everything above the hardware layer uses only the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntFlag
@@ -168,6 +169,16 @@ class GpuBackend(Protocol):
     def close(self) -> None:
         """Release the driver."""
         ...
+
+
+def limit_milliwatts(watts: float) -> int:
+    """A power limit in the driver's whole milliwatts, never above the watts asked.
+
+    A limit is a ceiling someone sized to fit a budget: rounding it up (200.3445 W to 200345 mW)
+    could carry a node a fraction of a watt over that budget, so it is rounded down. Float noise
+    (a limit of 250 W computed as 249.99999999999997) is forgiven, so whole watts stay whole.
+    """
+    return math.floor(watts * 1000 + 1e-6)
 
 
 def enforced_or_requested(read_enforced_w: Callable[[], float], requested_mw: int) -> float:

@@ -29,6 +29,7 @@ from wattwarden.hardware.device import (
     ProcessUsage,
     XidEvent,
     enforced_or_requested,
+    limit_milliwatts,
 )
 from wattwarden.hardware.errors import (
     GpuLost,
@@ -444,7 +445,7 @@ class NvmlGpu:
 
         The requested limit where the enforced one cannot be read (the set went through).
         """
-        milliwatts = round(watts * 1000)
+        milliwatts = limit_milliwatts(watts)
         with self._lock:
             _call(
                 self._timings,

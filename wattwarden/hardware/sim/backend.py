@@ -17,6 +17,7 @@ from wattwarden.hardware.device import (
     ProcessUsage,
     XidEvent,
     enforced_or_requested,
+    limit_milliwatts,
 )
 from wattwarden.hardware.errors import NotSupported
 from wattwarden.hardware.sim.fleet import DRIVER_VERSION, SimFleet
@@ -115,7 +116,7 @@ class SimDevice:
 
     def set_power_limit(self, watts: float) -> float:
         """Set the limit and read back the enforced one (the requested one if unreadable)."""
-        milliwatts = round(watts * 1000)
+        milliwatts = limit_milliwatts(watts)
         self._gpu.set_power_limit_mw(milliwatts)
         return enforced_or_requested(self.read_power_limit_w, milliwatts)
 
