@@ -140,7 +140,7 @@ def test_a_limit_is_set_in_whole_milliwatts_never_above_the_watts_asked(
     try:
         for dev in (backend.devices()[0], direct.devices()[1]):
             enforced = dev.set_power_limit(watts)
-            assert watts - 0.001 < enforced <= watts
+            assert watts - 0.001 < enforced <= watts + 1e-9  # float noise is forgiven
             assert enforced * 1000 == pytest.approx(round(enforced * 1000), abs=1e-6)
         assert backend.devices()[0].set_power_limit(250.0 - 1e-13) == 250.0  # float noise kept
     finally:
