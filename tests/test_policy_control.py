@@ -402,3 +402,16 @@ def test_a_period_that_fails_outside_the_policies_is_logged_once_and_the_thread_
         r.loop._run()
     assert r.loop.periods == len(tried) == 4
     assert [rec.getMessage() for rec in caplog.records] == ["policy period failed"]
+
+
+@pytest.mark.parametrize("tune_all", [False, True])
+def test_each_policy_is_built_with_the_agent_settings_of_its_name(tune_all: bool) -> None:
+    settings = PolicySettings(
+        thermal_margin_c=7.0, idle_after_s=42.0, tune_eta=0.8, max_slowdown=0.1,
+        tune_all_jobs=tune_all,
+    )  # fmt: skip
+    tuner: Any = build_policy("tuner", settings, lambda: None)
+    assert (tuner.eta, tuner.max_slowdown, tuner.tune_all) == (0.8, 0.1, tune_all)
+    thermal: Any = build_policy("thermal", settings, lambda: None)
+    idle: Any = build_policy("idle", settings, lambda: None)
+    assert (thermal.margin_c, idle.idle_after_s) == (7.0, 42.0)

@@ -225,6 +225,7 @@ class Agent:
                 idle_after_s=cfg.idle_after_s,
                 tune_eta=cfg.tune_eta,
                 max_slowdown=cfg.max_slowdown,
+                tune_all_jobs=cfg.tune_all_jobs,
             ),
             policies=cfg.policy,
             budget_w=cfg.power_budget_watts,

@@ -358,6 +358,11 @@ class AgentConfig:
         "energy tuner: the most a job's step may slow down, e.g. 0.05 (default: no bound)",
         "F",
     )
+    tune_all_jobs: bool = setting(
+        False,
+        Switch(),
+        "energy tuner: tune every job running alone on its GPU, not only those run with --tune",
+    )
     journal_retention_s: float = setting(
         DEFAULT_RETENTION_S,
         Number(60.0, 10 * 365 * 86400.0),

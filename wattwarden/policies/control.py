@@ -85,6 +85,7 @@ class PolicySettings:
     idle_after_s: float = 300.0
     tune_eta: float = 0.5
     max_slowdown: float | None = None
+    tune_all_jobs: bool = False
 
 
 Budget = Callable[[], float | None]
@@ -99,7 +100,11 @@ def build_policy(name: str, settings: PolicySettings, budget_w: Budget) -> Polic
     if name == "idle":
         return IdleCapper(idle_after_s=settings.idle_after_s)
     if name == "tuner":
-        return EnergyTuner(eta=settings.tune_eta, max_slowdown=settings.max_slowdown)
+        return EnergyTuner(
+            eta=settings.tune_eta,
+            max_slowdown=settings.max_slowdown,
+            tune_all=settings.tune_all_jobs,
+        )
     raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")
 
 
