@@ -524,3 +524,138 @@ def test_leaving_apply_restores_every_limit_and_dry_run_then_changes_none(node: 
     assert {d.action for d in engine.step([])} == {"set"}
     assert [node.limit(g) for g in range(GPUS)] == [700.0] * GPUS
     assert node.actuator.originals() == {}
+
+
+# ------------------------------------------------------------ what each decision carries and clears
+def test_last_inputs_is_none_before_the_first_period_then_that_periods_inputs(node: Node) -> None:
+    engine = node.engine(Fixed("cap", {0: 300.0}))
+    assert engine.last_inputs is None
+    engine.step([])
+    assert isinstance(engine.last_inputs, PolicyInputs)
+    assert engine.last_inputs.now_mono_s == node.clock()
+
+
+def test_set_keep_and_hold_decisions_name_the_running_jobs_on_their_gpu(node: Node) -> None:
+    jobs = JobRegistry(monotonic=node.clock)
+    jobs.register("train", 101, 0, "high")
+    jobs.register("eval", 102, 0, "normal")
+    engine = node.engine(Fixed("cap", {0: 300.0}), mode="apply")
+    (first,) = engine.step(jobs.jobs())
+    assert (first.action, first.jobs) == ("set", ("eval", "train"))
+    node.clock.advance(1.0)
+    node.sample()
+    (kept,) = engine.step(jobs.jobs())
+    assert (kept.action, kept.jobs) == ("keep", ("eval", "train"))
+    node.clock.advance(DEFAULT_STALE_AFTER_S + 1)
+    (held,) = engine.step(jobs.jobs())
+    assert (held.action, held.jobs) == ("hold", ("eval", "train"))
+
+
+def test_a_dry_run_would_be_limit_is_held_while_stale_even_with_no_intents(node: Node) -> None:
+    cap = Fixed("cap", {0: 300.0})
+    engine = node.engine(cap)
+    engine.step([])  # would-be 300 W on GPU 0
+    cap.limits = {}
+    node.clock.advance(DEFAULT_STALE_AFTER_S + 1)
+    (held,) = engine.step([])
+    assert (held.gpu, held.action, held.policy, held.intents) == (0, "hold", "engine", {})
+
+
+def test_dry_run_going_back_forgets_the_would_be_limit_so_nothing_is_left_to_decide(
+    node: Node,
+) -> None:
+    cap = Fixed("cap", {0: 300.0})
+    engine = node.engine(cap)
+    engine.step([])
+    cap.limits = {}
+    (back,) = engine.step([])
+    assert (back.action, back.policy, back.watts) == ("set", "engine", 700.0)
+    assert engine.step([]) == []
+
+
+def test_dry_run_release_at_the_would_be_limit_is_a_keep_and_then_nothing(node: Node) -> None:
+    cap = Fixed("cap", {0: 300.0})
+    engine = node.engine(cap)
+    engine.step([])
+    node.fleet[0].set_power_limit_mw(300_000)  # someone else set what the dry run wanted
+    node.clock.advance(1.0)
+    node.sample()
+    cap.limits = {}
+    (kept,) = engine.step([])
+    assert (kept.action, kept.policy, kept.watts, kept.from_w) == ("keep", "engine", 300.0, 300.0)
+    assert engine.step([]) == []
+
+
+def test_apply_release_when_the_limit_is_already_back_is_a_keep_and_then_nothing(
+    node: Node,
+) -> None:
+    cap = Fixed("cap", {0: 300.0})
+    engine = node.engine(cap, mode="apply")
+    engine.step([])
+    node.clock.advance(1.0)
+    node.fleet[0].set_power_limit_mw(700_000)  # an operator put it back already
+    node.sample()
+    cap.limits = {}
+    (kept,) = engine.step([])
+    assert (kept.action, kept.policy, kept.watts) == ("keep", "engine", 700.0)
+    node.clock.advance(1.0)
+    node.sample()
+    assert engine.step([]) == []
+
+
+def test_a_limit_changed_behind_the_engine_after_read_back_is_set_again(node: Node) -> None:
+    engine = node.engine(Fixed("cap", {0: 300.0}), mode="apply")
+    engine.step([])
+    node.clock.advance(1.0)
+    node.sample()  # the full read shows 300 W: the engine trusts the readings again
+    node.fleet[0].set_power_limit_mw(500_000)
+    node.clock.advance(1.0)
+    node.sample()
+    (again,) = engine.step([])
+    assert (again.action, again.from_w, again.enforced_w) == ("set", 500.0, 300.0)
+    assert node.limit(0) == 300.0
+
+
+def test_going_back_restores_the_limit_before_the_first_change_not_an_intermediate_one(
+    node: Node,
+) -> None:
+    cap = Fixed("cap", {0: 400.0})
+    engine = node.engine(cap, mode="apply")
+    engine.step([])
+    for watts in (300.0, 250.0):
+        node.clock.advance(1.0)
+        node.sample()
+        cap.limits = {0: watts}
+        (d,) = engine.step([])
+        assert (d.action, d.enforced_w) == ("set", watts)
+    node.clock.advance(1.0)
+    node.sample()
+    cap.limits = {}
+    (back,) = engine.step([])
+    assert (back.policy, back.watts, back.from_w) == ("engine", 700.0, 250.0)
+    assert node.limit(0) == 700.0
+
+
+def test_no_permission_is_counted_as_a_failed_apply_action(node: Node) -> None:
+    node.fleet[0].inject("no_permission")
+    engine = node.engine(Fixed("cap", {0: 300.0}), mode="apply")
+    (refused,) = engine.step([])
+    assert refused.error == "GPU 0: setting the power limit needs root"
+    assert node.store.snapshot().policy_actions == {("cap", "set_power_limit_failed", "apply"): 1}
+
+
+def test_switching_back_to_apply_clears_the_fallback_and_leaving_it_does_not(node: Node) -> None:
+    node.fleet[0].inject("no_permission")
+    engine = node.engine(Fixed("cap", {0: 300.0}), mode="apply")
+    engine.step([])
+    assert engine.mode == "dry_run" and engine.fallback is not None
+    why = engine.fallback
+    assert engine.set_mode("dry_run") == []  # already dry-run: nothing changes
+    assert engine.fallback == why
+    engine.set_mode("apply")
+    assert engine.mode == "apply" and engine.fallback is None
+
+
+def test_a_limit_exactly_at_the_gpu_maximum_is_not_said_to_be_held_there(node: Node) -> None:
+    (decision,) = node.engine(Fixed("cap", {0: 700.0})).step([])
+    assert (decision.watts, decision.reason) == (700.0, "fixed 700 W")
