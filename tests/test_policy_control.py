@@ -10,6 +10,7 @@ agent around it (API, health, metrics, status) is tested in test_agent_policy.py
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +19,18 @@ from typing import Any
 import pytest
 from helpers import wait_for
 
-from wattwarden.nodesim import SimJob, SimNode
+from wattwarden.nodesim import WALL_OFFSET_S, SimJob, SimNode
 from wattwarden.policies.base import Decision, Intent, Policy, PolicyInputs
 from wattwarden.policies.control import (
+    BUDGET_RANGE_W,
+    PERIOD_RANGE_S,
     POLICY_NAMES,
     MoveRecord,
+    PolicyFailed,
     PolicyLoop,
     PolicySettings,
     build_policy,
+    check_budget,
 )
 from wattwarden.policies.migration import Move
 
@@ -415,3 +420,146 @@ def test_each_policy_is_built_with_the_agent_settings_of_its_name(tune_all: bool
     thermal: Any = build_policy("thermal", settings, lambda: None)
     idle: Any = build_policy("idle", settings, lambda: None)
     assert (thermal.margin_c, idle.idle_after_s) == (7.0, 42.0)
+
+
+# ------------------------------------------------------------ bounds, messages, what the loop keeps
+def test_a_budget_and_a_period_exactly_at_their_upper_bounds_are_accepted(tmp_path: Path) -> None:
+    assert check_budget(BUDGET_RANGE_W[1]) == BUDGET_RANGE_W[1]
+    r = rig(tmp_path, period_s=PERIOD_RANGE_S[1])
+    assert r.loop.period_s == PERIOD_RANGE_S[1]
+    with pytest.raises(ValueError, match=r"^period_s must be within 0.1..3600, got 3601$"):
+        rig(tmp_path, period_s=3601)
+
+
+def test_an_unknown_policy_is_refused_naming_the_known_ones() -> None:
+    with pytest.raises(ValueError) as e:
+        build_policy("greedy", PolicySettings(), lambda: None)
+    assert str(e.value) == "unknown policy 'greedy'; known: thermal, budget, idle, tuner"
+
+
+def test_a_policy_failure_names_the_policy() -> None:
+    failed = PolicyFailed("idle", ZeroDivisionError("division by zero"))
+    assert failed.policy == "idle"
+    assert str(failed) == "policy idle failed: ZeroDivisionError: division by zero"
+
+
+def test_decisions_are_stamped_with_the_loops_wall_clock(tmp_path: Path) -> None:
+    r = rig(tmp_path, stubs={"idle": lambda: CapTo("idle", 300.0)}, policies=["idle"])
+    r.node.run(1)
+    (first, *_) = r.loop.decisions()
+    assert WALL_OFFSET_S <= first.timestamp_s <= r.node.wall()
+
+
+def test_a_new_loop_has_no_failure_and_no_hold(tmp_path: Path) -> None:
+    status = rig(tmp_path).loop.status()
+    assert (status.last_error, status.holding, status.errors_total) == (None, None, 0)
+
+
+def test_a_gpu_lost_before_the_first_period_is_journalled_as_held(tmp_path: Path) -> None:
+    r = rig(tmp_path, stubs={"idle": lambda: CapTo("idle", 300.0, (0, 1))}, policies=["idle"],
+            mode="apply")  # fmt: skip
+    r.node.fleet[1].inject("lost")
+    r.node.run(2)
+    rows = [(j.gpu, j.action, j.policy) for j in r.node.actuator.journalled_decisions()]
+    assert rows == [(0, "set", "idle"), (1, "hold", "engine")]
+
+
+def test_leaving_apply_reports_the_limits_it_could_not_restore(tmp_path: Path) -> None:
+    r = rig(tmp_path, stubs={"idle": lambda: CapTo("idle", 300.0)}, policies=["idle"],
+            mode="apply")  # fmt: skip
+    r.node.run(2)
+    r.node.fleet[0].inject("lost")
+    status = r.loop.update(mode="dry_run")
+    assert status.mode == "dry_run"
+    assert len(status.restore_failures) == 1 and "GPU 0" in status.restore_failures[0]
+
+
+@pytest.mark.parametrize(("limit", "count"), [(None, 3), (3, 3), (2, 2), (1, 1), (0, 0), (-1, 0)])
+def test_decisions_with_a_limit_are_the_latest_that_many(
+    tmp_path: Path, limit: int | None, count: int
+) -> None:
+    r = rig(tmp_path, stubs={"idle": lambda: CapTo("idle", 300.0, (0, 1, 2))}, policies=["idle"])
+    r.node.run(1)
+    everything = r.loop.decisions()
+    assert len(everything) == 3
+    got = r.loop.decisions(limit)
+    assert got == (everything[len(everything) - count :] if count else [])
+
+
+def test_steering_logs_only_what_changes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    r = rig(tmp_path, budget_w=2000.0)
+    with caplog.at_level(logging.INFO, logger="wattwarden.policies.control"):
+        r.loop.update(budget_w=2000.0)
+        assert caplog.messages == []
+        r.loop.update(budget_w=1500.0)
+        assert caplog.messages == ["power budget: 1500 W"]
+        caplog.clear()
+        r.loop.update(policies=["thermal", "idle"])
+    assert caplog.messages == ["policy budget off", "policy idle on"]
+
+
+def test_a_period_failing_outside_a_policy_holds_with_the_errors_type(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = rig(tmp_path)
+
+    def broken(jobs: object) -> list[Decision]:
+        raise RuntimeError("store gone")
+
+    monkeypatch.setattr(r.loop.engine, "step", broken)
+    r.loop.period()
+    assert r.loop.status().last_error == "RuntimeError: store gone"
+
+
+def test_with_no_retention_nothing_is_pruned(tmp_path: Path) -> None:
+    r = rig(tmp_path, journal_retention_s=None)
+    assert r.loop.prune_journal() == 0
+
+
+def test_the_loop_runs_on_a_named_daemon_thread_that_close_stops(tmp_path: Path) -> None:
+    node = SimNode(2, state_dir=tmp_path)
+    loop = PolicyLoop(store=node.store, jobs=node.jobs, actuator=node.actuator, period_s=0.1)
+    loop.start()
+    try:
+        assert loop._thread is not None
+        assert (loop._thread.name, loop._thread.daemon) == ("wattwarden-policy", True)
+        assert loop._thread in threading.enumerate()
+    finally:
+        loop.close()
+    assert not loop._thread.is_alive()
+
+
+def test_a_failing_prune_is_logged_by_name_once_per_distinct_error_and_again_after_recovery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = rig(tmp_path, period_s=3600.0)
+    errors: list[Exception | None] = [
+        OSError("disk"), OSError("disk"), ValueError("disk"), None, ValueError("disk"),
+    ]  # fmt: skip
+
+    def prune(older_than_s: float) -> int:
+        e = errors.pop(0)
+        if e is not None:
+            raise e
+        return 0
+
+    monkeypatch.setattr(r.node.actuator, "prune", prune)
+    r.loop._stop = SteppingStop(r.node, waits=5)  # type: ignore[assignment]
+    with caplog.at_level(logging.ERROR, logger="wattwarden.policies.control"):
+        r.loop._run()  # one prune per period of an hour
+    assert errors == []
+    assert caplog.messages == ["journal pruning failed"] * 3
+
+
+def test_journal_rows_hold_what_was_decided(tmp_path: Path) -> None:
+    r = rig(tmp_path, stubs={"idle": lambda: CapTo("idle", 300.0, (0, 1))}, policies=["idle"],
+            mode="apply")  # fmt: skip
+    r.node.add_job(SimJob("train", 0))
+    r.node.add_job(SimJob("eval", 0))
+    r.node.fleet[1].inject("no_permission")
+    r.node.run(1)
+    rows = {j.gpu: j for j in r.node.actuator.journalled_decisions() if j.action == "set"}
+    assert (rows[0].from_watts, rows[0].to_watts, rows[0].jobs, rows[0].error) == (
+        700.0, 300.0, "eval,train", None,
+    )  # fmt: skip
+    assert rows[1].error == "GPU 1: setting the power limit needs root"
