@@ -551,3 +551,35 @@ def test_the_actuators_rate_limit_never_refuses_a_change_of_the_loops_own(
     sets = [d for d in decisions if isinstance(d, Decision) and d.action == "set"]
     assert len(sets) >= 10
     assert [d.error for d in sets if d.error is not None] == []
+
+
+# ------------------------------------------------------------------ GET /api/v1/decisions?limit
+def test_decisions_limit_keeps_the_newest_and_takes_the_last_limit_given(tmp_path: Path) -> None:
+    with agent_on(tmp_path, apply=True, **IDLE_CAPS) as agent:
+        url = agent.url + "/api/v1/decisions"
+
+        def capped() -> list[dict[str, Any]] | None:
+            got: list[dict[str, Any]] = http_json(url + "?limit=2000")[1]["decisions"]
+            return got if len([d for d in got if d["action"] == "set"]) == 4 else None
+
+        every = wait_for(capped, timeout_s=30, what="a set for each GPU")  # limit at its maximum
+        assert http_json(url)[1]["decisions"] == every  # fewer than the default 100
+        assert http_json(url + "?limit=1") == (200, {"decisions": every[-1:]})  # the lower bound
+        assert http_json(url + "?limit=3&limit=1") == (200, {"decisions": every[-1:]})
+        assert http_json(url + "?limit=1&limit=3") == (200, {"decisions": every[-3:]})
+
+
+@pytest.mark.parametrize(("query", "error"), [
+    ("limit=0", "limit must be within 1..2000, got '0'"),
+    ("limit=2001", "limit must be within 1..2000, got '2001'"),
+    ("limit=-1", "limit must be within 1..2000, got '-1'"),
+    ("limit=ten", "limit must be an integer, got 'ten'"),
+    ("limit=1.5", "limit must be an integer, got '1.5'"),
+    ("limit=", "limit must be an integer, got ''"),
+    ("limit=5&limit=0", "limit must be within 1..2000, got '0'"),
+])  # fmt: skip
+def test_a_decisions_limit_out_of_bounds_or_not_an_integer_gets_400_saying_so(
+    tmp_path: Path, query: str, error: str
+) -> None:
+    with agent_on(tmp_path) as agent:
+        assert http_json(f"{agent.url}/api/v1/decisions?{query}") == (400, {"error": error})

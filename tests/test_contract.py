@@ -1,4 +1,5 @@
-"""The HTTP contract on its own: request bodies both ways, their checks, job and energy answers."""
+"""The HTTP contract on its own: request bodies both ways, their checks, and the answers (jobs,
+energy, the policy status, decisions)."""
 
 from __future__ import annotations
 
@@ -21,15 +22,18 @@ from wattwarden.api.contract import (
     JOBS,
     ApiError,
     ContractError,
+    DecisionRecord,
     EnergySnapshot,
     GpuEnergy,
     JobProgress,
     JobRecord,
     JobRegistration,
     Migration,
+    PolicyStatus,
     PowerLimitRequest,
     SimFault,
     SimLoad,
+    decision_record,
     job_path,
     parse_body,
     valid_job_name,
@@ -37,6 +41,8 @@ from wattwarden.api.contract import (
 from wattwarden.api.server import energy_json
 from wattwarden.collectors.jobs import COUNT_MAX, PID_MAX
 from wattwarden.hardware.errors import NotSupported
+from wattwarden.policies.base import Decision, Intent
+from wattwarden.policies.control import LoopStatus, MoveRecord
 
 GPUS = 8
 COUNTS = st.integers(0, COUNT_MAX)
@@ -416,3 +422,192 @@ def test_an_energy_answer_out_of_shape_is_a_contract_error_naming_what(
     with pytest.raises(ContractError) as refused:
         EnergySnapshot.from_json(answer)
     assert names in str(refused.value)
+
+
+# --------------------------------------------------------------- job records of older agents
+def test_a_job_record_without_tune_or_migratable_reads_them_as_off() -> None:
+    # an agent from before these flags sends null or leaves them out: the job was never tuned
+    for body in ({**RECORD.to_json(), "tune": None, "migratable": None},
+                 {k: v for k, v in RECORD.to_json().items() if k not in _FLAGS}):  # fmt: skip
+        record = JobRecord.from_json(body)
+        assert (record.tune, record.migratable) == (False, False)
+
+
+# ------------------------------------------------------------------ answers' fields, by type
+def _wrong_for(kind: str, nullable: bool) -> list[Any]:
+    """Values a field of this JSON kind refuses: a bool is no number, a number no bool."""
+    if kind == "bool":
+        wrong: list[Any] = [1, "true", [1]]
+    else:
+        wrong = [True, [1], 1 if kind == "str" else "1"]
+        wrong += [1.5] if kind == "int" else []
+    return wrong if nullable else [*wrong, None]
+
+
+def _refused_as(read: Any, body: Any) -> str:
+    with pytest.raises(ContractError) as refused:
+        read(body)
+    return str(refused.value)
+
+
+# --------------------------------------------------------------------------------- policy status
+STATUS = PolicyStatus(
+    mode="apply", power_budget_watts=2400.0,
+    policies={"thermal": True, "budget": True, "idle": False, "tuner": False},
+    fallback="GPU 1: no permission", holding="GPU 2 is lost", budget_unreachable=True,
+    period_seconds=1.0, periods=12, errors_total=3, last_error="idle: boom",
+    restore_failures=["GPU 0: driver refused 700 W"],
+)  # fmt: skip
+_STATUS_TYPES: dict[str, tuple[str, bool]] = {
+    "mode": ("str", False), "power_budget_watts": ("number", True), "fallback": ("str", True),
+    "holding": ("str", True), "budget_unreachable": ("bool", False),
+    "period_seconds": ("number", False), "periods": ("int", False),
+    "errors_total": ("int", False), "last_error": ("str", True),
+}  # fmt: skip
+"""The JSON kind of each plain field of a policy status, and whether it may be null."""
+
+
+def test_a_policy_status_reads_back_as_written() -> None:
+    assert PolicyStatus.from_json(json.loads(json.dumps(STATUS.to_json()))) == STATUS
+    calm = PolicyStatus(
+        mode="dry_run", power_budget_watts=None, policies=dict.fromkeys(STATUS.policies, False),
+        fallback=None, holding=None, budget_unreachable=False, period_seconds=0.5, periods=0,
+        errors_total=0, last_error=None,
+    )  # fmt: skip
+    assert PolicyStatus.from_json(json.loads(json.dumps(calm.to_json()))) == calm
+
+
+def test_a_policy_status_is_the_loops_status_field_for_field() -> None:
+    loop = LoopStatus(
+        mode="apply", power_budget_w=2400.0, policies=dict(STATUS.policies),
+        fallback="GPU 1: no permission", holding="GPU 2 is lost", budget_unreachable=True,
+        period_s=1.0, periods=12, errors_total=3, last_error="idle: boom",
+        restore_failures=("GPU 0: driver refused 700 W",),
+    )  # fmt: skip
+    assert PolicyStatus.from_status(loop) == STATUS
+
+
+def test_a_policy_status_may_have_nulls_where_the_contract_allows() -> None:
+    nullable = [k for k, (_, ok) in _STATUS_TYPES.items() if ok]
+    status = PolicyStatus.from_json({**STATUS.to_json(), **dict.fromkeys(nullable)})
+    assert [getattr(status, k) for k in nullable] == [None] * len(nullable)
+
+
+def test_a_policy_status_without_restore_failures_has_none() -> None:
+    body = STATUS.to_json()
+    del body["restore_failures"]
+    assert PolicyStatus.from_json(body).restore_failures == []
+
+
+@pytest.mark.parametrize(
+    ("key", "bad"),
+    [(k, v) for k, (kind, ok) in _STATUS_TYPES.items() for v in _wrong_for(kind, ok)],
+    ids=repr,
+)
+def test_a_policy_status_with_a_field_of_the_wrong_type_is_refused_naming_it(
+    key: str, bad: Any
+) -> None:
+    refused = _refused_as(PolicyStatus.from_json, {**STATUS.to_json(), key: bad})
+    assert refused == f"field {key!r} is {bad!r}"
+
+
+@pytest.mark.parametrize(("key", "bad"), [
+    ("policies", None), ("policies", ["thermal"]), ("policies", {"cooling": True}),
+    ("policies", {"idle": 1}), ("policies", {"idle": None}),
+    ("restore_failures", None), ("restore_failures", "GPU 0"), ("restore_failures", ["a", 1]),
+], ids=repr)  # fmt: skip
+def test_a_policy_status_with_policies_or_restore_failures_out_of_shape_is_refused_naming_it(
+    key: str, bad: Any
+) -> None:
+    refused = _refused_as(PolicyStatus.from_json, {**STATUS.to_json(), key: bad})
+    assert refused == f"field {key!r} is {bad!r}"
+
+
+@pytest.mark.parametrize("answer", [["apply"], "x" * 50, None])
+def test_an_answer_that_is_not_an_object_is_refused_as_not_a_policy_status(answer: Any) -> None:
+    shown = repr(answer) if len(repr(answer)) <= 40 else repr(answer)[:37] + "..."
+    assert (
+        _refused_as(PolicyStatus.from_json, answer) == f"a policy status is {shown}, not an object"
+    )
+
+
+# -------------------------------------------------------------------------------- decisions
+SET = Decision(
+    1, "set", "budget", "over budget", 420.0, "apply", 1000.5,
+    {"budget": Intent(1, 420.0, "over budget"), "thermal": Intent(1, 500.0, "warm")},
+    enforced_w=419.0, error="rate limited", from_w=700.0, jobs=("a", "b"),
+)  # fmt: skip
+MOVE = MoveRecord("train", 1, 3, "thermal", "apply", 1001.5, error="job ended", detail="hot")
+_DECISION_TYPES: dict[str, tuple[str, bool]] = {
+    "time": ("number", False), "gpu": ("int", False), "policy": ("str", False),
+    "action": ("str", False), "reason": ("str", False), "mode": ("str", False),
+    "from_watts": ("number", True), "to_watts": ("number", True),
+    "enforced_watts": ("number", True), "error": ("str", True), "to_gpu": ("int", True),
+}  # fmt: skip
+"""The JSON kind of each plain field of a decision record, and whether it may be null."""
+
+
+def test_a_limit_decision_is_recorded_field_for_field() -> None:
+    assert decision_record(SET) == DecisionRecord(
+        time=1000.5, gpu=1, policy="budget", action="set", reason="over budget", mode="apply",
+        jobs=["a", "b"], from_watts=700.0, to_watts=420.0, enforced_watts=419.0,
+        error="rate limited", to_gpu=None,
+        intents={"budget": {"watts": 420.0, "reason": "over budget"},
+                 "thermal": {"watts": 500.0, "reason": "warm"}},
+    )  # fmt: skip
+
+
+def test_a_move_is_recorded_as_a_migration_to_its_gpu() -> None:
+    assert decision_record(MOVE) == DecisionRecord(
+        time=1001.5, gpu=1, policy="migration", action="migrate",
+        reason="move job train from GPU 1 to GPU 3 (thermal): hot", mode="apply", jobs=["train"],
+        from_watts=None, to_watts=None, enforced_watts=None, error="job ended", to_gpu=3,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("made", [SET, MOVE], ids=["set", "move"])
+def test_a_decision_record_reads_back_as_written(made: Decision | MoveRecord) -> None:
+    record = decision_record(made)
+    assert DecisionRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+
+
+def test_a_decision_record_may_have_nulls_where_the_contract_allows() -> None:
+    nullable = [k for k, (_, ok) in _DECISION_TYPES.items() if ok]
+    body = {**decision_record(SET).to_json(), **dict.fromkeys(nullable)}
+    record = DecisionRecord.from_json(body)
+    assert [getattr(record, k) for k in nullable] == [None] * len(nullable)
+
+
+def test_a_decision_record_without_intents_has_none() -> None:
+    body = decision_record(SET).to_json()
+    del body["intents"]
+    assert DecisionRecord.from_json(body).intents == {}
+
+
+@pytest.mark.parametrize(
+    ("key", "bad"),
+    [(k, v) for k, (kind, ok) in _DECISION_TYPES.items() for v in _wrong_for(kind, ok)],
+    ids=repr,
+)
+def test_a_decision_record_with_a_field_of_the_wrong_type_is_refused_naming_it(
+    key: str, bad: Any
+) -> None:
+    refused = _refused_as(DecisionRecord.from_json, {**decision_record(SET).to_json(), key: bad})
+    assert refused == f"field {key!r} is {bad!r}"
+
+
+@pytest.mark.parametrize(("key", "bad"), [
+    ("jobs", None), ("jobs", "a"), ("jobs", ["a", 1]),
+    ("intents", None), ("intents", ["budget"]),
+], ids=repr)  # fmt: skip
+def test_a_decision_record_with_jobs_or_intents_out_of_shape_is_refused_naming_it(
+    key: str, bad: Any
+) -> None:
+    refused = _refused_as(DecisionRecord.from_json, {**decision_record(SET).to_json(), key: bad})
+    assert refused == f"field {key!r} is {bad!r}"
+
+
+@pytest.mark.parametrize("answer", [["set"], "x" * 50, None])
+def test_an_answer_that_is_not_an_object_is_refused_as_not_a_decision(answer: Any) -> None:
+    shown = repr(answer) if len(repr(answer)) <= 40 else repr(answer)[:37] + "..."
+    assert _refused_as(DecisionRecord.from_json, answer) == f"a decision is {shown}, not an object"
