@@ -23,6 +23,7 @@ from wattwarden.nodesim import WALL_OFFSET_S, SimJob, SimNode
 from wattwarden.policies.base import Decision, Intent, Policy, PolicyInputs
 from wattwarden.policies.control import (
     BUDGET_RANGE_W,
+    KEEP_MOVES,
     PERIOD_RANGE_S,
     POLICY_NAMES,
     MoveRecord,
@@ -563,3 +564,54 @@ def test_journal_rows_hold_what_was_decided(tmp_path: Path) -> None:
         700.0, 300.0, "eval,train", None,
     )  # fmt: skip
     assert rows[1].error == "GPU 1: setting the power limit needs root"
+
+
+def test_a_refused_move_is_journalled_with_its_refusal(tmp_path: Path) -> None:
+    r = rig(tmp_path, migrator=Planner(Move("ghost", 0, 2, "lost")), mode="apply")  # type: ignore[arg-type]
+    r.node.run(1)
+    (row,) = [j for j in r.node.actuator.journalled_decisions() if j.action == "migrate"]
+    assert (row.policy, row.jobs, row.error) == ("migration", "ghost", "no job named 'ghost'")
+
+
+def test_an_unreachable_budget_is_published_to_the_store(tmp_path: Path) -> None:
+    r = rig(tmp_path, budget_w=100.0, mode="apply")  # below four GPUs at their minimum
+    r.node.run(2)
+    state = r.node.store.snapshot().policy_state
+    assert r.loop.budget_unreachable() is True
+    assert state is not None and state.budget_unreachable is True
+
+
+def test_the_planner_is_given_the_budget_capper_in_force(tmp_path: Path) -> None:
+    planner = Planner()
+    r = rig(tmp_path, budget_w=2000.0, migrator=planner)  # type: ignore[arg-type]
+    r.node.run(1)
+    assert planner.capper is r.policy("budget")
+
+
+def test_a_budget_policy_that_is_not_the_capper_is_not_read_as_one(tmp_path: Path) -> None:
+    planner = Planner()
+    r = rig(tmp_path, stubs={"budget": lambda: CapTo("budget", 300.0)}, policies=["budget"],
+            migrator=planner)  # type: ignore[arg-type]  # fmt: skip
+    r.node.run(1)
+    assert r.loop.budget_unreachable() is False
+    assert planner.capper is None
+
+
+def test_after_recovering_the_loop_reports_no_last_error(tmp_path: Path) -> None:
+    r = rig(tmp_path, stubs={"idle": lambda: CapTo("idle", 300.0)}, policies=["idle"])
+    r.node.run(1)
+    r.policy("idle").fail = ZeroDivisionError("division by zero")
+    r.node.run(1)
+    assert r.loop.status().last_error is not None
+    r.policy("idle").fail = None
+    r.node.run(1)
+    assert r.loop.status().last_error is None
+
+
+def test_the_move_history_keeps_the_latest_1000(tmp_path: Path) -> None:
+    moves = [Move(f"job{i}", 0, 1, "budget") for i in range(KEEP_MOVES + 1)]
+    r = rig(tmp_path, migrator=Planner(*moves))  # type: ignore[arg-type]
+    r.node.run(1)
+    kept = [d for d in r.loop.decisions() if isinstance(d, MoveRecord)]
+    assert len(kept) == KEEP_MOVES == 1000
+    assert (kept[0].job, kept[-1].job) == ("job1", f"job{KEEP_MOVES}")
