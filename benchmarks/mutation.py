@@ -39,6 +39,7 @@ EQUIVALENT = ROOT / "benchmarks" / "mutation_equivalent.toml"
 GOALS = {
     "wattwarden/policies/actuator.py": 0.90,
     "wattwarden/policies/engine.py": 0.90,
+    "wattwarden/policies/control.py": 0.90,
     "wattwarden/policies/manual.py": 0.90,
     "wattwarden/api/server.py": 0.90,
     "wattwarden/api/auth.py": 0.90,
