@@ -95,6 +95,17 @@ def http_json(
         return e.code, json.loads(e.read() or b"null")
 
 
+def finish(proc: subprocess.Popen[str], timeout_s: float = 60) -> tuple[int, str]:
+    """Wait for a process to exit (killed after ``timeout_s``): its exit code and stderr."""
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
 def require_binary(name: str) -> str:
     """Path of an external program; skip locally when missing, fail in CI (it must be installed)."""
     path = shutil.which(name)

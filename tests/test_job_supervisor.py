@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import http_get, http_json, parse_metrics, refused_port, run_agent, wait_for
+from helpers import (
+    finish,
+    http_get,
+    http_json,
+    parse_metrics,
+    refused_port,
+    run_agent,
+    wait_for,
+)
 
 from wattwarden.api.testing import SimAgent
 from wattwarden.collectors.jobs import Job, JobError
@@ -105,16 +113,6 @@ def starts(workdir: Path) -> list[dict[str, Any]]:
 def signals_of(workdir: Path, pid: int) -> list[int] | None:
     path = workdir / "out" / f"signals-{pid}.json"
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def finish(proc: subprocess.Popen[str], timeout_s: float = 60) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=timeout_s)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, err
 
 
 def test_registers_the_child_with_its_env_and_exits_with_its_code(agent: SimAgent, workdir: Path):

@@ -18,22 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import http_get, http_json, parse_metrics, run_agent, wait_for
+from helpers import finish, http_get, http_json, parse_metrics, run_agent, wait_for
 
 pytest.importorskip("torch")  # the reference workload trains a PyTorch model
 
 GPUS = 4
 LOST = 2
-
-
-def finish(proc: subprocess.Popen[str], timeout_s: float = 120) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=timeout_s)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, err
 
 
 def gpu_state(url: str, index: int) -> dict[str, Any]:
@@ -88,7 +78,7 @@ def test_a_lost_gpus_job_is_restarted_on_another_gpu_and_resumes_from_its_checkp
             metrics = parse_metrics(http_get(agent.url + "/metrics")[1].decode())
             proc.send_signal(signal.SIGTERM)
         finally:
-            code, err = finish(proc)
+            code, err = finish(proc, timeout_s=120)
     assert code == 128 + signal.SIGTERM, err
     assert f"moving job lm from GPU {LOST} to GPU {new_gpu}" in err
     migrations = {
