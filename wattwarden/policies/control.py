@@ -312,7 +312,6 @@ class PolicyLoop:
         )
         self._moves: deque[MoveRecord] = deque(maxlen=KEEP_MOVES)
         self._moves_lock = threading.Lock()  # brief: readers never wait for a period
-        self._held: set[int] = set()
         self._failure: str | None = None
         self._last_error: dict[str, str] = {}
         """The last error of each of the thread's own tasks (a period, pruning), to log once."""
@@ -457,7 +456,7 @@ class PolicyLoop:
                 moves = self._migrate(decisions)
             except Exception as e:  # the limits decided stand; no job moves this period
                 failure = e
-            self._journal(decisions, moves)
+            self._journal(moves)
         if failure is not None:
             self._failed(failure)
         elif self._failure is not None:
@@ -509,14 +508,9 @@ class PolicyLoop:
             self._moves.extend(records)
         return records
 
-    def _journal(self, decisions: list[Decision], moves: list[MoveRecord]) -> None:
-        """Journal what the history shows: sets, holds as they start, and moves."""
-        held = {d.gpu for d in decisions if d.action == "hold"}
-        rows = [
-            _journalled(d)
-            for d in decisions
-            if d.action == "set" or (d.action == "hold" and d.gpu not in self._held)
-        ]
+    def _journal(self, moves: list[MoveRecord]) -> None:
+        """Journal what the engine's history shows (sets, holds as they start), and moves."""
+        rows = [_journalled(d) for d in self.engine.last_logged]
         rows += [
             JournalledDecision(
                 m.timestamp_s, m.from_gpu, MIGRATION, "migrate", m.mode, None, None,
@@ -524,7 +518,6 @@ class PolicyLoop:
             )
             for m in moves
         ]  # fmt: skip
-        self._held = held
         if rows:
             self._actuator.journal_decisions(rows)
 

@@ -88,6 +88,8 @@ class PolicyEngine:
         self._held: dict[int, str] = {}
         """GPUs held in the last period, with why (a hold is logged when it starts)."""
         self._holding: str | None = None
+        self.last_logged: list[Decision] = []
+        """The decisions of the last period that went to the history (what gets journalled)."""
         self.last_inputs: PolicyInputs | None = None
         """The inputs of the last period (what a migration planner reads after the step)."""
         self.fallback: str | None = None
@@ -169,6 +171,7 @@ class PolicyEngine:
             self._held = held
             self._holding = "; ".join(held[g] for g in sorted(held)) or None
             self._decisions.extend(logged)
+        self.last_logged = logged
         return decisions
 
     def _targets(self, decisions: list[Decision], views: dict[int, GpuView]) -> dict[int, float]:
