@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import NoReturn
 from urllib.parse import urlsplit
 
+from wattwarden.config import DEFAULT_LISTEN as DEFAULT_AGENT_LISTEN
 from wattwarden.config import ConfigError
-from wattwarden.workloads.agent_client import DEFAULT_AGENT_URL
 
 __all__ = [
+    "DEFAULT_AGENT_URL",
     "DEFAULT_LISTEN",
     "ENV_ARGS",
     "DashboardSettings",
@@ -29,6 +30,7 @@ __all__ = [
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:8501"
+DEFAULT_AGENT_URL = f"http://{DEFAULT_AGENT_LISTEN}"  # the agent's default address
 ENV_ARGS = "WATTWARDEN_DASHBOARD_ARGS"
 REFRESH_S = (1.0, 60.0)
 TIMEOUT_S = (0.1, 30.0)
