@@ -283,14 +283,16 @@ def test_a_job_path_holds_any_name_as_one_segment_that_unquotes_to_it(name: str)
 RECORD = JobRecord(
     name="train", state="finished", pid=42, gpu=1, priority="high", registered_at=1000.5,
     finished_at=1060.5, duration_seconds=60.0, step=7, samples=56, tokens=4096, target_gpu=3,
-    tune=True, migratable=True, energy_joules=1500.0,
+    tune=True, migratable=True, migrations=2, energy_joules=1500.0,
     energy_joules_by_gpu={"0": 500.0, "1": 1000.0}, power_watts=0.0, mean_power_watts=25.0,
     tokens_per_joule=2.7,
 )  # fmt: skip
 _NULLABLE = {"finished_at", "target_gpu", "mean_power_watts", "tokens_per_joule"}
-_INTEGERS = {"pid", "gpu", "step", "samples", "tokens", "target_gpu"}
+_INTEGERS = {"pid", "gpu", "step", "samples", "tokens", "target_gpu", "migrations"}
 _STRINGS = {"name", "state", "priority"}
 _FLAGS = {"tune", "migratable"}
+_NEWER = {"migrations"}
+"""Fields an older agent leaves out or sends null: read as none (0)."""
 _FIELDS = [f.name for f in fields(JobRecord) if f.name != "energy_joules_by_gpu"]
 
 
@@ -317,7 +319,7 @@ def _wrong_values(key: str) -> list[Any]:
     if key in _FLAGS:
         return [1, "true", [1]]
     wrong: list[Any] = [True, [1]]
-    wrong += [] if key in _NULLABLE else [None]
+    wrong += [] if key in _NULLABLE | _NEWER else [None]
     wrong += [1] if key in _STRINGS else ["1"]
     wrong += [1.5] if key in _INTEGERS else []
     return wrong
@@ -431,6 +433,13 @@ def test_a_job_record_without_tune_or_migratable_reads_them_as_off() -> None:
                  {k: v for k, v in RECORD.to_json().items() if k not in _FLAGS}):  # fmt: skip
         record = JobRecord.from_json(body)
         assert (record.tune, record.migratable) == (False, False)
+
+
+def test_a_job_record_without_migrations_reads_them_as_none_done() -> None:
+    # an agent from before the count sends null or leaves it out
+    for body in ({**RECORD.to_json(), "migrations": None},
+                 {k: v for k, v in RECORD.to_json().items() if k != "migrations"}):  # fmt: skip
+        assert JobRecord.from_json(body).migrations == 0
 
 
 # ------------------------------------------------------------------ answers' fields, by type

@@ -112,6 +112,21 @@ def test_the_supervisor_may_re_register_its_job_on_the_gpu_the_agent_moved_it_to
         jobs.register("train", 300, 2)  # the move is done: no second takeover
 
 
+def test_each_move_to_another_gpu_counts_one_migration_and_a_finished_job_keeps_its_count() -> None:
+    jobs = JobRegistry()
+    assert jobs.register("train", 100, 0)[0].migrations == 0
+    assert jobs.register("train", 100, 0)[0].migrations == 0  # a periodic re-registration
+    jobs.request_migration("train", 2)
+    assert jobs.get("train").migrations == 0  # asked for, not done
+    assert jobs.register("train", 200, 2)[0].migrations == 1  # its supervisor, after the move
+    assert jobs.register("train", 200, 2)[0].migrations == 1
+    assert jobs.register("train", 200, 1)[0].migrations == 2  # the job moved itself
+    end = jobs.unregister("train")
+    assert end.migrations == jobs.get("train").migrations == 2
+    assert JobRecord.from_view(end).to_json()["migrations"] == 2
+    assert jobs.register("train", 300, 1)[0].migrations == 0  # a new run starts from none
+
+
 def test_a_name_whose_process_is_gone_may_be_registered_again() -> None:
     jobs = JobRegistry(pid_alive=lambda pid: pid != 100)
     jobs.register("train", 100, 0)

@@ -444,6 +444,8 @@ class JobRecord:
     """The GPU the agent asks the job's supervisor to move it to."""
     tune: bool
     migratable: bool
+    migrations: int
+    """Moves to another GPU completed (0 from an agent that does not count them)."""
     energy_joules: float
     energy_joules_by_gpu: dict[str, float]
     power_watts: float
@@ -468,6 +470,7 @@ class JobRecord:
             target_gpu=job.target_gpu,
             tune=job.tune,
             migratable=job.migratable,
+            migrations=job.migrations,
             energy_joules=job.energy_j,
             energy_joules_by_gpu={str(k): v for k, v in sorted(job.energy_by_gpu_j.items())},
             power_watts=job.power_w,
@@ -494,6 +497,8 @@ class JobRecord:
                 continue
             kinds, optional = _JOB_TYPES[f.name]
             values[f.name] = _typed(data, f.name, kinds, optional)
+        if values["migrations"] is None:  # an agent from before the count
+            values["migrations"] = 0
         return cls(**values)
 
 
@@ -513,6 +518,7 @@ _JOB_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "target_gpu": ((int,), True),
     "tune": ((bool,), True),
     "migratable": ((bool,), True),
+    "migrations": ((int,), True),
     "energy_joules": (_NUMBER, False),
     "power_watts": (_NUMBER, False),
     "mean_power_watts": (_NUMBER, True),

@@ -120,6 +120,8 @@ class Job:
     finished_at_s: float | None = None
     """Wall-clock time it finished (unregistered or reaped); None while it runs."""
     finished_mono_s: float | None = None
+    migrations: int = 0
+    """Moves to another GPU completed (re-registrations of the running job on another GPU)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,8 @@ class JobView:
     """The energy tuner may choose its GPU's power limit."""
     migratable: bool = False
     """A supervisor follows its ``target_gpu``: the policy engine may move it."""
+    migrations: int = 0
+    """Moves to another GPU completed; a finished job keeps its count."""
 
     @property
     def energy_j(self) -> float:
@@ -252,6 +256,9 @@ class JobRegistry:
     ) -> tuple[JobView, bool]:  # fmt: skip
         """Add a job, or update the pid/GPU of one with that name. Returns (job, created).
 
+        A running job registered again on another GPU has moved: its ``migrations`` count grows
+        by one, and its totals carry over.
+
         Raises :class:`JobConflict` when the name belongs to a running job of another process,
         unless that job is moving to ``gpu`` (its supervisor re-registers it after the move)
         or its process is gone. A finished job's name may be registered again: the new run
@@ -297,6 +304,7 @@ class JobRegistry:
                     dict(old.energy_by_gpu_j), 0.0,
                 )  # fmt: skip
                 job.registered_mono_s = old.registered_mono_s
+                job.migrations = old.migrations + (1 if gpu != old.gpu else 0)
             job.last_seen_s = now
             self._jobs[name] = job
             view = self._view(job, now)
@@ -421,7 +429,7 @@ class JobRegistry:
             job.name, job.pid, job.gpu, job.priority, job.registered_at_s, job.step, job.samples,
             job.tokens, job.target_gpu, dict(job.energy_by_gpu_j), job.power_w,
             "running" if job.finished_at_s is None else "finished", job.finished_at_s,
-            max(0.0, end - job.registered_mono_s), job.tune, job.migratable,
+            max(0.0, end - job.registered_mono_s), job.tune, job.migratable, job.migrations,
         )  # fmt: skip
 
     # ------------------------------------------------------------- attribution
