@@ -49,12 +49,15 @@ from wattwarden.api.contract import (
 from wattwarden.api.http import MAX_BODY_BYTES, HttpLimits
 from wattwarden.api.server import AgentContext, ApiServer, _Edge, build_app, energy_json
 from wattwarden.api.webconfig import WebConfig
+from wattwarden.collectors.gpu import GpuCollector
 from wattwarden.collectors.jobs import JobError, JobRegistry
 from wattwarden.collectors.rapl import RaplSample
+from wattwarden.collectors.sampler import Sampler
 from wattwarden.collectors.store import MetricStore
 from wattwarden.config import AgentConfig
 from wattwarden.hardware.errors import HardwareError, InvalidArgument
 from wattwarden.hardware.sim.backend import SimBackend
+from wattwarden.hardware.sim.clock import ManualClock
 from wattwarden.hardware.sim.fake_nvml import uninstall_fake_nvml
 from wattwarden.hardware.sim.fleet import SimFleet
 from wattwarden.policies.actuator import LimitChange, RateLimited
@@ -74,7 +77,9 @@ def test_agent_serves_health_state_history_and_metrics(tmp_path: Path) -> None:
             return body if status == 200 and body["gpus"]["0"] else None
 
         history = wait_for(history_point, timeout_s=10, what="one second of history")
-        assert history["columns"][0] == "timestamp"
+        assert history["columns"] == HISTORY_COLUMNS
+        assert all(len(row) == len(HISTORY_COLUMNS) for row in history["gpus"]["0"])
+        assert state["power_budget_lease_watts"] is None  # no fleet controller leases it yet
         assert http_json(agent.url + "/api/v1/history?seconds=abc")[0] == 400
         assert http_get(agent.url + "/nope")[0] == 404
 
@@ -945,6 +950,104 @@ def test_history_seconds_is_checked(
         assert asked == [{"": 300.0, "?seconds=1": 1.0, "?seconds=86400": 86400.0}.get(query, 60.0)]
     else:
         assert body == {"error": error}
+
+
+HISTORY_COLUMNS = [
+    "timestamp", "power_watts", "temperature_celsius", "utilization_ratio", "power_limit_watts",
+    "power_limit_target_watts", "clock_sm_hertz", "clock_events",
+]  # fmt: skip
+
+
+def test_history_rows_hold_the_target_the_sm_clock_and_the_clock_events_of_each_second(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the agent's pipeline on a manual clock: a simulated fleet, the GPU collector, the store
+    clock = ManualClock()
+    fleet = SimFleet(2, clock=clock)
+    store = MetricStore(monotonic=clock)
+
+    def wall() -> float:
+        return 1_700_000_000.0 + clock() - 1000.0
+
+    sampler = Sampler(
+        store, [GpuCollector(SimBackend(fleet), monotonic=clock, wall=wall)],
+        monotonic=clock, wall=wall,
+    )  # fmt: skip
+    fleet[0].set_load(1.0)
+    fleet[0].set_power_limit_mw(200_000)  # a full load held at 200 W: capped by power
+    store.set_power_limit_targets({0: 250.0})
+    for tick in range(24):  # 6 s, 4 passes a second; GPU 1 lost for seconds 2 and 3
+        if tick == 8:
+            fleet[1].inject("lost")
+        if tick == 16:
+            fleet[1].inject("clear")
+        sampler.run_once()
+        clock.advance(0.25)
+    monkeypatch.setattr(live.ctx, "store", store)
+    status, _, body = live.call("GET", "/api/v1/history?seconds=60")
+    assert status == 200 and body["columns"] == HISTORY_COLUMNS
+    start = 1_700_000_000
+    rows = {gpu: [dict(zip(body["columns"], row, strict=True)) for row in body["gpus"][gpu]]
+            for gpu in ("0", "1")}  # fmt: skip
+    assert [r["timestamp"] for r in rows["0"]] == [start + s for s in range(5)]
+    assert [r["timestamp"] for r in rows["1"]] == [start, start + 1, start + 4]
+    capped = rows["0"][-1]
+    assert capped["power_limit_watts"] == 200.0 and capped["power_limit_target_watts"] == 250.0
+    assert "sw_power_cap" in capped["clock_events"]
+    assert capped["clock_sm_hertz"] < fleet[0].max_clock_mhz("sm") * 1e6
+    idle = rows["1"][-1]
+    assert idle["power_limit_target_watts"] is None and idle["clock_events"] == ["idle"]
+    assert idle["clock_sm_hertz"] > 0
+
+
+def test_the_state_shows_the_leased_budget_and_null_without_a_lease(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = MetricStore()
+    store.set_power_budget("node", 2400.0)
+    monkeypatch.setattr(live.ctx, "store", store)
+    state = live.call("GET", "/api/v1/state")[2]
+    assert (state["power_budget_watts"], state["power_budget_lease_watts"]) == (2400.0, None)
+    store.set_power_budget("lease", 1800.0)
+    state = live.call("GET", "/api/v1/state")[2]
+    assert (state["power_budget_watts"], state["power_budget_lease_watts"]) == (2400.0, 1800.0)
+
+
+def test_jobs_lists_a_finished_job_with_its_total_energy_and_its_moves(live: Live) -> None:
+    job = {"name": "moved-then-done", "pid": os.getpid(), "gpu": 0, "utilization": 1.0}
+
+    def listed() -> dict[str, Any]:
+        status, _, body = live.call("GET", "/api/v1/jobs")
+        assert status == 200
+        return next(j for j in body["jobs"] if j["name"] == job["name"])
+
+    try:
+        assert live.post("/api/v1/jobs", job)[0] == 201
+        assert listed()["migrations"] == 0
+        wait_for(lambda: listed()["energy_joules"] > 0, timeout_s=30, what="energy on GPU 0")
+        assert live.post("/api/v1/jobs/moved-then-done/migrate", {"gpu": 1})[0] == 200
+        assert listed()["migrations"] == 0  # asked, not done
+        status, moved = live.post("/api/v1/jobs", {**job, "gpu": 1})  # its supervisor, moved
+        assert (status, moved["gpu"], moved["migrations"]) == (200, 1, 1)
+        assert live.post("/api/v1/jobs", {**job, "gpu": 1})[1]["migrations"] == 1  # no move
+        wait_for(
+            lambda: listed()["energy_joules_by_gpu"].get("1", 0) > 0,
+            timeout_s=30, what="energy on GPU 1",
+        )  # fmt: skip
+    finally:
+        status, _, end = live.call("DELETE", "/api/v1/jobs/moved-then-done", token=live.token)
+    assert status == 200 and end["state"] == "finished"
+    seen = live.call("GET", "/api/v1/state")[2]["last_sample_timestamp"]
+    wait_for(
+        lambda: live.call("GET", "/api/v1/state")[2]["last_sample_timestamp"] > seen,
+        timeout_s=30, what="a sampler pass after the end",
+    )  # fmt: skip
+    done = listed()
+    assert done["state"] == "finished" and done["migrations"] == 1
+    assert done["energy_joules"] == end["energy_joules"] > 0  # its total, no longer growing
+    assert sorted(done["energy_joules_by_gpu"]) == ["0", "1"]
+    assert done["energy_joules"] == pytest.approx(sum(done["energy_joules_by_gpu"].values()))
+    assert done["power_watts"] == 0.0
 
 
 def test_energy_is_404_where_counters_cannot_be_read(

@@ -13,7 +13,7 @@ from wattwarden.collectors.host import HostSample
 from wattwarden.collectors.rapl import RaplSample
 from wattwarden.collectors.samples import GpuSample
 from wattwarden.collectors.store import CollectorHealth, HistoryPoint, MetricStore, PolicyState
-from wattwarden.hardware.device import GpuInfo, GpuReading
+from wattwarden.hardware.device import ClockEvent, GpuInfo, GpuReading
 from wattwarden.hardware.sim import ManualClock
 
 
@@ -37,6 +37,8 @@ def reading(
     temperature_c: float | None = 60.0,
     utilization: float | None = 0.5,
     limit_w: float | None = 300.0,
+    clock_sm_hz: float | None = 1.4e9,
+    clock_events: int | None = 0,
 ) -> GpuReading:
     return GpuReading(
         power_w=power_w,
@@ -49,9 +51,9 @@ def reading(
         utilization_memory_ratio=utilization,
         memory_used_bytes=2**30,
         memory_total_bytes=80 * 2**30,
-        clock_sm_hz=1.4e9,
+        clock_sm_hz=clock_sm_hz,
         clock_memory_hz=2.6e9,
-        clock_event_mask=0,
+        clock_event_mask=clock_events,
     )
 
 
@@ -279,7 +281,51 @@ def test_a_history_point_carries_the_readings_beside_the_mean_power() -> None:
     for ts, watts in ((50.0, 100.0), (50.5, 300.0), (51.0, 200.0)):
         clock.advance(0.5)
         store.put([sample(ts, watts, read=read)])
-    assert store.history(60) == {0: [HistoryPoint(50.0, 200.0, 71.0, 0.25, 350.0)]}
+    assert store.history(60) == {0: [HistoryPoint(50.0, 200.0, 71.0, 0.25, 350.0, None, 1.4e9, 0)]}
+
+
+def test_a_history_point_holds_the_target_clock_and_clock_events_of_its_seconds_last_sample() -> (
+    None
+):
+    clock = ManualClock()
+    store = store_on(clock)
+    store.set_power_limit_targets({0: 250.0, 1: 400.0})
+    capped = ClockEvent.SW_POWER_CAP | ClockEvent.SW_THERMAL
+    passes = [
+        (50.0, reading(300.0, temperature_c=60.0, clock_sm_hz=1.98e9, clock_events=0), None),
+        (50.5, reading(300.0, temperature_c=64.0, clock_sm_hz=1.5e9, clock_events=capped), None),
+        (51.0, reading(300.0, temperature_c=66.0, clock_sm_hz=1.2e9, clock_events=0), 220.0),
+        (52.0, reading(300.0, temperature_c=67.0, clock_sm_hz=1.1e9, clock_events=None), None),
+    ]
+    for ts, read, new_target in passes:
+        clock.advance(0.5)
+        if new_target is not None:  # the engine's next period, before this pass
+            store.set_power_limit_targets({0: new_target})
+        store.put([sample(ts, 300.0, read=read)])
+    assert store.history(60)[0] == [
+        HistoryPoint(50.0, 300.0, 64.0, 0.5, 300.0, 250.0, 1.5e9, int(capped)),
+        HistoryPoint(51.0, 300.0, 66.0, 0.5, 300.0, 220.0, 1.2e9, 0),
+    ]
+
+
+def test_a_history_point_has_no_target_without_a_policy_engine() -> None:
+    clock = ManualClock()
+    store = store_on(clock)
+    for ts in (50.0, 51.0):
+        clock.advance(1.0)
+        store.put([sample(ts, 300.0)])
+    assert [p.power_limit_target_w for p in store.history(60)[0]] == [None]
+
+
+def test_the_seconds_a_gpu_was_lost_have_no_history_point() -> None:
+    clock = ManualClock()
+    store = store_on(clock)
+    store.set_power_limit_targets({0: 250.0})
+    for tenths in range(1000, 1060, 5):  # 100.0 .. 105.5 s, lost from 101.0 to 103.5
+        clock.advance(0.5)
+        up = not 1010 <= tenths <= 1035
+        store.put([sample(tenths / 10, 300.0 if up else None, up=up)])
+    assert [p.timestamp_s for p in store.history(60)[0]] == [100.0, 104.0]
 
 
 def history_of(seconds: int, *, history_s: int = 3600) -> MetricStore:

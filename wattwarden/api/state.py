@@ -11,6 +11,23 @@ from wattwarden.collectors.samples import GpuSample
 from wattwarden.collectors.store import GpuView, HistoryPoint, StoreSnapshot
 from wattwarden.hardware.device import CLOCK_EVENT_LABELS
 
+HISTORY_COLUMNS = (
+    "timestamp",
+    "power_watts",
+    "temperature_celsius",
+    "utilization_ratio",
+    "power_limit_watts",
+    "power_limit_target_watts",
+    "clock_sm_hertz",
+    "clock_events",
+)
+"""The columns of ``GET /api/v1/history``, in row order; new ones are only ever appended."""
+
+
+def clock_event_labels(mask: int | None) -> list[str]:
+    """The labels of the clock-event reasons a mask holds (none for an unknown mask)."""
+    return [label for bit, label in CLOCK_EVENT_LABELS if mask is not None and mask & bit]
+
 
 def gpu_json(
     sample: GpuSample,
@@ -28,8 +45,7 @@ def gpu_json(
     """
     i = sample.info
     r = sample.reading if sample.up else None
-    mask = None if r is None else r.clock_event_mask
-    events = [label for bit, label in CLOCK_EVENT_LABELS if mask is not None and mask & bit]
+    events = clock_event_labels(None if r is None else r.clock_event_mask)
     if sample.up and power_mean_w is None:  # one sample, no window (``status`` without an agent)
         power_mean_w = sample.power_w
     view = GpuView(sample, power_mean_w, power_peak_w, power_limit_target_w)
@@ -77,8 +93,10 @@ def state_json(
     """The agent's whole state, for ``GET /api/v1/state``.
 
     ``policy_mode`` is the mode in force, ``policy_holding`` why the policy engine holds and
-    ``policy_fallback`` why apply mode fell back to dry-run (null when not), and each GPU's
-    ``power_limit_target_watts`` the limit the engine wants on it.
+    ``policy_fallback`` why apply mode fell back to dry-run (null when not), each GPU's
+    ``power_limit_target_watts`` the limit the engine wants on it, ``power_budget_watts`` the
+    node's budget and ``power_budget_lease_watts`` the share a fleet controller leases to this
+    node (the store's ``lease`` scope; null without one).
     """
     host = next(iter(snap.samples(HostSample)), None)
     return {
@@ -89,6 +107,7 @@ def state_json(
         "policy_fallback": fallback,
         "last_sample_timestamp": snap.last_sample_s,
         "power_budget_watts": snap.power_budgets_w.get("node"),
+        "power_budget_lease_watts": snap.power_budgets_w.get("lease"),
         "gpus": [
             gpu_json(v.sample, v.power_mean_w, v.power_peak_w, v.power_limit_target_w)
             for v in snap.gpus
@@ -113,18 +132,26 @@ def state_json(
 
 
 def history_json(history: dict[int, list[HistoryPoint]]) -> dict[str, Any]:
-    """Per-second history, as columns per GPU."""
+    """Per-second history, as columns per GPU (readers go by the column names).
+
+    ``power_limit_target_watts`` is the limit the policy engine wanted that second (null
+    without one); ``clock_events`` the labels of the clock-event reasons active, as in the
+    state's ``clock_events``. A second the GPU was lost has no row.
+    """
     return {
-        "columns": [
-            "timestamp",
-            "power_watts",
-            "temperature_celsius",
-            "utilization_ratio",
-            "power_limit_watts",
-        ],
+        "columns": list(HISTORY_COLUMNS),
         "gpus": {
             str(index): [
-                [p.timestamp_s, p.power_w, p.temperature_c, p.utilization_ratio, p.power_limit_w]
+                [
+                    p.timestamp_s,
+                    p.power_w,
+                    p.temperature_c,
+                    p.utilization_ratio,
+                    p.power_limit_w,
+                    p.power_limit_target_w,
+                    p.clock_sm_hz,
+                    clock_event_labels(p.clock_event_mask),
+                ]
                 for p in points
             ]
             for index, points in history.items()

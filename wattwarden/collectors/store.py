@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from wattwarden.collectors.base import Sample
 from wattwarden.collectors.samples import GpuSample
+from wattwarden.hardware.device import GpuReading
 
 DEFAULT_WINDOW_S = 15.0
 DEFAULT_HISTORY_S = 3600
@@ -69,13 +70,22 @@ class PolicyState:
 
 @dataclass(frozen=True, slots=True)
 class HistoryPoint:
-    """One second of one GPU."""
+    """One second of one GPU.
+
+    The mean power of the second; the other readings as they stood at its last sample.
+    """
 
     timestamp_s: float
     power_w: float | None
     temperature_c: float | None
     utilization_ratio: float | None
     power_limit_w: float | None
+    power_limit_target_w: float | None = None
+    """The limit the policy engine wanted then (None without one)."""
+    clock_sm_hz: float | None = None
+    clock_event_mask: int | None = None
+    """Clock-event reasons active (bits of :class:`~wattwarden.hardware.device.ClockEvent`);
+    kept as the mask, not labels, so that an hour of points stays small."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +116,10 @@ class StoreSnapshot:
 @dataclass(slots=True)
 class _Bucket:
     second: int
+    reading: GpuReading
+    """The second's latest reading (its slow fields go into the history point)."""
+    target_w: float | None
+    """The policy engine's wanted limit at that reading."""
     power_sum: float = 0.0
     power_n: int = 0
 
@@ -182,18 +196,24 @@ class MetricStore:
         second = int(s.timestamp_s)
         bucket = series.bucket
         if bucket is not None and bucket.second != second:
+            last = bucket.reading
             series.history.append(
                 HistoryPoint(
                     float(bucket.second),
                     bucket.power_sum / bucket.power_n if bucket.power_n else None,
-                    r.temperature_gpu_c,
-                    r.utilization_gpu_ratio,
-                    r.power_limit_w,
+                    last.temperature_gpu_c,
+                    last.utilization_gpu_ratio,
+                    last.power_limit_w,
+                    bucket.target_w,
+                    last.clock_sm_hz,
+                    last.clock_event_mask,
                 )
             )
             bucket = None
+        target_w = self._targets.get(s.info.index)
         if bucket is None:
-            bucket = series.bucket = _Bucket(second)
+            bucket = series.bucket = _Bucket(second, r, target_w)
+        bucket.reading, bucket.target_w = r, target_w
         bucket.power_sum += power
         bucket.power_n += 1
 
