@@ -21,6 +21,7 @@ from wattwarden.cliutil import (
     EXIT_USAGE,
     Parser,
     add_setting_flags,
+    arg_type,
     int_arg,
     setup_logging,
     stop_on_signals,
@@ -31,6 +32,7 @@ from wattwarden.config import (
     AgentConfig,
     ConfigError,
     build_config,
+    parse_listen,
     validate,
 )
 
@@ -98,7 +100,63 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_job_parser(sub)
     add_workload_parser(sub)
+    _add_dashboard_parsers(sub)
     return parser
+
+
+def _listen_arg(text: str) -> str:
+    """A ``--listen`` flag's text, checked as the agent checks its own."""
+    parse_listen(text)  # ValueError says what is wrong
+    return text
+
+
+def _add_dashboard_parsers(sub: Any) -> None:
+    """``dashboard`` and ``demo`` (their flags need no Streamlit: ``--help`` works without it)."""
+    from wattwarden.dashboard.settings import DEFAULT_LISTEN as DASHBOARD_LISTEN
+    from wattwarden.dashboard.settings import add_arguments
+
+    dashboard = sub.add_parser(
+        "dashboard",
+        help="the operator dashboard (Streamlit): fleet, GPUs, jobs, policy",
+        description="Serve the Streamlit dashboard: fleet power against its budget, live GPU "
+        "charts, jobs and their energy, the policy engine's decisions and actions, and firing "
+        "alerts. Reads the agents' API (and Prometheus and Alertmanager when given) over HTTP; "
+        "needs the dashboard extra: pip install 'wattwarden[dashboard]'.",
+    )
+    add_arguments(dashboard)
+    dashboard.add_argument(
+        "--listen",
+        type=arg_type(_listen_arg),
+        default=DASHBOARD_LISTEN,
+        metavar="HOST:PORT",
+        help=f"address to serve the dashboard on (default {DASHBOARD_LISTEN})",
+    )
+    dashboard.set_defaults(func=cmd_dashboard)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the whole stack on a simulated fleet: agent, policy engine, jobs, dashboard",
+        description="Start an agent on a simulated fleet with the policy engine acting on a "
+        "power budget (about 65 %% of the GPUs' default limits, so capping shows), a few "
+        "simulated jobs of different priorities and load shapes, and the dashboard; print its "
+        "URL. Ctrl-C stops everything and restores the power limits. Needs the dashboard "
+        "extra: pip install 'wattwarden[dashboard]'.",
+    )
+    demo.add_argument(
+        "--listen",
+        type=arg_type(_listen_arg),
+        default=DASHBOARD_LISTEN,
+        metavar="HOST:PORT",
+        help=f"address to serve the dashboard on (default {DASHBOARD_LISTEN})",
+    )
+    demo.add_argument(
+        "--gpus",
+        type=int_arg,
+        default=8,
+        metavar="N",
+        help="simulated GPUs, 1..64 (default 8)",
+    )
+    demo.set_defaults(func=cmd_demo)
 
 
 # ---------------------------------------------------------------------- agent
@@ -126,6 +184,56 @@ def cmd_agent(args: argparse.Namespace) -> int:
         finally:
             agent.close()
     return EXIT_OK
+
+
+# ----------------------------------------------------------------- dashboard
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Serve the dashboard until SIGTERM or SIGINT (exit 0), or until Streamlit fails (1)."""
+    from wattwarden.dashboard import launch
+    from wattwarden.dashboard.settings import DashboardSettings
+
+    settings = DashboardSettings.from_namespace(args)
+    with stop_on_signals() as (stop, _):
+        try:
+            proc = launch.serve(settings, args.listen)
+        except launch.StreamlitMissing as e:
+            print(f"wattwarden dashboard: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        try:
+            url = launch.dashboard_url(*launch.listen_of(proc))
+            if not launch.wait_healthy(proc, stop=stop):
+                if stop.is_set():
+                    return EXIT_OK
+                why = (
+                    f"Streamlit exited with code {proc.returncode}"
+                    if proc.poll() is not None
+                    else "Streamlit did not answer its health check in time"
+                )
+                print(f"wattwarden dashboard: {why}; not serving {url}", file=sys.stderr)
+                return EXIT_FAILURE
+            print(
+                f"wattwarden dashboard: serving {url} (agents: {', '.join(settings.agents)}); "
+                "Ctrl-C stops it",
+                flush=True,
+            )
+            while not stop.wait(0.5):
+                if proc.poll() is not None:
+                    print(
+                        f"wattwarden dashboard: Streamlit exited unexpectedly "
+                        f"(code {proc.returncode})",
+                        file=sys.stderr,
+                    )
+                    return EXIT_FAILURE
+            return EXIT_OK
+        finally:
+            launch.stop(proc)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo until SIGTERM or SIGINT."""
+    from wattwarden.demo import run_demo
+
+    return run_demo(listen=args.listen, gpus=args.gpus)
 
 
 # --------------------------------------------------------------------- status
