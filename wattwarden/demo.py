@@ -105,7 +105,8 @@ class PlacedJob:
 def plan_jobs(gpus: int) -> list[PlacedJob]:
     """The jobs for a fleet of ``gpus``: one per GPU on three quarters of them, the rest idle.
 
-    The kinds repeat (``train-llm-2``...) on a big fleet, spread over its GPUs.
+    Up to 8 GPUs the idle ones are the last; on a bigger fleet the kinds repeat
+    (``train-llm-2``...) and the jobs spread over its GPUs.
     """
     count = gpus - gpus // 4
     jobs = []
@@ -113,7 +114,7 @@ def plan_jobs(gpus: int) -> list[PlacedJob]:
         kind = KINDS[i % len(KINDS)]
         cycle = i // len(KINDS)
         name = kind.name if cycle == 0 else f"{kind.name}-{cycle + 1}"
-        jobs.append(PlacedJob(name, i * gpus // count, kind))
+        jobs.append(PlacedJob(name, i if gpus <= 8 else i * gpus // count, kind))
     return jobs
 
 
