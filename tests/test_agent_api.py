@@ -942,7 +942,9 @@ def test_history_seconds_is_checked(
 ) -> None:
     asked: list[float] = []
     real = live.ctx.store.history
-    monkeypatch.setattr(live.ctx.store, "history", lambda s: asked.append(s) or real(s))
+    monkeypatch.setattr(
+        live.ctx.store, "history", lambda s, step=1: asked.append(s) or real(s, step)
+    )
     got, _, body = live.call("GET", "/api/v1/history" + query)
     assert got == status
     if error is None:
@@ -950,6 +952,46 @@ def test_history_seconds_is_checked(
         assert asked == [{"": 300.0, "?seconds=1": 1.0, "?seconds=86400": 86400.0}.get(query, 60.0)]
     else:
         assert body == {"error": error}
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "error"),
+    [
+        ("?seconds=60", 200, None),
+        ("?seconds=60&step=1", 200, None),
+        ("?seconds=60&step=3", 200, None),
+        ("?seconds=60&step=3600", 200, None),
+        ("?seconds=60&step=x&step=5", 200, None),  # the last one counts
+        ("?seconds=60&step=0", 400, "step must be within 1..3600, got '0'"),
+        ("?seconds=60&step=3601", 400, "step must be within 1..3600, got '3601'"),
+        (
+            "?seconds=60&step=" + "9" * 20,
+            400,
+            "step must be within 1..3600, got '" + "9" * 20 + "'",
+        ),
+        ("?seconds=60&step=2.5", 400, "step must be a whole number of seconds, got '2.5'"),
+        ("?seconds=60&step=-3", 400, "step must be a whole number of seconds, got '-3'"),
+        ("?seconds=60&step=", 400, "step must be a whole number of seconds, got ''"),
+        ("?seconds=60&step=1_0", 400, "step must be a whole number of seconds, got '1_0'"),
+    ],
+)
+def test_history_step_is_checked(
+    live: Live, monkeypatch: pytest.MonkeyPatch, query: str, status: int, error: str | None
+) -> None:
+    asked: list[int] = []
+    real = live.ctx.store.history
+    monkeypatch.setattr(
+        live.ctx.store, "history", lambda s, step=1: asked.append(step) or real(s, step)
+    )
+    got, _, body = live.call("GET", "/api/v1/history" + query)
+    assert got == status
+    if error is None:
+        step = int(query.rsplit("=", 1)[1]) if "step" in query else 1
+        assert asked == [step]
+        assert body["columns"] == (HISTORY_COLUMNS if step == 1 else [*HISTORY_COLUMNS, "seconds"])
+    else:
+        assert body == {"error": error}
+        assert asked == []
 
 
 HISTORY_COLUMNS = [
@@ -998,6 +1040,61 @@ def test_history_rows_hold_the_target_the_sm_clock_and_the_clock_events_of_each_
     idle = rows["1"][-1]
     assert idle["power_limit_target_watts"] is None and idle["clock_events"] == ["idle"]
     assert idle["clock_sm_hertz"] > 0
+
+
+def test_history_in_steps_averages_each_bucket_and_keeps_a_lost_gpus_gap(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock()
+    fleet = SimFleet(2, clock=clock)
+    store = MetricStore(monotonic=clock)
+    start = 1_700_000_000  # a multiple of 2 and 4: the buckets start at whole seconds of it
+
+    def wall() -> float:
+        return start + clock() - 1000.0
+
+    sampler = Sampler(
+        store, [GpuCollector(SimBackend(fleet), monotonic=clock, wall=wall)],
+        monotonic=clock, wall=wall,
+    )  # fmt: skip
+    fleet[0].set_load(1.0)
+    for tick in range(36):  # 9 s, 4 passes a second; GPU 1 lost for seconds 2 .. 5
+        if tick == 8:
+            fleet[1].inject("lost")
+        if tick == 24:
+            fleet[1].inject("clear")
+        if tick == 16:
+            fleet[0].set_load(0.0)  # GPU 0 idles from second 4: its clock events change
+        sampler.run_once()
+        clock.advance(0.25)
+    monkeypatch.setattr(live.ctx, "store", store)
+    _, _, per_second = live.call("GET", "/api/v1/history?seconds=60")
+    status, _, body = live.call("GET", "/api/v1/history?seconds=60&step=4")
+    assert status == 200 and body["columns"] == [*HISTORY_COLUMNS, "seconds"]
+
+    def rows(answer: dict[str, Any], gpu: str) -> list[dict[str, Any]]:
+        return [dict(zip(answer["columns"], row, strict=True)) for row in answer["gpus"][gpu]]
+
+    seconds = {gpu: rows(per_second, gpu) for gpu in ("0", "1")}
+    buckets = {gpu: rows(body, gpu) for gpu in ("0", "1")}
+    assert [(r["timestamp"], r["seconds"]) for r in buckets["0"]] == [
+        (start, 4), (start + 4, 4)
+    ]  # fmt: skip
+    assert [(r["timestamp"], r["seconds"]) for r in buckets["1"]] == [
+        (start, 2), (start + 4, 2)
+    ]  # the seconds GPU 1 was lost are left out, never zeros  # fmt: skip
+    for gpu in ("0", "1"):
+        for bucket in buckets[gpu]:
+            inside = [r for r in seconds[gpu] if 0 <= r["timestamp"] - bucket["timestamp"] < 4]
+            assert bucket["seconds"] == len(inside)
+            for column in ("power_watts", "temperature_celsius", "utilization_ratio",
+                           "power_limit_watts", "clock_sm_hertz"):  # fmt: skip
+                assert bucket[column] == pytest.approx(
+                    sum(r[column] for r in inside) / len(inside)
+                ), column
+            union = {e for r in inside for e in r["clock_events"]}
+            assert set(bucket["clock_events"]) == union
+    assert set(buckets["0"][0]["clock_events"]) != set(buckets["0"][1]["clock_events"])
 
 
 def test_the_state_shows_the_leased_budget_and_null_without_a_lease(

@@ -511,3 +511,102 @@ def test_the_policy_state_is_replaced_whole_and_cleared() -> None:
     assert (snap.policy_state, store.snapshot().policy_state) == (first, second)
     store.set_policy_state(None)
     assert store.snapshot().policy_state is None
+
+
+# --------------------------------------------------------------- history in steps
+def per_second(
+    store: MetricStore, clock: ManualClock, seconds: dict[int, GpuReading | None]
+) -> None:
+    """One sample a second at each given second (None: the GPU lost), then one more second."""
+    for second, read in sorted(seconds.items()):
+        clock.advance(1.0)
+        power = None if read is None else read.power_w
+        store.put([sample(float(second), power, up=read is not None, read=read)])
+    clock.advance(1.0)
+    store.put([sample(float(max(seconds) + 1), 1.0)])  # completes the last second
+
+
+def test_history_in_steps_averages_each_aligned_bucket_exactly() -> None:
+    clock = ManualClock()
+    store = store_on(clock)
+    store.set_power_limit_targets({0: 250.0})
+    cap, thermal = int(ClockEvent.SW_POWER_CAP), int(ClockEvent.SW_THERMAL)
+    reads = {  # seconds 301..306: buckets of 3 s start at 300, 303 and 306
+        301: reading(100.0, temperature_c=60.0, utilization=0.2, limit_w=300.0,
+                     clock_sm_hz=1.2e9, clock_events=cap),
+        302: reading(200.0, temperature_c=64.0, utilization=0.4, limit_w=350.0,
+                     clock_sm_hz=1.8e9, clock_events=thermal),
+        303: reading(300.0, temperature_c=70.0, utilization=None, limit_w=300.0,
+                     clock_sm_hz=1.5e9, clock_events=None),
+        304: reading(330.0, temperature_c=71.0, utilization=0.9, limit_w=300.0,
+                     clock_sm_hz=1.6e9, clock_events=0),
+        305: reading(360.0, temperature_c=72.0, utilization=0.7, limit_w=300.0,
+                     clock_sm_hz=1.7e9, clock_events=cap),
+        306: reading(50.0, temperature_c=40.0, utilization=0.0, limit_w=300.0,
+                     clock_sm_hz=None, clock_events=None),
+    }  # fmt: skip
+    per_second(store, clock, reads)
+    assert store.history(60, step=3)[0] == [
+        HistoryPoint(300.0, 150.0, 62.0, pytest.approx(0.3), 325.0, 250.0, 1.5e9, cap | thermal,
+                     seconds=2),
+        HistoryPoint(303.0, 330.0, 71.0, 0.8, 300.0, 250.0, 1.6e9, cap, seconds=3),
+        HistoryPoint(306.0, 50.0, 40.0, 0.0, 300.0, 250.0, None, None, seconds=1),
+    ]  # fmt: skip
+
+
+def test_a_bucket_without_a_second_of_the_gpu_has_no_point() -> None:
+    clock = ManualClock()
+    store = store_on(clock)
+    up = reading(300.0)
+    # lost from 402 to 407: bucket 400 keeps its 2 seconds, 404 has none, 408 has its last
+    reads: dict[int, GpuReading | None] = {s: up for s in range(400, 412)}
+    reads.update(dict.fromkeys(range(402, 408)))
+    per_second(store, clock, reads)
+    points = store.history(60, step=4)[0]
+    assert [(p.timestamp_s, p.power_w, p.seconds) for p in points] == [
+        (400.0, 300.0, 2),
+        (408.0, 300.0, 4),
+    ]
+
+
+def test_history_in_steps_holds_whole_buckets_of_every_second_in_the_window() -> None:
+    store = history_of(20)  # completed seconds 500 .. 519, 100 W .. 119 W
+    points = store.history(5, step=4)[0]  # the window: 515 .. 519
+    assert [(p.timestamp_s, p.seconds) for p in points] == [(512.0, 4), (516.0, 4)]
+    assert [p.power_w for p in points] == [113.5, 117.5]
+
+
+def test_history_with_step_1_is_the_per_second_history() -> None:
+    store = history_of(10)
+    assert store.history(4, step=1) == store.history(4)
+    assert [(p.timestamp_s, p.power_w, p.seconds) for p in store.history(4)[0]] == [
+        (506.0, 106.0, 1), (507.0, 107.0, 1), (508.0, 108.0, 1), (509.0, 109.0, 1),
+    ]  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    powers=st.lists(st.one_of(st.none(), st.integers(0, 700)), min_size=1, max_size=80),
+    step=st.integers(1, 30),
+)
+def test_energy_of_the_buckets_is_the_energy_of_their_seconds(
+    powers: list[int | None], step: int
+) -> None:
+    clock = ManualClock()
+    store = store_on(clock)
+    reads = {
+        1000 + i: None if p is None else reading(float(p)) for i, p in enumerate(powers)
+    }  # None: lost that second
+    per_second(store, clock, reads)
+    seconds = store.history(3600)[0]
+    buckets = store.history(3600, step=step)[0]
+    assert sum(p.seconds for p in buckets) == len(seconds)
+    assert math.fsum((p.power_w or 0.0) * p.seconds for p in buckets) == pytest.approx(
+        math.fsum(p.power_w or 0.0 for p in seconds)
+    )
+    assert all(p.timestamp_s % step == 0 for p in buckets)
+
+
+def test_a_step_under_1_is_refused() -> None:
+    with pytest.raises(ValueError, match="step must be at least 1, got 0"):
+        history_of(3).history(60, step=0)

@@ -49,7 +49,7 @@ from wattwarden.api.contract import (
 )
 from wattwarden.api.http import HttpLimits, HttpServer
 from wattwarden.api.sim_routes import SimulatedGpus
-from wattwarden.api.state import history_json, state_json
+from wattwarden.api.state import HISTORY_STEP_MAX_S, history_json, state_json
 from wattwarden.api.webconfig import WebConfig
 from wattwarden.collectors.jobs import JobConflict, JobError, JobRegistry, JobView
 from wattwarden.collectors.store import MetricStore
@@ -281,7 +281,13 @@ class _Api:
             raise _bad(f"seconds must be a number, got {_short(raw[0])}") from None
         if not 1 <= seconds <= 86400:
             raise _bad(f"seconds must be within 1..86400, got {_short(raw[0])}")
-        return _json(HTTPStatus.OK, history_json(self.ctx.store.history(seconds)))
+        raw_step = request.query_params.getlist("step")[-1:] or ["1"]
+        if not (raw_step[0].isascii() and raw_step[0].isdigit()):
+            raise _bad(f"step must be a whole number of seconds, got {_short(raw_step[0])}")
+        if len(raw_step[0]) > 9 or not 1 <= int(raw_step[0]) <= HISTORY_STEP_MAX_S:
+            raise _bad(f"step must be within 1..{HISTORY_STEP_MAX_S}, got {_short(raw_step[0])}")
+        step = int(raw_step[0])
+        return _json(HTTPStatus.OK, history_json(self.ctx.store.history(seconds, step), step))
 
     def _energy(self, request: Request) -> Response:
         if self.ctx.energy is None:

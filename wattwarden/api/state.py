@@ -22,6 +22,10 @@ HISTORY_COLUMNS = (
     "clock_events",
 )
 """The columns of ``GET /api/v1/history``, in row order; new ones are only ever appended."""
+HISTORY_STEP_MAX_S = 3600
+"""The longest bucket ``GET /api/v1/history?step=S`` averages (seconds)."""
+HISTORY_STEP_COLUMNS = (*HISTORY_COLUMNS, "seconds")
+"""The columns with ``step`` over 1: ``seconds`` is how many seconds of the GPU a row averages."""
 
 
 def clock_event_labels(mask: int | None) -> list[str]:
@@ -131,16 +135,26 @@ def state_json(
     }
 
 
-def history_json(history: dict[int, list[HistoryPoint]]) -> dict[str, Any]:
-    """Per-second history, as columns per GPU (readers go by the column names).
+def history_json(history: dict[int, list[HistoryPoint]], step: int = 1) -> dict[str, Any]:
+    """History as columns per GPU (readers go by the column names).
 
-    ``power_limit_target_watts`` is the limit the policy engine wanted that second (null
-    without one); ``clock_events`` the labels of the clock-event reasons active, as in the
-    state's ``clock_events``. A second the GPU was lost has no row.
+    Per second with ``step`` 1; else a row per bucket of ``step`` seconds that holds a second
+    of the GPU, with a last ``seconds`` column (how many it holds; see
+    :meth:`~wattwarden.collectors.store.MetricStore.history`). ``power_limit_target_watts`` is
+    the limit the policy engine wanted (null without one); ``clock_events`` the labels of the
+    clock-event reasons active, as in the state's ``clock_events``. A second the GPU was lost
+    has no row.
     """
-    return {
-        "columns": list(HISTORY_COLUMNS),
-        "gpus": {
+    labels: dict[int | None, list[str]] = {}  # a mask's labels, shared by the rows that have it
+
+    def events(mask: int | None) -> list[str]:
+        found = labels.get(mask)
+        if found is None:
+            found = labels[mask] = clock_event_labels(mask)
+        return found
+
+    if step == 1:
+        rows = {
             str(index): [
                 [
                     p.timestamp_s,
@@ -150,10 +164,28 @@ def history_json(history: dict[int, list[HistoryPoint]]) -> dict[str, Any]:
                     p.power_limit_w,
                     p.power_limit_target_w,
                     p.clock_sm_hz,
-                    clock_event_labels(p.clock_event_mask),
+                    events(p.clock_event_mask),
                 ]
                 for p in points
             ]
             for index, points in history.items()
-        },
+        }
+        return {"columns": list(HISTORY_COLUMNS), "gpus": rows}
+    rows = {
+        str(index): [
+            [
+                p.timestamp_s,
+                p.power_w,
+                p.temperature_c,
+                p.utilization_ratio,
+                p.power_limit_w,
+                p.power_limit_target_w,
+                p.clock_sm_hz,
+                events(p.clock_event_mask),
+                p.seconds,
+            ]
+            for p in points
+        ]
+        for index, points in history.items()
     }
+    return {"columns": list(HISTORY_STEP_COLUMNS), "gpus": rows}

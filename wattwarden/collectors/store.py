@@ -86,6 +86,8 @@ class HistoryPoint:
     clock_event_mask: int | None = None
     """Clock-event reasons active (bits of :class:`~wattwarden.hardware.device.ClockEvent`);
     kept as the mask, not labels, so that an hour of points stays small."""
+    seconds: int = 1
+    """How many per-second points this one stands for (more in a bucket of several seconds)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,15 +312,69 @@ class MetricStore:
                 },
             )
 
-    def history(self, seconds: float) -> dict[int, list[HistoryPoint]]:
-        """Per-second history of each GPU over the last ``seconds``."""
-        with self._lock:
-            out: dict[int, list[HistoryPoint]] = {}
-            for index in sorted(self._gpus):
-                points = self._gpus[index].history
-                if not points:
-                    out[index] = []
-                    continue
-                since = points[-1].timestamp_s - seconds
+    def history(self, seconds: float, step: int = 1) -> dict[int, list[HistoryPoint]]:
+        """History of each GPU over the last ``seconds``: per second, or per ``step`` seconds.
+
+        With ``step`` > 1 the seconds are averaged over buckets aligned to multiples of ``step``
+        (each point stamped with its bucket's first second): every bucket that holds a second
+        of the window, whole. A bucket's readings are the means of its seconds' (of those
+        known), its clock events the union, and :attr:`HistoryPoint.seconds` says how many
+        seconds it holds; a bucket without a second of the GPU has no point (a gap stays a
+        gap). Raises ValueError for a ``step`` under 1.
+        """
+        if step < 1:
+            raise ValueError(f"step must be at least 1, got {step}")
+        with self._lock:  # only the copy: the filtering and averaging run outside the lock
+            copies = {index: list(self._gpus[index].history) for index in sorted(self._gpus)}
+        out: dict[int, list[HistoryPoint]] = {}
+        for index, points in copies.items():
+            if not points:
+                out[index] = []
+                continue
+            since = points[-1].timestamp_s - seconds
+            if step == 1:
                 out[index] = [p for p in points if p.timestamp_s > since]
-            return out
+                continue
+            first = (math.floor(since) + 1) // step * step  # the first second's bucket
+            out[index] = _bucketed([p for p in points if p.timestamp_s >= first], step)
+        return out
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return math.fsum(known) / len(known) if known else None
+
+
+def _bucket_point(start_s: int, points: list[HistoryPoint]) -> HistoryPoint:
+    masks = [p.clock_event_mask for p in points if p.clock_event_mask is not None]
+    union: int | None = None
+    for mask in masks:
+        union = mask if union is None else union | mask
+    return HistoryPoint(
+        float(start_s),
+        _mean(p.power_w for p in points),
+        _mean(p.temperature_c for p in points),
+        _mean(p.utilization_ratio for p in points),
+        _mean(p.power_limit_w for p in points),
+        _mean(p.power_limit_target_w for p in points),
+        _mean(p.clock_sm_hz for p in points),
+        union,
+        sum(p.seconds for p in points),
+    )
+
+
+def _bucketed(points: list[HistoryPoint], step: int) -> list[HistoryPoint]:
+    """Per-second points (oldest first) as one point per ``step``-second bucket that has any."""
+    out: list[HistoryPoint] = []
+    group: list[HistoryPoint] = []
+    key = 0
+    for p in points:
+        k = int(p.timestamp_s) // step * step
+        if group and k != key:
+            out.append(_bucket_point(key, group))
+            group = []
+        key = k
+        group.append(p)
+    if group:
+        out.append(_bucket_point(key, group))
+    return out
