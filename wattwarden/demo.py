@@ -79,8 +79,9 @@ class JobKind:
 # In the order they are placed: a small fleet gets the first ones.
 KINDS = (
     JobKind("train-llm", "high", "steady", 0.95, 0.0, 4.0, 0, 32, 32 * 2048, "LLM pre-training"),
+    # about 2 minutes under the budget's caps, then run again under a new name
     JobKind(
-        "eval", "low", "steady", 0.7, 0.0, 5.0, 600, 64, 64 * 512, "batch eval, 600 steps, rerun"
+        "eval", "low", "steady", 0.7, 0.0, 6.0, 500, 64, 64 * 512, "batch eval, 500 steps, rerun"
     ),
     JobKind("finetune", "normal", "bursty", 0.3, 0.65, 6.0, 0, 16, 16 * 1024, "fine-tune"),
     JobKind("serve-chat", "high", "diurnal", 0.15, 0.7, 20.0, 0, 8, 8 * 256, "inference service"),

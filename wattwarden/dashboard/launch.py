@@ -141,6 +141,9 @@ def streamlit_command(settings: DashboardSettings, host: str, port: int) -> list
         "none",
         "--server.runOnSave",
         "false",
+        # operators, not app developers: no deploy button or developer menu entries
+        "--client.toolbarMode",
+        "viewer",
         "--",
         *settings.to_argv(),
     ]
