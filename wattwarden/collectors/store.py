@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, TypeVar
 
 from wattwarden.collectors.base import Sample
@@ -340,41 +341,58 @@ class MetricStore:
         return out
 
 
-def _mean(values: Iterable[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return math.fsum(known) / len(known) if known else None
-
-
-def _bucket_point(start_s: int, points: list[HistoryPoint]) -> HistoryPoint:
-    masks = [p.clock_event_mask for p in points if p.clock_event_mask is not None]
-    union: int | None = None
-    for mask in masks:
-        union = mask if union is None else union | mask
-    return HistoryPoint(
-        float(start_s),
-        _mean(p.power_w for p in points),
-        _mean(p.temperature_c for p in points),
-        _mean(p.utilization_ratio for p in points),
-        _mean(p.power_limit_w for p in points),
-        _mean(p.power_limit_target_w for p in points),
-        _mean(p.clock_sm_hz for p in points),
-        union,
-        sum(p.seconds for p in points),
+_MEANS = tuple(
+    attrgetter(name)
+    for name in (
+        "power_w",
+        "temperature_c",
+        "utilization_ratio",
+        "power_limit_w",
+        "power_limit_target_w",
+        "clock_sm_hz",
     )
+)
+"""The readings a bucket holds the mean of, in :class:`HistoryPoint` order."""
+
+
+def _means(column: list[float | None], bounds: list[tuple[int, int]]) -> list[float | None]:
+    """The mean of each slice of a column (of its known values; None when none is known)."""
+    fsum = math.fsum
+    if None not in column:
+        return [fsum(column[lo:hi]) / (hi - lo) for lo, hi in bounds]  # type: ignore[arg-type]
+    out: list[float | None] = []
+    for lo, hi in bounds:
+        known = [v for v in column[lo:hi] if v is not None]
+        out.append(fsum(known) / len(known) if known else None)
+    return out
+
+
+def _unions(masks: list[int | None], bounds: list[tuple[int, int]]) -> list[int | None]:
+    out: list[int | None] = []
+    for lo, hi in bounds:
+        union: int | None = None
+        for mask in masks[lo:hi]:
+            if mask is not None:
+                union = mask if union is None else union | mask
+        out.append(union)
+    return out
 
 
 def _bucketed(points: list[HistoryPoint], step: int) -> list[HistoryPoint]:
-    """Per-second points (oldest first) as one point per ``step``-second bucket that has any."""
-    out: list[HistoryPoint] = []
-    group: list[HistoryPoint] = []
-    key = 0
-    for p in points:
-        k = int(p.timestamp_s) // step * step
-        if group and k != key:
-            out.append(_bucket_point(key, group))
-            group = []
-        key = k
-        group.append(p)
-    if group:
-        out.append(_bucket_point(key, group))
-    return out
+    """Per-second points (oldest first) as one point per ``step``-second bucket that has any.
+
+    Column by column, each bucket a slice: the means are of its seconds' known readings.
+    """
+    keys = [int(p.timestamp_s) // step * step for p in points]
+    starts = [i for i in range(len(keys)) if i == 0 or keys[i] != keys[i - 1]]
+    bounds = list(zip(starts, [*starts[1:], len(keys)], strict=True))
+    seconds = [p.seconds for p in points]
+    return list(
+        map(
+            HistoryPoint,
+            [float(keys[lo]) for lo, _ in bounds],
+            *(_means(list(map(get, points)), bounds) for get in _MEANS),
+            _unions([p.clock_event_mask for p in points], bounds),
+            [sum(seconds[lo:hi]) for lo, hi in bounds],
+        )
+    )
