@@ -189,8 +189,108 @@ def test_a_live_refresh_fetches_only_the_seconds_since_the_last() -> None:
         assert seen == ["/api/v1/history?seconds=60", "/api/v1/history?seconds=5"]
         assert second.gpus[0].timestamp_s[0] == 144.0 and second.gpus[0].timestamp_s[-1] == 203.0
         assert len(second.gpus[0]) == 60  # the window, not the rows kept
-        s.history(url, 600)  # a longer window than kept: fetched whole
-        assert seen[-1] == "/api/v1/history?seconds=600"
+        s.history(url, 600)  # a longer window than kept: fetched whole (in steps of 2 s)
+        assert seen[-1] == "/api/v1/history?seconds=600&step=2"
+
+
+class BucketingAgent:
+    """A stub agent's history as the agent answers it: GPU 0 draws ``t`` watts at second ``t``
+    (none while lost), averaged over buckets of ``step`` s aligned to multiples of it, every
+    bucket holding a second of the window whole, with a ``seconds`` column."""
+
+    def __init__(self, newest: int, lost: range = range(0)) -> None:
+        self.newest = newest
+        self.lost = lost
+
+    def seconds_of(self, first: int) -> list[int]:
+        return [t for t in range(first, self.newest + 1) if t not in self.lost]
+
+    def __call__(self, path: str, q: dict[str, list[str]]) -> tuple[int, Any]:
+        seconds, step = float(q["seconds"][0]), int(q.get("step", ["1"])[0])
+        first = (int(self.newest - seconds) + 1) // step * step
+        buckets: dict[int, list[int]] = {}
+        for t in self.seconds_of(first):
+            buckets.setdefault(t // step * step, []).append(t)
+        rows = [[float(b), sum(ts) / len(ts), ["idle"] if b % 2 else [], len(ts)]
+                for b, ts in sorted(buckets.items())]  # fmt: skip
+        columns = ["timestamp", "power_watts", "clock_events", "seconds"]
+        return 200, history_answer(columns, {"0": rows})
+
+
+def test_a_long_window_is_asked_in_steps_of_at_most_300_rows() -> None:
+    agent = BucketingAgent(newest=5000)
+    with stub(agent) as (url, seen):
+        s = sources(url)
+        got = {window: s.history(url, window) for window in (300, 900, 3600)}
+    assert seen == [
+        "/api/v1/history?seconds=300",
+        "/api/v1/history?seconds=900&step=3",
+        "/api/v1/history?seconds=3600&step=12",
+    ]
+    for window, h in got.items():
+        assert isinstance(h, History)
+        g = h.gpus[0]
+        step = window // 300
+        assert len(g) == 300 and g.step_s == step
+        assert all(t % step == 0 for t in g.timestamp_s)
+        last = range(5000 // step * step, 5001)  # the bucket still filling
+        assert (g.power_w[-1], g.seconds[-1]) == (sum(last) / len(last), len(last))
+
+
+def test_a_refresh_in_steps_tops_up_at_the_same_step_and_replaces_the_bucket_still_filling() -> (
+    None
+):
+    clock = FakeClock()
+    agent = BucketingAgent(newest=1000, lost=range(1003, 1008))  # lost for 5 s, later
+    with stub(agent) as (url, seen):
+        s = sources(url, clock=clock)
+        first = s.history(url, 900)
+        assert isinstance(first, History)
+        assert first.gpus[0].timestamp_s[-1] == 999.0 and first.gpus[0].seconds[-1] == 2
+        for _ in range(6):  # live refreshes, 2 s apart; the bucket at 999 fills, then the gap
+            clock.now += 2.0
+            agent.newest += 2
+            topped = s.history(url, 900)
+        assert seen[1:] == ["/api/v1/history?seconds=6&step=3"] * 6
+        whole = sources(url).history(url, 900)  # a fresh fetch of the same window
+    assert isinstance(topped, History) and isinstance(whole, History)
+    assert topped.gpus[0] == whole.gpus[0]
+    g = topped.gpus[0]
+    # 1005 .. 1007: the GPU was lost, a gap (never 0 W); 1002 alone (lost from 1003)
+    assert g.timestamp_s[-4:] == (999.0, 1002.0, 1008.0, 1011.0)
+    assert g.seconds[-4:] == (3, 1, 3, 2)
+    assert g.power_w[-4:] == (1000.0, 1002.0, 1009.0, 1011.5)
+
+
+def test_the_energy_of_a_window_in_steps_is_the_energy_of_its_seconds() -> None:
+    agent = BucketingAgent(newest=5000, lost=range(4500, 4510))
+    with stub(agent) as (url, _):
+        h = sources(url).history(url, 900)
+    assert isinstance(h, History)
+    g = h.gpus[0]
+    assert g.step_s == 3
+    assert h.energy_j() == sum(agent.seconds_of(int(g.timestamp_s[0])))  # 1 W·s per watt
+    assert h.covered_s == 5001 - g.timestamp_s[0]
+
+
+def test_history_rows_out_of_shape_are_down_naming_the_gpu() -> None:
+    answer = history_answer(["timestamp", "power_watts"], {"3": [[100.0, 1.0], [101.0]]})
+    with stub(lambda path, q: (200, answer)) as (url, _):
+        got = sources(url).history(url, 60)
+    assert isinstance(got, Down)
+    assert got.reason.endswith("a history row of GPU 3 does not match the columns")
+
+
+def test_a_history_row_without_a_timestamp_is_left_out_and_numbers_may_be_integers() -> None:
+    columns = ["timestamp", "power_watts", "temperature_celsius"]
+    rows = {"0": [[100, 300, 60], [None, 1.0, 1.0], [102.0, None, True]]}
+    with stub(lambda path, q: (200, history_answer(columns, rows))) as (url, _):
+        got = sources(url).history(url, 60)
+    assert isinstance(got, History)
+    g = got.gpus[0]
+    assert g.timestamp_s == (100.0, 102.0) and g.power_w == (300.0, None)
+    assert g.temperature_c == (60.0, None)  # true is not a number
+    assert g.seconds == (1.0, 1.0) and g.energy_j() == 300.0
 
 
 # ------------------------------------------------------------------------ Prometheus

@@ -13,6 +13,7 @@ Writes (budget, mode, a GPU's limit, a job's move) send the bearer token and ans
 from __future__ import annotations
 
 import base64
+import bisect
 import http.client
 import json
 import logging
@@ -25,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from wattwarden.config import default_state_dir
@@ -39,6 +40,8 @@ ENV_TOKEN = "WATTWARDEN_TOKEN"
 TOKEN_FILE = "token"
 HISTORY_MAX_S = 3600.0
 """The agent keeps an hour of per-second history."""
+HISTORY_POINTS = 300
+"""Rows per GPU a chart needs at most: longer windows are fetched in steps of several seconds."""
 DECISIONS_LIMIT = 200
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
@@ -125,7 +128,12 @@ class AgentState:
 
 @dataclass(frozen=True, slots=True)
 class GpuHistory:
-    """One GPU's per-second history, column by column (equal lengths, oldest first)."""
+    """One GPU's history, column by column (equal lengths, oldest first).
+
+    A row is a second, or with ``step_s`` over 1 a bucket of that many seconds (stamped with its
+    first second; the readings the means of its seconds, the clock events their union) that
+    holds ``seconds`` of them: a second the GPU was lost is in no row.
+    """
 
     index: int
     timestamp_s: tuple[float, ...]
@@ -137,10 +145,23 @@ class GpuHistory:
     """All None where the agent does not report it."""
     clock_sm_hz: tuple[float | None, ...]
     clock_events: tuple[tuple[str, ...], ...]
+    seconds: tuple[float, ...] = ()
+    """How many seconds each row holds (empty: one each)."""
+    step_s: int = 1
+    """Seconds per row asked of the agent."""
 
     def energy_j(self) -> float:
-        """The energy of these seconds: power integrated over the rows (one second each)."""
-        return _integrate(self.timestamp_s, self.power_w)
+        """The energy of these rows: each row's mean power times the seconds it holds."""
+        weights = self.seconds or (1.0,) * len(self.timestamp_s)
+        return math.fsum(p * s for p, s in zip(self.power_w, weights, strict=True) if p is not None)
+
+    @property
+    def end_s(self) -> float | None:
+        """Just after the newest second of the rows (None without rows)."""
+        if not self.timestamp_s:
+            return None
+        last = self.seconds[-1] if self.seconds else 1.0
+        return self.timestamp_s[-1] + min(last, self.step_s)
 
     def __len__(self) -> int:
         return len(self.timestamp_s)
@@ -155,10 +176,10 @@ class History:
 
     @property
     def covered_s(self) -> float:
-        """Seconds between the oldest and the newest row (0 without rows)."""
+        """Seconds from the oldest row to just after the newest second (0 without rows)."""
         starts = [g.timestamp_s[0] for g in self.gpus.values() if len(g)]
-        ends = [g.timestamp_s[-1] for g in self.gpus.values() if len(g)]
-        return max(ends) - min(starts) + 1.0 if starts else 0.0
+        ends = [g.end_s for g in self.gpus.values() if g.end_s is not None]
+        return max(ends) - min(starts) if starts else 0.0
 
     def energy_j(self) -> float:
         """The GPUs' energy over the rows."""
@@ -546,7 +567,7 @@ def parse_state(url: str, data: Any) -> AgentState:
     )
 
 
-_HISTORY_COLUMNS = {
+_HISTORY_NUMBERS = {
     "power_watts": "power_w",
     "temperature_celsius": "temperature_c",
     "utilization_ratio": "utilization_ratio",
@@ -554,6 +575,9 @@ _HISTORY_COLUMNS = {
     "power_limit_target_watts": "power_limit_target_w",
     "clock_sm_hertz": "clock_sm_hz",
 }
+"""The history's number columns, by the agent's name, and the field each goes to."""
+_FLOATS = frozenset({float, type(None)})
+_NUMBERS = frozenset({float, int, type(None)})
 
 
 def _float_or_none(v: Any) -> float | None:
@@ -562,8 +586,60 @@ def _float_or_none(v: Any) -> float | None:
     return float(v)
 
 
-def parse_history_rows(data: Any) -> dict[int, list[dict[str, Any]]]:
-    """The history answer as rows keyed by our field names, by the answer's column names."""
+@dataclass(slots=True)
+class HistoryColumns:
+    """One GPU's history rows as columns (lists of equal length, oldest first)."""
+
+    timestamp_s: list[float] = field(default_factory=list)
+    power_w: list[float | None] = field(default_factory=list)
+    temperature_c: list[float | None] = field(default_factory=list)
+    utilization_ratio: list[float | None] = field(default_factory=list)
+    power_limit_w: list[float | None] = field(default_factory=list)
+    power_limit_target_w: list[float | None] = field(default_factory=list)
+    clock_sm_hz: list[float | None] = field(default_factory=list)
+    clock_events: list[tuple[str, ...]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    """How many seconds each row holds (1 for a per-second row)."""
+
+    def columns(self) -> tuple[list[Any], ...]:
+        """Every column, in field order."""
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def cut(self, lo: int, hi: int | None = None) -> HistoryColumns:
+        """Rows ``lo`` up to ``hi`` (a copy)."""
+        return HistoryColumns(*(c[lo:hi] for c in self.columns()))
+
+    def __len__(self) -> int:
+        return len(self.timestamp_s)
+
+
+def _number_column(values: Sequence[Any]) -> list[float | None]:
+    kinds = set(map(type, values))
+    if kinds <= _FLOATS:
+        return list(values)
+    if kinds <= _NUMBERS:
+        return [None if v is None else float(v) for v in values]
+    return [_float_or_none(v) for v in values]
+
+
+def _events_column(values: Sequence[Any]) -> list[tuple[str, ...]]:
+    known: dict[tuple[Any, ...], tuple[str, ...]] = {}  # one tuple per set of labels
+    out = []
+    for v in values:
+        key = tuple(v) if type(v) is list else ()
+        labels = known.get(key)
+        if labels is None:
+            labels = known[key] = tuple(str(x) for x in key)
+        out.append(labels)
+    return out
+
+
+def parse_history_rows(data: Any) -> dict[int, HistoryColumns]:
+    """The history answer as columns per GPU, by the answer's column names.
+
+    A column the agent does not send is all None (``seconds``: 1 a row); a row without a
+    timestamp is left out.
+    """
     h = _obj(data, "the history")
     columns = h.get("columns")
     gpus = h.get("gpus")
@@ -572,7 +648,8 @@ def parse_history_rows(data: Any) -> dict[int, list[dict[str, Any]]]:
     if "timestamp" not in columns:
         raise _Shape("the history has no 'timestamp' column")
     at = {name: i for i, name in enumerate(columns)}
-    out: dict[int, list[dict[str, Any]]] = {}
+    width = len(columns)
+    out: dict[int, HistoryColumns] = {}
     for key, rows in gpus.items():
         try:
             index = int(key)
@@ -580,50 +657,53 @@ def parse_history_rows(data: Any) -> dict[int, list[dict[str, Any]]]:
             raise _Shape(f"history GPU key {key!r:.20} is not an index") from None
         if not isinstance(rows, list):
             raise _Shape(f"history of GPU {index} is not a list")
-        parsed = []
-        for row in rows:
-            if not isinstance(row, list) or len(row) != len(columns):
-                raise _Shape(f"a history row of GPU {index} does not match the columns")
-            ts = _float_or_none(row[at["timestamp"]])
-            if ts is None:
-                continue
-            item: dict[str, Any] = {"timestamp_s": ts}
-            for column, name in _HISTORY_COLUMNS.items():
-                item[name] = _float_or_none(row[at[column]]) if column in at else None
-            item["clock_events"] = _labels(row[at["clock_events"]]) if "clock_events" in at else ()
-            parsed.append(item)
-        out[index] = parsed
+        if not rows:
+            out[index] = HistoryColumns()
+            continue
+        if set(map(type, rows)) != {list} or set(map(len, rows)) != {width}:
+            raise _Shape(f"a history row of GPU {index} does not match the columns")
+        by_column = list(zip(*rows, strict=True))
+        stamps = _number_column(by_column[at["timestamp"]])
+        keep: list[int] | None = None
+        if None in stamps:
+            keep = [i for i, ts in enumerate(stamps) if ts is not None]
+            by_column = [tuple(c[i] for i in keep) for c in by_column]
+            stamps = [stamps[i] for i in keep]
+        n = len(stamps)
+
+        def numbers(column: str, n: int = n, by_column: list[Any] = by_column) -> list[Any]:
+            return _number_column(by_column[at[column]]) if column in at else [None] * n
+
+        readings = {name: numbers(column) for column, name in _HISTORY_NUMBERS.items()}
+        events: list[tuple[str, ...]] = [()] * n
+        if "clock_events" in at:
+            try:
+                events = _events_column(by_column[at["clock_events"]])
+            except TypeError:
+                raise _Shape(f"a history row of GPU {index} has odd clock events") from None
+        out[index] = HistoryColumns(
+            timestamp_s=cast(list[float], stamps),
+            **readings,
+            clock_events=events,
+            seconds=[1.0 if s is None else s for s in numbers("seconds")],
+        )
     return out
 
 
-def _gpu_history(index: int, rows: Sequence[Mapping[str, Any]]) -> GpuHistory:
+def _gpu_history(index: int, rows: HistoryColumns, step_s: int) -> GpuHistory:
     return GpuHistory(
-        index=index,
-        timestamp_s=tuple(r["timestamp_s"] for r in rows),
-        power_w=tuple(r["power_w"] for r in rows),
-        temperature_c=tuple(r["temperature_c"] for r in rows),
-        utilization_ratio=tuple(r["utilization_ratio"] for r in rows),
-        power_limit_w=tuple(r["power_limit_w"] for r in rows),
-        power_limit_target_w=tuple(r["power_limit_target_w"] for r in rows),
-        clock_sm_hz=tuple(r["clock_sm_hz"] for r in rows),
-        clock_events=tuple(r["clock_events"] for r in rows),
+        index,
+        tuple(rows.timestamp_s),
+        tuple(rows.power_w),
+        tuple(rows.temperature_c),
+        tuple(rows.utilization_ratio),
+        tuple(rows.power_limit_w),
+        tuple(rows.power_limit_target_w),
+        tuple(rows.clock_sm_hz),
+        tuple(rows.clock_events),
+        tuple(rows.seconds),
+        step_s,
     )
-
-
-def _integrate(timestamps: Sequence[float], power: Sequence[float | None]) -> float:
-    """Joules over per-second rows: each row's power until the next row (at most 1 s).
-
-    A gap (e.g. while the GPU was lost) adds nothing; the last row counts 1 s.
-    """
-    total = 0.0
-    for i, p in enumerate(power):
-        if p is None:
-            continue
-        dt = 1.0
-        if i + 1 < len(timestamps):
-            dt = min(max(timestamps[i + 1] - timestamps[i], 0.0), 1.0)
-        total += p * dt
-    return total
 
 
 def parse_job(data: Any) -> Job:
@@ -777,14 +857,19 @@ def refusal_in_words(status: int, error: str) -> str:
 # ------------------------------------------------------------------------- history buffer
 @dataclass
 class _HistoryBuffer:
-    """An agent's history rows per GPU, topped up by the seconds since the last fetch."""
+    """An agent's history per GPU at one step, topped up by the seconds since the last fetch."""
 
-    rows: dict[int, list[dict[str, Any]]]
+    rows: dict[int, HistoryColumns]
     span_s: float
     """Seconds before the last fetch that the rows cover (what the agent had, at most)."""
     fetched_at_s: float
     """When (monotonic) they were last fetched."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def history_step(window_s: float, max_points: int = HISTORY_POINTS) -> int:
+    """Seconds per row so that ``window_s`` takes at most ``max_points`` rows (at least 1)."""
+    return max(math.ceil(window_s / max(max_points, 1)), 1)
 
 
 # --------------------------------------------------------------------------------- sources
@@ -828,7 +913,7 @@ class Sources:
                 self._counts,
             )
         )
-        self._history: dict[str, _HistoryBuffer] = {}
+        self._history: dict[tuple[str, int], _HistoryBuffer] = {}
         self._history_lock = threading.Lock()
 
     # ----------------------------------------------------------------- bookkeeping
@@ -913,46 +998,55 @@ class Sources:
         """The policy engine's status (Down, status 404, when the agent runs none)."""
         return self._agent_get(url, POLICY, parse_policy)
 
-    def history(self, url: str, window_s: float) -> History | Down:
-        """The agent's per-second history over the last ``window_s`` seconds (1..3600).
+    def history(
+        self, url: str, window_s: float, *, max_points: int = HISTORY_POINTS
+    ) -> History | Down:
+        """The agent's history over the last ``window_s`` seconds (1..3600).
 
-        The first call fetches the window; later ones the seconds since the last fetch, which
+        At most ``max_points`` rows per GPU: a longer window is asked in steps of several
+        seconds (:func:`history_step`), which the agent averages. The first call fetches the
+        window; later ones the seconds since the last fetch (at the same step, the buckets
+        aligned, so the newest bucket, still filling at the last fetch, is replaced whole), which
         are added to the rows kept (a longer window than kept fetches the whole window again).
         """
         window_s = min(max(float(window_s), 1.0), HISTORY_MAX_S)
+        step = history_step(window_s, max_points)
         client = self._agents.get(url)
         if client is None:
             return Down(f"agent {url}", "not one of the dashboard's agents (--agent)")
 
         def fetch() -> History | Down:
             with self._history_lock:
-                buffer = self._history.get(url)
+                buffer = self._history.get((url, step))
             now = self._clock()
             if buffer is not None:
                 with buffer.lock:
                     since = now - buffer.fetched_at_s
                     covered = buffer.span_s + since
                     if covered >= window_s - 1.0 or buffer.span_s >= HISTORY_MAX_S - 1.0:
-                        seconds = min(max(math.ceil(since) + 2.0, 2.0), HISTORY_MAX_S)
+                        seconds = min(max(math.ceil(since) + 1.0 + step, 2.0), HISTORY_MAX_S)
                         if seconds < window_s:
-                            got = self._fetch_rows(client, seconds)
+                            got = self._fetch_rows(client, seconds, step)
                             if isinstance(got, Down):
                                 return got
                             self._merge(buffer, got, now, since)
-                            return self._window(buffer, window_s)
-            got = self._fetch_rows(client, window_s)
+                            return self._window(buffer, window_s, step)
+            got = self._fetch_rows(client, window_s, step)
             if isinstance(got, Down):
                 return got
             fresh = _HistoryBuffer(got, window_s, now)
             with self._history_lock:
-                self._history[url] = fresh
+                self._history[(url, step)] = fresh
             with fresh.lock:
-                return self._window(fresh, window_s)
+                return self._window(fresh, window_s, step)
 
-        return self.cache.get((url, HISTORY, window_s), self.ttl_s, fetch)
+        return self.cache.get((url, HISTORY, window_s, step), self.ttl_s, fetch)
 
-    def _fetch_rows(self, client: _Http, seconds: float) -> dict[int, list[dict[str, Any]]] | Down:
-        path = f"{HISTORY}?{urlencode({'seconds': f'{seconds:g}'})}"
+    def _fetch_rows(
+        self, client: _Http, seconds: float, step: int
+    ) -> dict[int, HistoryColumns] | Down:
+        query = {"seconds": f"{seconds:g}"} | ({"step": str(step)} if step > 1 else {})
+        path = f"{HISTORY}?{urlencode(query)}"
         answer = client.request("GET", path)
         if isinstance(answer, Down):
             return answer
@@ -965,37 +1059,38 @@ class Sources:
 
     @staticmethod
     def _merge(
-        buffer: _HistoryBuffer, new: dict[int, list[dict[str, Any]]], now: float, since: float
+        buffer: _HistoryBuffer, new: dict[int, HistoryColumns], now: float, since: float
     ) -> None:
+        """Add the rows fetched: from a GPU's first new row on, they replace the rows kept."""
         for index, rows in new.items():
-            kept = buffer.rows.setdefault(index, [])
-            last = kept[-1]["timestamp_s"] if kept else -math.inf
-            kept.extend(r for r in rows if r["timestamp_s"] > last)
-        newest = max((r[-1]["timestamp_s"] for r in buffer.rows.values() if r), default=None)
+            kept = buffer.rows.get(index)
+            if kept is None:
+                buffer.rows[index] = rows
+                continue
+            if not len(rows):
+                continue
+            cut = bisect.bisect_left(kept.timestamp_s, rows.timestamp_s[0])
+            for old, added in zip(kept.columns(), rows.columns(), strict=True):
+                del old[cut:]
+                old.extend(added)
+        newest = max((r.timestamp_s[-1] for r in buffer.rows.values() if len(r)), default=None)
         if newest is not None:
             horizon = newest - HISTORY_MAX_S
             for index, kept in buffer.rows.items():
-                if kept and kept[0]["timestamp_s"] <= horizon:
-                    buffer.rows[index] = [r for r in kept if r["timestamp_s"] > horizon]
+                if len(kept) and kept.timestamp_s[0] <= horizon:
+                    buffer.rows[index] = kept.cut(bisect.bisect_right(kept.timestamp_s, horizon))
         buffer.span_s = min(buffer.span_s + since, HISTORY_MAX_S)
         buffer.fetched_at_s = now
 
     @staticmethod
-    def _window(buffer: _HistoryBuffer, window_s: float) -> History:
-        newest = max((r[-1]["timestamp_s"] for r in buffer.rows.values() if r), default=None)
+    def _window(buffer: _HistoryBuffer, window_s: float, step: int) -> History:
+        newest = max((r.timestamp_s[-1] for r in buffer.rows.values() if len(r)), default=None)
         gpus: dict[int, GpuHistory] = {}
         for index, rows in sorted(buffer.rows.items()):
-            if newest is None:
-                chosen: Sequence[Mapping[str, Any]] = ()
-            else:
-                start = newest - window_s
-                lo = len(rows)
-                for i, r in enumerate(rows):
-                    if r["timestamp_s"] > start:
-                        lo = i
-                        break
-                chosen = rows[lo:]
-            gpus[index] = _gpu_history(index, chosen)
+            lo = len(rows) if newest is None else bisect.bisect_right(
+                rows.timestamp_s, newest - window_s
+            )  # fmt: skip
+            gpus[index] = _gpu_history(index, rows.cut(lo), step)
         return History(window_s, gpus)
 
     # ----------------------------------------------------------------- Prometheus
