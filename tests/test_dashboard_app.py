@@ -11,6 +11,7 @@ import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from helpers import AgentProcess, http_json, refused_port, run_agent, wait_for
 from streamlit.testing.v1 import AppTest
@@ -105,6 +106,34 @@ def test_fleet_shows_power_against_the_budget_and_the_gpus_by_state(
     assert "From the agents." in texts(at)
 
 
+def chart_data(at: AppTest, i: int = 0) -> dict[str, list[object]]:
+    """The table handed to the page's ``i``-th chart, by column."""
+    raw = at.get("vega_lite_chart")[i].proto.data.data
+    table: dict[str, list[object]] = pa.ipc.open_stream(raw).read_all().to_pydict()
+    return table
+
+
+def test_charts_over_long_windows_draw_the_agents_buckets_of_several_seconds(
+    monkeypatch: pytest.MonkeyPatch, agent: AgentProcess
+) -> None:
+    wait_for(
+        lambda: len(http_json(agent.url + "/api/v1/history?seconds=60")[1]["gpus"]["0"]) >= 4,
+        what="a few seconds of history",
+    )
+    at = app(monkeypatch, "--agent", agent.url)  # Fleet: 15 min, at most 300 rows a GPU
+    stack = chart_data(at)
+    assert stack["time"] and all(t % 3000 == 0 for t in stack["time"])  # 3 s buckets
+    assert set(stack["budget_w"]) == {BUDGET_W}  # the budget line's value rides with the rows
+    for gpu in ("GPU 0", "GPU 3"):
+        times = [t for t, s in zip(stack["time"], stack["series"], strict=True) if s == gpu]
+        assert times and len(times) == len(set(times))
+    at.switch_page("views/gpus.py")
+    at.session_state["gpus_window_min"] = 60
+    at.run()
+    card = chart_data(at)
+    assert card["time"] and all(t % 12_000 == 0 for t in card["time"])  # 12 s buckets
+
+
 def test_gpus_page_has_a_card_with_a_chart_per_gpu(
     monkeypatch: pytest.MonkeyPatch, agent: AgentProcess
 ) -> None:
@@ -126,6 +155,8 @@ def test_policy_page_shows_mode_budget_and_decisions(
     assert shown["Budget (node)"] == f"{BUDGET_W:,.0f} W"
     assert shown["Lease (fleet controller)"] == "—"
     assert len(at.dataframe) == 1  # the decisions table
+    columns = at.dataframe[0].value.columns  # the mode is on top; the reason fits beside the rest
+    assert "reason" in columns and "mode" not in columns
     assert "Decisions" in [s.value for s in at.subheader]
 
 

@@ -61,8 +61,9 @@ def fleet(ctx: Context, window_s: float) -> None:
     if isinstance(alerts, Down):
         show_down(alerts, severe=False)
     histories: dict[str, History] = {}
+    points = chart_points(len(up) if len(states) > 1 else sum(len(s.gpus) for s in up.values()))
     for url in up:
-        h = sources.history(url, window_s)
+        h = sources.history(url, window_s, max_points=points)
         if isinstance(h, Down):
             show_down(h, severe=False)
         else:
@@ -73,6 +74,15 @@ def fleet(ctx: Context, window_s: float) -> None:
     power_chart(up, histories, window_s)
     alert_list(alerts)
     nodes_table(states, prom_ok)
+
+
+STACK_ROWS = 6000
+"""Rows the stacked power chart draws at most, all series together."""
+
+
+def chart_points(series: int) -> int:
+    """Points per series of the stacked chart: at most 300, fewer with many series."""
+    return max(30, min(charts.MAX_POINTS, STACK_ROWS // max(series, 1)))
 
 
 def _budget(up: dict[str, AgentState], prom: FleetFromPrometheus | None) -> float | None:
@@ -166,12 +176,12 @@ def power_chart(up: dict[str, AgentState], histories: dict[str, History], window
         series = {charts.gpu_label(i): [h] for i, h in sorted(gpus.items())}
         colours = {charts.gpu_label(i): charts.gpu_colour(i) for i in sorted(gpus)}
         title = f"GPU power per GPU, last {window} (W)"
-    rows = charts.power_stack_frame(series, max_points=max(30, 6000 // max(len(series), 1)))
-    if not rows:
+    rows = charts.power_stack_frame(series, chart_points(len(series)), budget_w=budget)
+    if not rows["time"]:
         st.info("No power history yet: the agents have not kept a full second of readings.")
         return
-    chart = charts.power_stack_chart(rows, budget_w=budget, colours=colours, title=title)
-    st.altair_chart(chart, width="stretch")
+    spec = charts.power_stack_spec(colours, title=title)
+    st.vega_lite_chart(charts.arrow(rows), spec, width="stretch")
 
 
 def alert_list(alerts: list[Alert] | Down | None) -> None:

@@ -131,7 +131,7 @@ def card(g: GpuState, history: GpuHistory | None, share_w: float | None) -> None
         rows = charts.gpu_frame(
             history, budget_share_w=share_w, slowdown_c=g.temperature_slowdown_c
         )
-        st.vega_lite_chart(rows, charts.gpu_card_spec(), width="content")
+        st.vega_lite_chart(charts.arrow(rows), charts.gpu_card_spec(), width="content")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import altair as alt
 import streamlit as st
 
 from wattwarden.dashboard import charts, units
@@ -73,28 +72,9 @@ def render(ctx: Context) -> None:
     rows.sort(key=lambda r: (r["state"] != "running", r["job"]))
     st.dataframe(rows, hide_index=True, column_config=COLUMNS)
     st.caption("Click a column header to sort. Finished jobs keep their totals.")
-    energy = [
-        {"job": j.name, "energy_kj": j.energy_j / 1000, "gpu": charts.gpu_label(j.gpu),
-         "state": j.state}
-        for j in jobs
-    ]  # fmt: skip
-    chart = (
-        alt.Chart(alt.InlineData(values=energy))
-        .mark_bar()
-        .encode(
-            x=alt.X("energy_kj:Q", title="energy (kJ)"),
-            y=alt.Y("job:N", title="job", sort="-x"),
-            color=alt.Color(
-                "gpu:N", scale=charts.gpu_scale(sorted({j.gpu for j in jobs})), title="GPU"
-            ),
-            opacity=alt.Opacity(
-                "state:N", scale=alt.Scale(domain=["running", "finished"], range=[1.0, 0.5])
-            ),
-            tooltip=["job:N", "state:N", "gpu:N", alt.Tooltip("energy_kj:Q", format=".1f")],
-        )
-        .properties(title="Energy per job (kJ), by the GPU it runs on")
-    )
-    st.altair_chart(chart, width="stretch")
+    energy = charts.job_energy_frame([(j.name, j.energy_j, j.gpu, j.state) for j in jobs])
+    spec = charts.job_energy_spec([j.gpu for j in jobs])
+    st.vega_lite_chart(charts.arrow(energy), spec, width="stretch")
 
 
 if __name__ == "__main__":

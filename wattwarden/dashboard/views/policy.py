@@ -6,10 +6,12 @@ and a ticked confirmation; the agent's refusal is shown in words.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import streamlit as st
 
 from wattwarden.dashboard import charts, units
-from wattwarden.dashboard.sources import ActionResult, AgentState, Down, Policy
+from wattwarden.dashboard.sources import ActionResult, AgentState, Decision, Down, Policy
 from wattwarden.dashboard.ui import Context, flash, pick_node, run_page, show_down
 
 NO_ENGINE = 404
@@ -76,33 +78,62 @@ def decisions(ctx: Context, url: str, state: AgentState) -> None:
     if not got:
         st.info("No decisions yet.")
         return
-    rows = charts.decisions_frame(got)
-    chart = charts.decisions_chart(rows, [g.index for g in state.gpus])
-    st.altair_chart(chart, width="stretch")
+    spec = charts.decisions_spec([g.index for g in state.gpus])
+    st.vega_lite_chart(charts.arrow(charts.decisions_frame(got)), spec, width="stretch")
+    table = decisions_table(got)
     st.dataframe(
-        [
-            {
-                "time": units.clock_time(d.time_s),
-                "GPU": d.gpu,
-                "policy": d.policy,
-                "action": d.action,
-                "mode": d.mode,
-                "from (W)": d.from_w,
-                "to (W)": d.to_w,
-                "enforced (W)": d.enforced_w,
-                "to GPU": d.to_gpu,
-                "reason": d.reason,
-                "error": d.error,
-                "jobs": ", ".join(d.jobs),
-            }
-            for d in reversed(got)
-        ],
+        table,
         hide_index=True,
+        height=TABLE_ROW_PX * (min(len(table), TABLE_ROWS) + 1) + 3,
         column_config={
-            k: st.column_config.NumberColumn(format="%.0f W")
-            for k in ("from (W)", "to (W)", "enforced (W)")
+            **{
+                k: st.column_config.NumberColumn(format="%.0f W")
+                for k in ("from (W)", "to (W)", "enforced (W)")
+            },
+            "reason": st.column_config.TextColumn(width="large"),
         },
     )
+
+
+TABLE_ROWS = 10
+"""Rows the decisions table shows before it scrolls."""
+TABLE_ROW_PX = 35
+"""Streamlit's row height in a dataframe (the header is one more)."""
+
+
+def decisions_table(decisions: Sequence[Decision]) -> list[dict[str, object]]:
+    """The decisions, newest first, as table rows.
+
+    A column that would be empty for every row (the move's target GPU, the jobs, an error) or
+    the same for every row (the mode, shown on top) is left out, so the reason fits: the
+    table is short and sized (an explicit height), and draws at once.
+    """
+    moves = any(d.to_gpu is not None for d in decisions)
+    jobs = any(d.jobs for d in decisions)
+    errors = any(d.error for d in decisions)
+    modes = len({d.mode for d in decisions}) > 1
+    rows: list[dict[str, object]] = []
+    for d in reversed(decisions):
+        row: dict[str, object] = {
+            "time": units.clock_time(d.time_s),
+            "GPU": d.gpu,
+            "policy": d.policy,
+            "action": d.action,
+            "from (W)": d.from_w,
+            "to (W)": d.to_w,
+            "enforced (W)": d.enforced_w,
+        }
+        if moves:
+            row["to GPU"] = d.to_gpu
+        row["reason"] = d.reason
+        if modes:
+            row["mode"] = d.mode
+        if errors:
+            row["error"] = d.error
+        if jobs:
+            row["jobs"] = ", ".join(d.jobs)
+        rows.append(row)
+    return rows
 
 
 def _done(result: ActionResult) -> None:
