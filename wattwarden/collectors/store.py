@@ -67,6 +67,21 @@ class PolicyState:
     """Apply mode fell back to dry-run (the driver refused permission)."""
     budget_unreachable: bool
     """The budget cannot be met even with every GPU at its minimum limit."""
+    demand_w: dict[str, float] = field(default_factory=dict)
+    """What the GPUs would draw if no limit held them back, summed by the top priority of the
+    jobs on each (``high``, ``normal``, ``low``; a GPU without a job counts as ``low``)."""
+    starving: bool = False
+    """The budget keeps a GPU that runs a high-priority job below what it wants."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseState:
+    """A fleet controller's lease on the node's budget, as exported."""
+
+    expires_at_s: float | None
+    """Wall-clock time the live lease ends at; None while no lease is live."""
+    expirations_total: int
+    """Leases that ran out without being renewed or released."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +121,8 @@ class StoreSnapshot:
     """The limit the policy engine wants per GPU index (also in dry-run)."""
     policy_state: PolicyState | None = None
     """The control loop's state; None without one (then its gauges are not exported)."""
+    lease: LeaseState | None = None
+    """The lease's state; None without a control loop (then its series are not exported)."""
     migrations: dict[str, int] = field(default_factory=dict)
     """Jobs the control loop asked to move, by reason."""
     latest: dict[type[Any], tuple[Any, ...]] = field(default_factory=dict)
@@ -166,6 +183,7 @@ class MetricStore:
         self._decisions: dict[tuple[str, str, str], int] = {}
         self._targets: dict[int, float] = {}
         self._policy_state: PolicyState | None = None
+        self._lease: LeaseState | None = None
         self._migrations: dict[str, int] = {}
 
     # ----------------------------------------------------------------- writes
@@ -271,6 +289,11 @@ class MetricStore:
         with self._lock:
             self._policy_state = state
 
+    def set_lease_state(self, state: LeaseState | None) -> None:
+        """Replace the lease's exported state (None: no control loop)."""
+        with self._lock:
+            self._lease = state
+
     def count_migration(self, reason: str, count: int = 1) -> None:
         """Count jobs asked to move for ``reason``; a count of 0 makes the series exist."""
         with self._lock:
@@ -306,6 +329,7 @@ class MetricStore:
                 policy_decisions=dict(self._decisions),
                 power_limit_targets_w=dict(self._targets),
                 policy_state=self._policy_state,
+                lease=self._lease,
                 migrations=dict(self._migrations),
                 latest={
                     kind: tuple(by_key[k] for k in sorted(by_key))
