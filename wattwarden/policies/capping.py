@@ -314,6 +314,9 @@ class BudgetCapper:
         self._margin_fell = False
         """The margin fell this period (its room is handed out to the watt)."""
         self._targets: dict[int, float] = {}
+        self._budget_name = "budget"
+        """How this period's reasons name the budget (with its source, where known)."""
+        self._source_note = ""
         self.margin: float = margin_default if setpoint is None else 1.0 - setpoint
         """The budget's margin in force: the split aims at ``1 - margin`` of the budget."""
         self.overshoot: float | None = None
@@ -330,6 +333,10 @@ class BudgetCapper:
         """The last period's band: ``over``, ``near``, ``hold`` or ``low``; None without budget."""
         self.allocation: Allocation | None = None
         """The last period's split of the budget (the shares)."""
+        self.source: Callable[[], str | None] | None = None
+        """Says which budget ``budget_w`` gave (``local budget``, ``lease from controller X gen
+        N``), for the reasons; called right after it, once per period. The control loop sets
+        it; None leaves the reasons without it."""
 
     @property
     def name(self) -> str:
@@ -369,6 +376,9 @@ class BudgetCapper:
         if budget is None or not math.isfinite(budget) or budget < 0:
             self._forget()
             return []
+        source = None if self.source is None else self.source()
+        self._budget_name = "budget" if source is None else f"budget ({source})"
+        self._source_note = "" if source is None else f"; {source}"
         gpus, power, fixed = self._measure(inputs)
         if not gpus and power == 0:
             self._publish([], None, power, "low", budget)
@@ -713,17 +723,18 @@ class BudgetCapper:
     def _intents(
         self, gpus: list[_Gpu], split: Allocation, power: float, budget: float, band: str
     ) -> list[Intent]:
+        named = self._budget_name
         if split.unreachable:
             mins = split.budget_w + split.shortfall_w
             head = (
                 f"budget unreachable: the minimum limits need {mins:.0f} W of a {budget:.0f} W "
-                f"budget ({split.shortfall_w:.0f} W short)"
+                f"budget ({split.shortfall_w:.0f} W short{self._source_note})"
             )
         elif band == "over":
-            head = f"node at {power:.0f} W over its {budget:.0f} W budget"
+            head = f"node at {power:.0f} W over its {budget:.0f} W {named}"
         else:
             head = (
-                f"node at {power:.0f} W, {100 * power / budget:.0f} % of its {budget:.0f} W budget"
+                f"node at {power:.0f} W, {100 * power / budget:.0f} % of its {budget:.0f} W {named}"
             )
         if not split.unreachable:
             source = {"set": "set", "default": "the default until learned"}.get(
@@ -821,3 +832,46 @@ def _bounds(view: GpuView) -> tuple[float, float] | None:
     default = info.power_limit_default_w
     ceiling = hi if default is None else min(hi, max(lo, default))
     return lo, ceiling
+
+
+def demand_by_priority(
+    inputs: PolicyInputs, *, pinned_fraction: float = DEFAULT_PINNED_FRACTION
+) -> dict[str, float]:
+    """What the node's GPUs would draw if no limit held them back, summed by priority.
+
+    Per GPU that is up: its power (the latest sample, else the window's mean), or, while its
+    power limit holds it back (the SW power cap clock event; where clock events are not read, a
+    draw within ``pinned_fraction`` of its enforced limit), its default limit (its maximum where
+    the default is unknown): what it would draw unheld cannot be seen, and the default is what it
+    draws without any cap. Each GPU counts under the top priority of the running jobs on it (no
+    job: ``low``). Every priority is in the answer, 0 where no GPU has it. This is what a fleet
+    controller reads to split a fleet's budget among nodes.
+    """
+    priority: dict[int, str] = {}
+    for job in inputs.jobs:
+        if job.state != "running" or job.priority not in _RANK:
+            continue
+        if _RANK[job.priority] < _RANK[priority.get(job.gpu, NO_JOB)]:
+            priority[job.gpu] = job.priority
+    out = dict.fromkeys(PRIORITIES, 0.0)
+    for view in inputs.snapshot.gpus:
+        sample = view.sample
+        if not sample.up:
+            continue
+        power = sample.power_w if sample.power_w is not None else view.power_mean_w
+        if power is None or not math.isfinite(power):
+            continue
+        reading = sample.reading
+        enforced = None if reading is None else reading.power_limit_w
+        mask = None if reading is None else reading.clock_event_mask
+        if mask is not None:
+            held = bool(mask & SW_POWER_CAP)
+        else:
+            held = enforced is not None and power >= enforced * (1 - pinned_fraction)
+        if held:
+            info = sample.info
+            ceiling = info.power_limit_default_w or info.power_limit_max_w
+            if ceiling is not None:
+                power = max(power, ceiling)
+        out[priority.get(sample.info.index, NO_JOB)] += power
+    return out

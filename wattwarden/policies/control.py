@@ -26,6 +26,18 @@ ValueError names the one at fault). A policy switched off stops having intents, 
 gives its GPUs back the limits they had; one switched on starts afresh. Leaving apply mode
 restores every limit changed (:meth:`PolicyEngine.set_mode`).
 
+Leases (:meth:`PolicyLoop.set_lease`, ``POST /api/v1/policy/lease``): a fleet controller leases
+the node a budget for ``ttl_s`` seconds, under its id and a generation. While the lease is live
+its budget is the one in force, above or below the local one (it overrides it); when it runs out
+on the loop's monotonic clock without a renewal, the local budget is in force again, on the
+node's own: the expiry is logged once, counted, and the next decisions' reasons name the budget
+they used. Expiry is checked each period and on every read, so an expired lease is never in
+force nor shown. A live lease held by another controller id cannot be taken (a conflict), nor
+renewed by its holder with a lower generation than the one held (a restarted controller has a
+newer generation, so it takes its own leases over at once; another one waits for the expiry).
+A lease is not persisted: a restarted agent runs on its local budget until the controller's
+next push.
+
 Which policies run: the ``thermal`` guard, and ``budget`` capping whenever a budget is in force,
 unless a list was given (the ``policy`` setting, or the API); ``idle`` capping and the energy
 ``tuner`` only when listed.
@@ -39,6 +51,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
+import re
 import threading
 import time
 from collections import deque
@@ -46,10 +60,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from wattwarden.collectors.jobs import JobError, JobRegistry
-from wattwarden.collectors.store import MetricStore, PolicyState
+from wattwarden.collectors.store import LeaseState, MetricStore, PolicyState
 from wattwarden.policies.actuator import JournalledDecision, LimitActuator
 from wattwarden.policies.base import Decision, Intent, Mode, Policy, PolicyInputs
-from wattwarden.policies.capping import BudgetCapper
+from wattwarden.policies.capping import BudgetCapper, demand_by_priority
 from wattwarden.policies.engine import PolicyEngine
 from wattwarden.policies.idle import IdleCapper
 from wattwarden.policies.migration import Migrator
@@ -66,6 +80,14 @@ MIGRATION_REASONS = ("budget", "thermal", "xid", "lost")
 MIGRATION = "migration"
 """The ``policy`` of a move in the decisions."""
 BUDGET_SCOPE = "node"
+LEASE_SCOPE = "lease"
+"""The store's (and ``wattwarden_power_budget_watts``'s) scope of a live lease's budget."""
+LEASE_TTL_RANGE_S = (1.0, 3600.0)
+GENERATION_MAX = 2**63 - 1
+CONTROLLER_PATTERN = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")
+"""A controller id: 1-128 of A-Z a-z 0-9 _ . : @ / -."""
+LOCAL_BUDGET = "local budget"
+"""How the reasons name the local budget when it is in force."""
 BUDGET_RANGE_W = (1.0, 1e6)
 """A power budget's bounds, the same for the setting and the API."""
 PERIOD_RANGE_S = (0.1, 3600.0)
@@ -159,6 +181,66 @@ def check_mode(mode: object) -> Mode:
     return mode
 
 
+def check_lease(budget_w: object, ttl_s: object, controller: object, generation: object) -> None:
+    """A lease's fields, checked in that order; ValueError names the field and the problem.
+
+    The budget is a finite number of watts > 0, the ttl 1..3600 s, the controller id 1-128 of
+    A-Z a-z 0-9 _ . : @ / -, and the generation an integer 0..2**63-1.
+    """
+    if (
+        isinstance(budget_w, bool)
+        or not isinstance(budget_w, int | float)
+        or not math.isfinite(budget_w)
+        or budget_w <= 0
+    ):
+        raise ValueError(f"power_budget_watts must be a finite number > 0, got {budget_w!r}")
+    lo, hi = LEASE_TTL_RANGE_S
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or not lo <= ttl_s <= hi:
+        raise ValueError(f"ttl_seconds must be a number within {lo:g}..{hi:g}, got {ttl_s!r}")
+    check_controller(controller)
+    if (
+        isinstance(generation, bool)
+        or not isinstance(generation, int)
+        or not 0 <= generation <= GENERATION_MAX
+    ):
+        raise ValueError(f"generation must be an integer within 0..2**63-1, got {generation!r}")
+
+
+def check_controller(controller: object) -> str:
+    """A controller id (see :data:`CONTROLLER_PATTERN`); ValueError naming ``controller``."""
+    if not isinstance(controller, str) or not CONTROLLER_PATTERN.fullmatch(controller):
+        shown = repr(controller) if len(repr(controller)) <= 40 else repr(controller)[:37] + "..."
+        raise ValueError(f"controller must be 1-128 of A-Z a-z 0-9 _ . : @ / -, got {shown}")
+    return controller
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A fleet controller's budget for this node, live until ``expires_mono_s``."""
+
+    budget_w: float
+    ttl_s: float
+    controller: str
+    generation: int
+    expires_mono_s: float
+    """When it runs out, on the loop's monotonic clock (what decides)."""
+    expires_at_s: float
+    """The same as wall-clock time (what is shown and exported)."""
+
+    @property
+    def source(self) -> str:
+        """How the reasons name it: ``lease from controller X gen N``."""
+        return f"lease from controller {self.controller} gen {self.generation}"
+
+    def remaining_s(self, now_mono_s: float) -> float:
+        """Seconds left at ``now_mono_s`` (0 once run out)."""
+        return max(0.0, self.expires_mono_s - now_mono_s)
+
+
+class LeaseConflict(Exception):
+    """A lease change refused: another controller holds a live lease, or a stale generation."""
+
+
 class PolicyFailed(Exception):
     """A policy raised while stating its intents."""
 
@@ -238,6 +320,7 @@ class LoopStatus:
 
     mode: Mode
     power_budget_w: float | None
+    """The budget in force: a live lease's, else the local one."""
     policies: dict[str, bool]
     """Every policy by name, on or off."""
     fallback: str | None
@@ -253,6 +336,14 @@ class LoopStatus:
     last_error: str | None = None
     restore_failures: tuple[str, ...] = field(default=())
     """After a switch out of apply mode: limits that could not be restored (journalled)."""
+    local_power_budget_w: float | None = None
+    """The node's own budget (in force while no lease is live)."""
+    lease: Lease | None = None
+    """The live lease, or None."""
+    lease_remaining_s: float | None = None
+    """Seconds the live lease has left, when this status was taken."""
+    lease_expirations: int = 0
+    """Leases that ran out without a renewal since start."""
 
 
 class Unchanged(enum.Enum):
@@ -320,10 +411,17 @@ class PolicyLoop:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_prune_s = monotonic()
+        self._lease: Lease | None = None
+        self._lease_lock = threading.Lock()
+        """Brief: guards the lease and its store series (expiry may happen on any reader)."""
+        self.lease_expirations = 0
+        self._period_source = LOCAL_BUDGET
+        """Which budget :meth:`budget_w` last gave (the capper's reasons name it)."""
         self._apply_switches()
         self._store.set_power_budget(BUDGET_SCOPE, self._budget_w)
         for reason in MIGRATION_REASONS:
             self._store.count_migration(reason, 0)  # every reason's series exists from start
+        self._publish_lease()
         self._publish()
 
     def _maker(
@@ -333,8 +431,56 @@ class PolicyLoop:
 
     # ------------------------------------------------------------------ reading
     def budget_w(self) -> float | None:
-        """The budget in force (the budget policy reads it every period)."""
+        """The budget in force: a live lease's, else the local one (read by the budget policy).
+
+        :meth:`budget_source` then says which it was.
+        """
+        lease = self.lease()
+        self._period_source = LOCAL_BUDGET if lease is None else lease.source
+        return self._budget_w if lease is None else lease.budget_w
+
+    def budget_source(self) -> str:
+        """Which budget the last :meth:`budget_w` gave: ``local budget`` or the lease's source."""
+        return self._period_source
+
+    @property
+    def local_budget_w(self) -> float | None:
+        """The node's own budget (in force while no lease is live)."""
         return self._budget_w
+
+    def lease(self) -> Lease | None:
+        """The live lease, or None; a lease that has run out is dropped here (a read expires)."""
+        with self._lease_lock:
+            return self._live(self._monotonic())
+
+    def _live(self, now: float) -> Lease | None:
+        """The live lease at ``now``; expires one that ran out. Holds ``_lease_lock``."""
+        lease = self._lease
+        if lease is None or now < lease.expires_mono_s:
+            return lease
+        self._lease = None
+        self.lease_expirations += 1
+        local = self._budget_w
+        log.warning(
+            "lease from controller %s (generation %d) expired %.1f s after its last renewal "
+            "(%.0f W for %g s): the local budget is in force again (%s)",
+            lease.controller,
+            lease.generation,
+            lease.ttl_s + now - lease.expires_mono_s,
+            lease.budget_w,
+            lease.ttl_s,
+            "none" if local is None else f"{local:.0f} W",
+        )
+        self._publish_lease()
+        return None
+
+    def _publish_lease(self) -> None:
+        """The lease's budget series and state into the store. Holds ``_lease_lock``."""
+        lease = self._lease
+        self._store.set_power_budget(LEASE_SCOPE, None if lease is None else lease.budget_w)
+        self._store.set_lease_state(
+            LeaseState(None if lease is None else lease.expires_at_s, self.lease_expirations)
+        )
 
     @property
     def mode(self) -> Mode:
@@ -362,9 +508,13 @@ class PolicyLoop:
     def status(self, restore_failures: Sequence[str] = ()) -> LoopStatus:
         """The loop's state now."""
         failure = self._failure
+        with self._lease_lock:
+            now = self._monotonic()
+            lease = self._live(now)
+            expirations = self.lease_expirations
         return LoopStatus(
             mode=self.engine.mode,
-            power_budget_w=self._budget_w,
+            power_budget_w=self._budget_w if lease is None else lease.budget_w,
             policies=self.active(),
             fallback=self.engine.fallback,
             holding=failure or self.engine.holding,
@@ -374,6 +524,10 @@ class PolicyLoop:
             errors_total=self.errors_total,
             last_error=failure,
             restore_failures=tuple(restore_failures),
+            local_power_budget_w=self._budget_w,
+            lease=lease,
+            lease_remaining_s=None if lease is None else lease.remaining_s(now),
+            lease_expirations=expirations,
         )
 
     def decisions(self, limit: int | None = None) -> list[Decision | MoveRecord]:
@@ -425,17 +579,84 @@ class PolicyLoop:
             self._publish()
         return self.status(failures)
 
+    def set_lease(
+        self, *, budget_w: object, ttl_s: object, controller: object, generation: object
+    ) -> Lease:
+        """Take or renew the lease: its budget is in force for ``ttl_s`` from now.
+
+        ValueError names a bad field. :class:`LeaseConflict` when a live lease is held by
+        another controller id, or its holder sends a lower generation than the one held. A
+        renewal by the holder (same id, generation at least the one held) replaces the budget
+        and the expiry. Waits for a period in progress, as :meth:`update` does.
+        """
+        check_lease(budget_w, ttl_s, controller, generation)
+        assert isinstance(budget_w, int | float) and isinstance(ttl_s, int | float)
+        assert isinstance(controller, str) and isinstance(generation, int)
+        with self._lock:
+            with self._lease_lock:
+                now = self._monotonic()
+                held = self._live(now)
+                if held is not None and held.controller != controller:
+                    raise LeaseConflict(_held_by(held, now))
+                if held is not None and generation < held.generation:
+                    raise LeaseConflict(
+                        f"stale generation: controller {controller!r} holds the lease with "
+                        f"generation {held.generation}, not {generation}"
+                    )
+                lease = Lease(
+                    float(budget_w), float(ttl_s), controller, generation,
+                    now + ttl_s, self._wall() + ttl_s,
+                )  # fmt: skip
+                self._lease = lease
+                self._publish_lease()
+            if held is None or held.generation != generation or held.budget_w != lease.budget_w:
+                log.info(
+                    "%s: %.0f W for %g s%s",
+                    lease.source,
+                    lease.budget_w,
+                    lease.ttl_s,
+                    "" if held is not None else " (overrides the local budget)",
+                )
+            self._apply_switches()
+            self._publish()
+        return lease
+
+    def release_lease(self, controller: object) -> None:
+        """The holder gives the lease up: the local budget is in force again.
+
+        Nothing to do when no lease is live; :class:`LeaseConflict` when another controller
+        holds it; ValueError for a bad id.
+        """
+        check_controller(controller)
+        with self._lock:
+            with self._lease_lock:
+                now = self._monotonic()
+                held = self._live(now)
+                if held is None:
+                    return
+                if held.controller != controller:
+                    raise LeaseConflict(_held_by(held, now))
+                self._lease = None
+                self._publish_lease()
+            log.info("%s released: the local budget is in force again", held.source)
+            self._apply_switches()
+            self._publish()
+
     def _apply_switches(self) -> None:
         wanted = self._wanted()
         for name, s in self._switches.items():
             if s.on != (name in wanted):
                 log.info("policy %s %s", name, "on" if name in wanted else "off")
             s.switch(name in wanted)
+        capper = self._capper()
+        if capper is not None:  # its reasons say which budget it capped to
+            capper.source = self.budget_source
 
     def _wanted(self) -> tuple[str, ...]:
         if self._explicit is not None:
             return self._explicit
-        return ("thermal", "budget") if self._budget_w is not None else ("thermal",)
+        budget = self._budget_w is not None or self.lease() is not None
+        return ("thermal", "budget") if budget else ("thermal",)
 
     # ------------------------------------------------------------------ one period
     def period(self) -> list[Decision]:
@@ -445,6 +666,8 @@ class PolicyLoop:
 
     def _period(self) -> list[Decision]:
         self.periods += 1
+        self.lease()  # one that ran out is dropped (logged, counted) before anything is decided
+        self._apply_switches()  # a lease taken or run out turns the budget policy on or off
         failure = None
         moves: list[MoveRecord] = []
         try:
@@ -522,6 +745,8 @@ class PolicyLoop:
             self._actuator.journal_decisions(rows)
 
     def _publish(self) -> None:
+        inputs = self.engine.last_inputs
+        capper = self._capper()
         self._store.set_policy_state(
             PolicyState(
                 mode=self.engine.mode,
@@ -529,6 +754,8 @@ class PolicyLoop:
                 holding=self.holding is not None,
                 fallback=self.engine.fallback is not None,
                 budget_unreachable=self.budget_unreachable(),
+                demand_w={} if inputs is None else demand_by_priority(inputs),
+                starving=capper is not None and bool(capper.starving),
             )
         )
 
@@ -579,6 +806,13 @@ class PolicyLoop:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=STOP_TIMEOUT_S)
+
+
+def _held_by(lease: Lease, now: float) -> str:
+    return (
+        f"lease held by controller {lease.controller!r} (generation {lease.generation}) "
+        f"for another {lease.remaining_s(now):.1f} s"
+    )
 
 
 def _journalled(d: Decision) -> JournalledDecision:

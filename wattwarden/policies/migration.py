@@ -314,7 +314,9 @@ class _Plan:
         self.limits = {d.gpu: d.watts for d in decisions if d.watts is not None}
         """The engine's limits this period (in dry-run too: what the limit would be)."""
         self.running = [j for j in inputs.jobs if j.state == "running"]
-        self.budgets_w = tuple(inputs.snapshot.power_budgets_w.values())
+        budgets = inputs.snapshot.power_budgets_w
+        # a live lease's budget overrides the node's own (the lease scope is there only then)
+        self.budgets_w = (budgets["lease"],) if "lease" in budgets else tuple(budgets.values())
         self.claimed: set[int] = set()
         self.moves: list[Move] = []
         # jobs per GPU, counting moves already on their way as being at their target
@@ -541,7 +543,7 @@ class _Plan:
         return sum(_draw_w(v) or 0.0 for v in self.views.values() if v.sample.up)
 
     def _over_budget(self) -> bool:
-        """The node draws more than the lowest budget in force (node's own, or leased)."""
+        """The node draws more than the budget in force (a live lease's, else the node's own)."""
         budgets = [w for w in self.budgets_w if w > 0]
         return bool(budgets) and self._node_w() > min(budgets)
 
