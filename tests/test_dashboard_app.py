@@ -7,6 +7,7 @@ $WATTWARDEN_DASHBOARD_ARGS, as the launcher's flags would.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,6 +141,8 @@ def test_gpus_page_has_a_card_with_a_chart_per_gpu(
     at = app(monkeypatch, "--agent", agent.url, page="views/gpus.py")
     assert [m.label for m in at.metric].count("power") == 4
     assert all(m.value.endswith(" W") for m in at.metric if m.label == "power")
+    clocks = [m.value for m in at.metric if m.label == "SM clock"]
+    assert len(clocks) == 4 and all(re.fullmatch(r"\d\.\d\d GHz", c) for c in clocks), clocks
     assert len(at.get("vega_lite_chart")) == 4
     for i in range(4):
         assert f"**GPU {i}**" in texts(at)

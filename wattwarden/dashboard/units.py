@@ -81,9 +81,9 @@ def percent(ratio: float | None) -> str:
     return "—" if ratio is None else f"{ratio * 100:.0f} %"
 
 
-def megahertz(hz: float | None) -> str:
-    """``1,755 MHz``."""
-    return "—" if hz is None else f"{hz / 1e6:,.0f} MHz"
+def gigahertz(hz: float | None) -> str:
+    """A clock as ``1.98 GHz`` (short enough for a metric in a card two to a row)."""
+    return "—" if hz is None else f"{hz / 1e9:,.2f} GHz"
 
 
 def duration(seconds: float | None) -> str:

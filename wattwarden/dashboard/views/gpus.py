@@ -113,13 +113,14 @@ def card(g: GpuState, history: GpuHistory | None, share_w: float | None) -> None
         if g.xid_errors_total:
             chips.append(f":red-badge[XID errors {g.xid_errors_total}]")
         st.markdown(" ".join(chips))
-        power, temp, util, clock = st.columns(4)
-        power.metric("power", units.watts(g.power_w),
-                     help=f"limit {units.watts(g.power_limit_w)}")  # fmt: skip
-        temp.metric("temperature", units.celsius(g.temperature_c),
-                    help=f"slowdown at {units.celsius(g.temperature_slowdown_c)}")  # fmt: skip
-        util.metric("utilization", units.percent(g.utilization_ratio))
-        clock.metric("SM clock", units.megahertz(g.clock_sm_hz))
+        # two by two, so that each value has room at two cards a row (four in a row cut them)
+        left, right = st.columns(2)
+        left.metric("power", units.watts(g.power_w),
+                    help=f"limit {units.watts(g.power_limit_w)}")  # fmt: skip
+        right.metric("temperature", units.celsius(g.temperature_c),
+                     help=f"slowdown at {units.celsius(g.temperature_slowdown_c)}")  # fmt: skip
+        left.metric("utilization", units.percent(g.utilization_ratio))
+        right.metric("SM clock", units.gigahertz(g.clock_sm_hz))
         st.caption(
             f"limit {units.watts(g.power_limit_w)} · target "
             f"{units.watts(g.power_limit_target_w)} · budget share {units.watts(share_w)} · "
