@@ -7,6 +7,7 @@ $WATTWARDEN_DASHBOARD_ARGS, as the launcher's flags would.
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 from collections.abc import Iterator
@@ -81,6 +82,19 @@ def metrics(at: AppTest) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------ every page
+def test_no_page_has_a_bare_string_that_streamlit_would_print() -> None:
+    # a page module runs as Streamlit's script: "magic" writes any bare expression, so a
+    # docstring beside a module constant would show on the page
+    for page in (APP_PATH.parent / "views").glob("[!_]*.py"):
+        body = ast.parse(page.read_text()).body
+        bare = [
+            node.lineno
+            for node in body[1:]
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        ]
+        assert bare == [], f"{page.name}: a bare string on line {bare}"
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_every_page_renders_against_the_agent_without_an_exception_or_a_banner(
     monkeypatch: pytest.MonkeyPatch, agent: AgentProcess, page: str

@@ -76,8 +76,8 @@ def fleet(ctx: Context, window_s: float) -> None:
     nodes_table(states, prom_ok)
 
 
-STACK_ROWS = 6000
-"""Rows the stacked power chart draws at most, all series together."""
+# (comments, not docstrings, beside names here: Streamlit's magic would print a bare string)
+STACK_ROWS = 6000  # rows the stacked power chart draws at most, all series together
 
 
 def chart_points(series: int) -> int:
