@@ -24,10 +24,13 @@ from wattwarden.policies.base import Decision
 from wattwarden.policies.control import (
     POLICY_NAMES,
     UNCHANGED,
+    Lease,
     LoopStatus,
     MoveRecord,
     Unchanged,
     check_budget,
+    check_controller,
+    check_lease,
     check_mode,
     parse_policies,
 )
@@ -51,6 +54,7 @@ SIM_FAULTS = "/api/v1/sim/faults"
 SIM_LOAD = "/api/v1/sim/load"
 DECISIONS = "/api/v1/decisions"
 POLICY = "/api/v1/policy"
+POLICY_LEASE = POLICY + "/lease"
 
 
 def job_path(route: str, name: str) -> str:
@@ -405,6 +409,77 @@ class PolicyUpdate:
         return body
 
 
+def _unknown_keys(body: dict[str, Any], known: tuple[str, ...], what: str) -> None:
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise _unprocessable(
+            f"field {_short(unknown[0])} is not {what} (known: {', '.join(sorted(known))})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRequest:
+    """``POST /api/v1/policy/lease``: a fleet controller's budget for this node, for a while.
+
+    Every field is required: ``power_budget_watts`` (a finite number > 0), ``ttl_seconds``
+    (1..3600), ``controller`` (1-128 of A-Z a-z 0-9 _ . : @ / -) and ``generation`` (an integer
+    0..2**63-1). A bad one, or a key that is none of these, is a 422 naming the field. 409 when
+    another controller holds a live lease, or the holder sends a lower generation.
+    """
+
+    power_budget_watts: float
+    ttl_seconds: float
+    controller: str
+    generation: int
+
+    FIELDS = ("power_budget_watts", "ttl_seconds", "controller", "generation")
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> LeaseRequest:
+        """Checked: unknown keys first, then each field in :attr:`FIELDS` order."""
+        _unknown_keys(body, cls.FIELDS, "a lease field")
+        for key in cls.FIELDS:
+            if key not in body:
+                raise _unprocessable(f"field {key!r} is missing")
+        values = [body[key] for key in cls.FIELDS]
+        try:
+            check_lease(*values)
+        except ValueError as e:
+            key, _, problem = str(e).partition(" ")
+            raise _unprocessable(f"field {key!r} {problem}") from None
+        budget, ttl, controller, generation = values
+        return cls(float(budget), float(ttl), controller, generation)
+
+    def to_json(self) -> dict[str, Any]:
+        """The body."""
+        body = asdict(self)
+        if float(self.ttl_seconds).is_integer():
+            body["ttl_seconds"] = int(self.ttl_seconds)
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRelease:
+    """``DELETE /api/v1/policy/lease``: the holder gives its lease up (another id: 409)."""
+
+    controller: str
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> LeaseRelease:
+        """Checked: unknown keys, then ``controller``; 422 naming the field."""
+        _unknown_keys(body, ("controller",), "a lease release field")
+        if "controller" not in body:
+            raise _unprocessable("field 'controller' is missing")
+        try:
+            return cls(check_controller(body["controller"]))
+        except ValueError as e:
+            raise _unprocessable(f"field 'controller' {str(e).partition(' ')[2]}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        """The body."""
+        return asdict(self)
+
+
 # --------------------------------------------------------------------------------- responses
 class ContractError(ValueError):
     """An answer that does not have the contract's shape."""
@@ -567,6 +642,58 @@ class EnergySnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseRecord:
+    """A live lease as the API answers it (its fields are the JSON keys)."""
+
+    power_budget_watts: float
+    ttl_seconds: float
+    controller: str
+    generation: int
+    expires_at: float
+    """Wall-clock time it runs out at, seconds since the epoch (the agent decides on its own
+    monotonic clock: ``remaining_seconds`` is what counts)."""
+    remaining_seconds: float
+    """Seconds it had left when the answer was made."""
+
+    @classmethod
+    def from_lease(cls, lease: Lease, remaining_s: float) -> LeaseRecord:
+        """The record of the loop's lease."""
+        return cls(
+            lease.budget_w, lease.ttl_s, lease.controller, lease.generation,
+            lease.expires_at_s, round(remaining_s, 3),
+        )  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> LeaseRecord:
+        """A record from an answer; ContractError naming the first field out of shape."""
+        if not isinstance(data, dict):
+            raise ContractError(f"a lease is {_short(data)}, not an object")
+        return cls(
+            power_budget_watts=_typed(data, "power_budget_watts", _NUMBER, False),
+            ttl_seconds=_typed(data, "ttl_seconds", _NUMBER, False),
+            controller=_typed(data, "controller", (str,), False),
+            generation=_typed(data, "generation", (int,), False),
+            expires_at=_typed(data, "expires_at", _NUMBER, False),
+            remaining_seconds=_typed(data, "remaining_seconds", _NUMBER, False),
+        )
+
+
+def lease_json(status: LoopStatus) -> dict[str, Any]:
+    """``GET /api/v1/policy/lease`` (and the answer of ``POST``/``DELETE``)."""
+    lease = status.lease
+    return {
+        "lease": None
+        if lease is None
+        else LeaseRecord.from_lease(lease, status.lease_remaining_s or 0.0).to_json(),
+        "local_power_budget_watts": status.local_power_budget_w,
+    }
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyStatus:
     """``GET /api/v1/policy`` (and the answer of ``POST``): the engine as it runs now."""
 
@@ -588,6 +715,12 @@ class PolicyStatus:
     last_error: str | None
     restore_failures: list[str] = field(default_factory=list)
     """After a switch out of apply mode: limits that could not be restored (journalled)."""
+    local_power_budget_watts: float | None = None
+    """The node's own budget, in force while no lease is live."""
+    lease: LeaseRecord | None = None
+    """A fleet controller's live lease (its budget is the one in force), else null."""
+    lease_expirations: int = 0
+    """Leases that ran out without a renewal since the agent started."""
 
     @classmethod
     def from_status(cls, status: LoopStatus) -> PolicyStatus:
@@ -604,6 +737,11 @@ class PolicyStatus:
             errors_total=status.errors_total,
             last_error=status.last_error,
             restore_failures=list(status.restore_failures),
+            local_power_budget_watts=status.local_power_budget_w,
+            lease=None
+            if status.lease is None
+            else LeaseRecord.from_lease(status.lease, status.lease_remaining_s or 0.0),
+            lease_expirations=status.lease_expirations,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -635,6 +773,9 @@ class PolicyStatus:
             errors_total=_typed(data, "errors_total", (int,), False),
             last_error=_typed(data, "last_error", (str,), True),
             restore_failures=list(failures),
+            local_power_budget_watts=_typed(data, "local_power_budget_watts", _NUMBER, True),
+            lease=None if data.get("lease") is None else LeaseRecord.from_json(data["lease"]),
+            lease_expirations=_typed(data, "lease_expirations", (int,), True) or 0,
         )
 
 

@@ -40,11 +40,15 @@ from wattwarden.api.contract import (
     JobProgress,
     JobRecord,
     JobRegistration,
+    LeaseRecord,
+    LeaseRelease,
+    LeaseRequest,
     Migration,
     PolicyStatus,
     PolicyUpdate,
     PowerLimitRequest,
     decision_record,
+    lease_json,
     parse_body,
 )
 from wattwarden.api.http import HttpLimits, HttpServer
@@ -57,7 +61,7 @@ from wattwarden.exporters.prometheus import render
 from wattwarden.hardware.device import GpuDevice
 from wattwarden.hardware.errors import HardwareError, NotSupported
 from wattwarden.policies.actuator import LimitActuator
-from wattwarden.policies.control import PolicyLoop
+from wattwarden.policies.control import LeaseConflict, PolicyLoop
 from wattwarden.policies.manual import Refusal, Refused, set_power_limit
 
 log = logging.getLogger(__name__)
@@ -151,6 +155,9 @@ class _Api:
             Route(c.DECISIONS, read(self._decisions), methods=get),
             Route(c.POLICY, read(self._policy), methods=get),
             Route(c.POLICY, write(self._policy_update), methods=post),
+            Route(c.POLICY_LEASE, read(self._lease), methods=get),
+            Route(c.POLICY_LEASE, write(self._lease_set), methods=post),
+            Route(c.POLICY_LEASE, write(self._lease_release), methods=delete),
         ]
 
     # ------------------------------------------------------------ plumbing
@@ -192,7 +199,7 @@ class _Api:
             return await run_in_threadpool(run)
         except ApiError as e:
             return _error(e.status, str(e), e.challenge)
-        except JobConflict as e:
+        except (JobConflict, LeaseConflict) as e:
             return _error(HTTPStatus.CONFLICT, str(e))
         except JobError as e:
             missing = str(e).startswith("no job named")
@@ -228,6 +235,7 @@ class _Api:
         return _text(HTTPStatus.OK, body)
 
     def _metrics(self, request: Request) -> Response:
+        self._expire_lease()
         body, content_type = render(self.ctx.registry, request.headers.get("accept"))
         return Response(body, HTTPStatus.OK, media_type=content_type)
 
@@ -257,7 +265,13 @@ class _Api:
             return _text(HTTPStatus.SERVICE_UNAVAILABLE, _lines("sampler stalled", *why))
         return _text(HTTPStatus.OK, _lines("degraded", *why) if why else b"ok\n")
 
+    def _expire_lease(self) -> None:
+        """Drop a lease that ran out before the store is read (every read checks its expiry)."""
+        if self.ctx.policy is not None:
+            self.ctx.policy.lease()
+
     def _state(self, request: Request) -> Response:
+        self._expire_lease()
         snap = self.ctx.store.snapshot()
         ctx = self.ctx
         loop = ctx.policy
@@ -362,6 +376,25 @@ class _Api:
         status = loop.update(budget_w=req.power_budget_watts, mode=req.mode, policies=req.policies)
         log.info("policy changed over the API: %s", json.dumps(req.to_json()))
         return _json(HTTPStatus.OK, PolicyStatus.from_status(status).to_json())
+
+    def _lease(self, request: Request) -> Response:
+        return _json(HTTPStatus.OK, lease_json(self._loop().status()))
+
+    def _lease_set(self, request: Request, body: dict[str, Any]) -> Response:
+        loop = self._loop()
+        req = LeaseRequest.from_json(body)
+        lease = loop.set_lease(
+            budget_w=req.power_budget_watts,
+            ttl_s=req.ttl_seconds,
+            controller=req.controller,
+            generation=req.generation,
+        )
+        return _json(HTTPStatus.OK, LeaseRecord.from_lease(lease, lease.ttl_s).to_json())
+
+    def _lease_release(self, request: Request, body: dict[str, Any]) -> Response:
+        loop = self._loop()
+        loop.release_lease(LeaseRelease.from_json(body).controller)
+        return _json(HTTPStatus.OK, lease_json(loop.status()))
 
     # -------------------------------------------------------- power limits
     def _power_limit(self, request: Request, body: dict[str, Any]) -> Response:
