@@ -22,7 +22,7 @@ from wattwarden.collectors.jobs import JobRegistry
 from wattwarden.collectors.rapl import RaplSample
 from wattwarden.collectors.sampler import Sampler
 from wattwarden.collectors.samples import GpuSample
-from wattwarden.collectors.store import MetricStore, PolicyState
+from wattwarden.collectors.store import LeaseState, MetricStore, PolicyState
 from wattwarden.exporters.prometheus import StoreCollector, job_families, make_registry, render
 from wattwarden.hardware.device import GpuInfo, GpuReading, ProcessUsage
 from wattwarden.hardware.nvml import NvmlBackend
@@ -619,6 +619,27 @@ EXPOSITION: dict[str, tuple[str, set[str], str]] = {
         "counter", {"reason"},
         "Jobs the policy engine asked to move to another GPU, by reason.",
     ),
+    "wattwarden_power_demand_watts": (
+        "gauge", {"priority"},
+        "GPU power the node would draw if no limit held it back (a GPU held at its limit counts "
+        "its default limit), by the top priority of the jobs on each GPU (none: low).",
+    ),
+    "wattwarden_power_budget_starving": (
+        "gauge", set(),
+        "1 while the budget keeps a GPU that runs a high-priority job below what it wants.",
+    ),
+    "wattwarden_power_lease_active": (
+        "gauge", set(),
+        "1 while a fleet controller's lease on the power budget is live (its budget overrides "
+        "the local one), else 0.",
+    ),
+    "wattwarden_power_lease_expiry_timestamp_seconds": (
+        "gauge", set(), "Unix time the live lease runs out at, unless renewed.",
+    ),
+    "wattwarden_power_lease_expirations": (
+        "counter", set(),
+        "Leases that ran out without a renewal (the local budget was in force again).",
+    ),
     "gpu_job_energy_joules": (
         "counter", GPU | {"job"},
         "GPU energy attributed to a job (its share of the GPU's active energy).",
@@ -694,8 +715,11 @@ def full_store(clock: ManualClock) -> tuple[MetricStore, JobRegistry]:
             holding=True,
             fallback=False,
             budget_unreachable=True,
+            demand_w={"high": 1300.0, "normal": 0.0, "low": 410.5},
+            starving=True,
         )
     )
+    store.set_lease_state(LeaseState(1_700_000_030.0, 3))
     store.count_migration("lost", 0)
     store.count_migration("budget")
     store.count_migration("budget")
@@ -801,6 +825,13 @@ def test_host_rapl_and_self_health_are_exported_as_stored() -> None:
     assert plain("wattwarden_power_budget_unreachable") == {(): 1.0}
     assert plain("wattwarden_policy_apply_fallback") == {(): 0.0}
     assert plain("wattwarden_job_migrations_total") == {("budget",): 2.0, ("lost",): 0.0}
+    assert plain("wattwarden_power_demand_watts") == {
+        ("high",): 1300.0, ("low",): 410.5, ("normal",): 0.0,
+    }  # fmt: skip
+    assert plain("wattwarden_power_budget_starving") == {(): 1.0}
+    assert plain("wattwarden_power_lease_active") == {(): 1.0}
+    assert plain("wattwarden_power_lease_expiry_timestamp_seconds") == {(): 1_700_000_030.0}
+    assert plain("wattwarden_power_lease_expirations_total") == {(): 3.0}
     assert plain("gpu_info") == {
         (INFO.driver_version, "0", INFO.name, INFO.pci_bus_id, "GPU-0"): 1.0,
         (INFO.driver_version, "1", INFO.name, INFO.pci_bus_id, "GPU-1"): 1.0,

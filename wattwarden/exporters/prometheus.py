@@ -186,6 +186,59 @@ def _policy_families(snap: StoreSnapshot) -> Iterator[Metric]:
     for reason, count in sorted(snap.migrations.items()):
         migrations.add_metric([reason], count)
     yield from (decisions, active, mode, holding, unreachable, fallback, migrations)
+    yield from _demand_families(snap)
+    yield from _lease_families(snap)
+
+
+PRIORITIES = ("high", "normal", "low")
+"""Job priorities, each a series of ``wattwarden_power_demand_watts``."""
+
+
+def _demand_families(snap: StoreSnapshot) -> Iterator[Metric]:
+    """What the node would draw unheld, by priority, and whether the budget starves a job."""
+    state = snap.policy_state
+    demand = GaugeMetricFamily(
+        "wattwarden_power_demand_watts",
+        "GPU power the node would draw if no limit held it back (a GPU held at its limit counts "
+        "its default limit), by the top priority of the jobs on each GPU (none: low).",
+        labels=["priority"],
+    )
+    starving = GaugeMetricFamily(
+        "wattwarden_power_budget_starving",
+        "1 while the budget keeps a GPU that runs a high-priority job below what it wants.",
+    )
+    if state is not None:
+        for priority in PRIORITIES:
+            demand.add_metric([priority], state.demand_w.get(priority, 0.0))
+        starving.add_metric([], 1.0 if state.starving else 0.0)
+    yield from (demand, starving)
+
+
+def _lease_families(snap: StoreSnapshot) -> Iterator[Metric]:
+    """A fleet controller's lease: live or not, until when, and how many ran out.
+
+    Its budget is ``wattwarden_power_budget_watts{scope="lease"}``, there only while it is live.
+    """
+    lease = snap.lease
+    active = GaugeMetricFamily(
+        "wattwarden_power_lease_active",
+        "1 while a fleet controller's lease on the power budget is live (its budget overrides "
+        "the local one), else 0.",
+    )
+    expiry = GaugeMetricFamily(
+        "wattwarden_power_lease_expiry_timestamp_seconds",
+        "Unix time the live lease runs out at, unless renewed.",
+    )
+    expirations = CounterMetricFamily(
+        "wattwarden_power_lease_expirations",
+        "Leases that ran out without a renewal (the local budget was in force again).",
+    )
+    if lease is not None:
+        active.add_metric([], 0.0 if lease.expires_at_s is None else 1.0)
+        if lease.expires_at_s is not None:
+            expiry.add_metric([], lease.expires_at_s)
+        expirations.add_metric([], lease.expirations_total)
+    yield from (active, expiry, expirations)
 
 
 def make_registry(collector: StoreCollector) -> CollectorRegistry:
