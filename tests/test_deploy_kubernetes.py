@@ -1,5 +1,7 @@
 """The Kubernetes manifests in deploy/kubernetes: a hardened, monitoring-only exporter DaemonSet on
-GPU nodes, and a Service and ServiceMonitor that scrape it, with names and labels that agree."""
+GPU nodes, and a Service and ServiceMonitor that scrape it, with names and labels that agree; and
+the fleet controller's Deployment, hardened too, with the RBAC it needs (reading pods, evicting
+them) and nothing more."""
 
 from __future__ import annotations
 
@@ -36,8 +38,18 @@ def load_all() -> list[dict[str, Any]]:
     return docs
 
 
-def one(kind: str) -> dict[str, Any]:
-    (doc,) = [d for d in load_all() if d["kind"] == kind]
+EXPORTER = "wattwarden-exporter"
+CONTROLLER = "wattwarden-controller"
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+
+
+def one(kind: str, name: str | None = None) -> dict[str, Any]:
+    """The one object of this kind (and name, where several share the kind)."""
+    (doc,) = [
+        d
+        for d in load_all()
+        if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
     return doc
 
 
@@ -57,13 +69,18 @@ def test_every_namespaced_object_is_in_the_wattwarden_namespace() -> None:
         "Namespace",
         "ServiceAccount",
         "DaemonSet",
+        "Deployment",
         "Service",
         "ServiceMonitor",
+        "ClusterRole",
+        "ClusterRoleBinding",
     }
     assert one("Namespace")["metadata"]["name"] == NAMESPACE
     for d in docs:
-        if d["kind"] != "Namespace":
+        if d["kind"] not in CLUSTER_SCOPED:
             assert d["metadata"]["namespace"] == NAMESPACE, d["kind"]
+        else:
+            assert "namespace" not in d["metadata"], d["kind"]
 
 
 def test_kustomization_lists_exactly_the_manifests() -> None:
@@ -107,7 +124,7 @@ def test_exporter_pod_is_non_root_read_only_without_capabilities() -> None:
 
 
 def test_exporter_has_no_kubernetes_api_token() -> None:
-    sa = one("ServiceAccount")
+    sa = one("ServiceAccount", EXPORTER)
     assert pod_spec()["serviceAccountName"] == sa["metadata"]["name"]
     assert sa["automountServiceAccountToken"] is False
     assert pod_spec()["automountServiceAccountToken"] is False
@@ -140,7 +157,7 @@ def test_exporter_has_resource_requests_and_limits() -> None:
 
 
 def test_service_and_servicemonitor_select_the_daemonset_pods_by_the_metrics_port() -> None:
-    ds, svc, mon = one("DaemonSet"), one("Service"), one("ServiceMonitor")
+    ds, svc, mon = one("DaemonSet"), one("Service", EXPORTER), one("ServiceMonitor", EXPORTER)
     pod_labels = ds["spec"]["template"]["metadata"]["labels"]
     selector = ds["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod_labels.items()
@@ -184,7 +201,174 @@ def test_kubectl_kustomize_renders_the_manifests() -> None:
     images = [
         c["image"]
         for d in yaml.safe_load_all(result.stdout)
-        if d and d["kind"] == "DaemonSet"
+        if d and d["kind"] in ("DaemonSet", "Deployment")
         for c in d["spec"]["template"]["spec"]["containers"]
     ]
-    assert images == ["wattwarden:0.1.0"]
+    assert images == ["wattwarden:0.1.0", "wattwarden:0.1.0"]
+
+
+# ------------------------------------------------------------------ the fleet controller
+CONTROLLER_PORT = 9768  # the controller's default --listen port
+TOKEN_DIR = "/etc/wattwarden/agent-tokens"
+
+
+def controller_pod_spec() -> dict[str, Any]:
+    spec: dict[str, Any] = one("Deployment", CONTROLLER)["spec"]["template"]["spec"]
+    return spec
+
+
+def controller_container() -> dict[str, Any]:
+    (c,) = controller_pod_spec()["containers"]
+    return dict(c)
+
+
+def has_controller_command() -> bool:
+    """Whether this CLI has `wattwarden controller`."""
+    try:
+        build_parser().parse_args(["controller", "--help"])
+    except SystemExit as e:
+        return e.code == 0
+    return True
+
+
+def test_controller_rbac_is_exactly_reading_pods_and_creating_evictions() -> None:
+    role = one("ClusterRole", CONTROLLER)
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert granted == {
+        ("", "pods", "get"),
+        ("", "pods", "list"),
+        ("", "pods/eviction", "create"),
+    }
+    for rule in role["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}  # no resourceNames, no URLs
+    assert "aggregationRule" not in role
+
+
+def test_controller_role_is_bound_to_its_service_account_only() -> None:
+    binding = one("ClusterRoleBinding", CONTROLLER)
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": CONTROLLER,
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": CONTROLLER, "namespace": NAMESPACE}
+    ]
+    sa = one("ServiceAccount", CONTROLLER)
+    assert controller_pod_spec()["serviceAccountName"] == sa["metadata"]["name"]
+    # Not mounted by default for the account; the controller's pod asks for it (Eviction API).
+    assert sa["automountServiceAccountToken"] is False
+    assert controller_pod_spec()["automountServiceAccountToken"] is True
+    # The exporter's account has no binding at all.
+    bound = {s["name"] for d in load_all() if "Binding" in d["kind"] for s in d["subjects"]}
+    assert bound == {CONTROLLER}
+
+
+def test_controller_is_one_replica_replaced_with_recreate() -> None:
+    deployment = one("Deployment", CONTROLLER)
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    text = (K8S_DIR / "controller-deployment.yaml").read_text()
+    assert "Recreate" in text and "409" in text  # the comment says why a second is harmless
+
+
+def test_controller_pod_is_non_root_read_only_without_capabilities() -> None:
+    spec, c = controller_pod_spec(), controller_container()
+    pod_sc, sc = spec["securityContext"], c["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True and sc["runAsNonRoot"] is True
+    assert pod_sc["runAsUser"] != 0
+    assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc.get("privileged", False) is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    for key in ("hostNetwork", "hostPID", "hostIPC", "runtimeClassName", "nodeSelector"):
+        assert not spec.get(key), key  # no GPU, no host: it runs anywhere
+    assert all("hostPath" not in v for v in spec["volumes"])
+    assert "nvidia.com/gpu" not in str(c["resources"])
+
+
+def test_controller_reads_agent_tokens_from_a_secret_mounted_read_only() -> None:
+    c, volumes = controller_container(), {v["name"]: v for v in controller_pod_spec()["volumes"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    tokens = mounts[TOKEN_DIR]
+    assert tokens["readOnly"] is True
+    secret = volumes[tokens["name"]]["secret"]
+    assert secret["secretName"] == "wattwarden-agent-tokens"
+    assert secret["defaultMode"] == 0o440  # owner and fsGroup only
+    assert controller_pod_spec()["securityContext"]["fsGroup"] == 65532
+    assert f"--token-dir={TOKEN_DIR}" in c["args"]
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+
+
+def test_controller_probes_healthz_on_its_metrics_port_and_has_resources() -> None:
+    c = controller_container()
+    (port,) = c["ports"]
+    assert port == {"name": "metrics", "containerPort": CONTROLLER_PORT, "protocol": "TCP"}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, probe
+    assert set(c["resources"]["requests"]) == {"cpu", "memory"}
+    assert set(c["resources"]["limits"]) == {"cpu", "memory"}
+
+
+def test_controller_runs_the_controller_command_in_dry_run_with_apply_as_the_next_step() -> None:
+    c = controller_container()
+    assert c["command"] == ["wattwarden", "controller"]  # the image's entrypoint is the agent
+    assert c["image"] == one("DaemonSet")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert "--apply" not in c["args"]
+    text = (K8S_DIR / "controller-deployment.yaml").read_text()
+    assert re.search(r"^\s*# - --apply$", text, re.M), "--apply, commented, as the next step"
+    flags = {a.split("=", 1)[0] for a in c["args"]}
+    assert {"--prometheus", "--budget-watts", "--scheduler", "--id", "--listen"} <= flags
+
+
+def test_controller_args_parse_with_the_cli() -> None:
+    if not has_controller_command():
+        pytest.skip("this wattwarden has no `controller` subcommand yet")
+    c = controller_container()
+    args = build_parser().parse_args(["controller", *c["args"]])
+    assert args.command == "controller"
+    assert not args.apply
+    assert args.budget_watts > 0
+    assert args.scheduler == "kubernetes"
+    assert args.prometheus.startswith("http://")
+    assert parse_listen(args.listen) == ("0.0.0.0", CONTROLLER_PORT)
+    assert str(args.token_dir) == TOKEN_DIR
+    # A fixed id: the pod's name, the default, changes with every pod, and only the same id
+    # takes over its own live leases at once.
+    assert args.id == CONTROLLER
+    applied = build_parser().parse_args(["controller", *c["args"], "--apply"])
+    assert applied.apply
+
+
+def test_controller_service_and_servicemonitor_scrape_it_as_wattwarden_controller() -> None:
+    deployment = one("Deployment", CONTROLLER)
+    svc, mon = one("Service", CONTROLLER), one("ServiceMonitor", CONTROLLER)
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    # Neither selects the other's pods.
+    exporter_labels = one("DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    assert not svc["spec"]["selector"].items() <= exporter_labels.items()
+    assert not one("Service", EXPORTER)["spec"]["selector"].items() <= pod_labels.items()
+    (svc_port,) = svc["spec"]["ports"]
+    assert svc_port == {
+        "name": "metrics",
+        "port": CONTROLLER_PORT,
+        "targetPort": "metrics",
+        "protocol": "TCP",
+    }
+    (endpoint,) = mon["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert endpoint["honorLabels"] is True  # node_budget_watts{instance} keeps the node's name
+    assert {"targetLabel": "job", "replacement": CONTROLLER, "action": "replace"} in endpoint[
+        "relabelings"
+    ]
