@@ -192,10 +192,13 @@ class AgentCredentials:
 
 
 def _instance_of_file(name: str) -> str | None:
-    if _INSTANCE.match(name):
-        return name
     m = _UNDERSCORE_NAME.match(name)
-    return f"{m['host']}:{m['port']}" if m else None
+    instance = f"{m['host']}:{m['port']}" if m else name
+    try:
+        split_instance(instance)
+    except ValueError:
+        return None
+    return instance
 
 
 def _read_token(path: Path, flag: str) -> str:
