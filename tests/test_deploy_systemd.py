@@ -30,9 +30,10 @@ from wattwarden.config import SETTINGS, load_config_file, validate
 SYSTEMD_DIR = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
 EXPORTER = "wattwarden-exporter.service"
 AGENT = "wattwarden-agent.service"
+CONTROLLER = "wattwarden-controller.service"
 # `systemd-analyze security` exposure (0 = fully sandboxed, 10 = none) that README.md and
-# deploy/INSTALL.md claim; systemd prints it to one decimal.
-CLAIMED_EXPOSURE = {EXPORTER: 1.4, AGENT: 2.1}
+# deploy/INSTALL.md claim (the controller's in INSTALL.md only); systemd prints it to one decimal.
+CLAIMED_EXPOSURE = {EXPORTER: 1.4, AGENT: 2.1, CONTROLLER: 1.1}
 DOCS = [Path(__file__).resolve().parents[1] / "README.md", SYSTEMD_DIR.parent / "INSTALL.md"]
 INSTALLED_BINARY = "/usr/local/bin/wattwarden"
 STATE_DIR = "/var/lib/wattwarden"  # %S/wattwarden for a system unit
@@ -89,7 +90,7 @@ def default_file_opts() -> str:
 
 
 # ------------------------------------------------------------------ systemd-analyze
-@pytest.mark.parametrize("name", [EXPORTER, AGENT])
+@pytest.mark.parametrize("name", [EXPORTER, AGENT, CONTROLLER])
 def test_unit_passes_systemd_analyze_verify(name: str, tmp_path: Path) -> None:
     analyze = require_binary("systemd-analyze")
     stub = tmp_path / "bin" / "wattwarden"
@@ -141,11 +142,17 @@ def test_agent_unit_exposure_is_the_documented_2_1() -> None:
     assert exposure(AGENT) == CLAIMED_EXPOSURE[AGENT]
 
 
+def test_controller_unit_exposure_is_the_documented_1_1() -> None:
+    assert exposure(CONTROLLER) == CLAIMED_EXPOSURE[CONTROLLER]
+
+
 def test_the_docs_claim_the_exposures_the_tests_pin() -> None:
     readme, install = (path.read_text() for path in DOCS)
     exporter, agent = CLAIMED_EXPOSURE[EXPORTER], CLAIMED_EXPOSURE[AGENT]
     assert re.findall(r"exposure (\d+\.\d)\b", readme) == [str(exporter), str(agent)]
     assert f"about {exporter} for the exporter and {agent} for the agent" in install
+    command = f"`systemd-analyze security {CONTROLLER}`"
+    assert f"{command} (about {CLAIMED_EXPOSURE[CONTROLLER]})" in install
 
 
 # ------------------------------------------------------------------ what the units say
@@ -214,6 +221,83 @@ def test_unit_command_line_is_accepted_by_the_cli(name: str, applies: bool) -> N
         assert args.state_dir == Path(STATE_DIR)
         assert bool(args.apply) is applies
     assert args.config == Path("/etc/wattwarden/agent.toml")
+
+
+# ------------------------------------------------------------------ the fleet controller unit
+CONTROLLER_CONFIG = "/etc/wattwarden/controller.toml"
+CREDENTIALS_DIR = f"/run/credentials/{CONTROLLER}"  # %d of a system unit
+
+
+def has_controller_command() -> bool:
+    """Whether this CLI has `wattwarden controller` (the unit's ExecStart)."""
+    try:
+        build_parser().parse_args(["controller", "--help"])
+    except SystemExit as e:
+        return e.code == 0
+    return True
+
+
+def test_controller_runs_as_a_dynamic_user_without_capabilities_devices_or_state() -> None:
+    svc = unit(CONTROLLER)
+    assert svc["DynamicUser"] == ["yes"]
+    assert "User" not in svc
+    assert svc["CapabilityBoundingSet"] == [""]
+    assert svc["AmbientCapabilities"] == [""]
+    assert svc["NoNewPrivileges"] == ["yes"]
+    # It talks HTTP only: no device, no state, nothing writable.
+    assert svc["PrivateDevices"] == ["yes"]
+    assert "DeviceAllow" not in svc
+    for key in ("StateDirectory", "ReadWritePaths", "CacheDirectory", "LogsDirectory"):
+        assert key not in svc, key
+    assert svc["ProtectSystem"] == ["strict"]
+    assert svc["ProtectHome"] == ["yes"]
+    assert svc["PrivateTmp"] == ["yes"]
+    assert svc["UMask"] == ["0077"]
+
+
+def test_controller_sandbox_allows_ip_and_unix_sockets_and_the_service_syscalls_only() -> None:
+    svc = unit(CONTROLLER)
+    assert svc["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
+    assert svc["MemoryDenyWriteExecute"] == ["yes"]
+    assert svc["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
+    assert svc["SystemCallErrorNumber"] == ["EPERM"]
+    assert svc["SystemCallArchitectures"] == ["native"]
+    assert svc["RestrictNamespaces"] == ["yes"]
+
+
+def test_controller_restarts_on_failure_but_not_on_a_config_error() -> None:
+    svc = unit(CONTROLLER)
+    assert svc["Restart"] == ["on-failure"]
+    assert svc["RestartSec"] == ["5s"]
+    assert svc["RestartPreventExitStatus"] == ["2"]
+
+
+def test_controller_reads_the_agent_token_from_its_credentials_directory() -> None:
+    svc = unit(CONTROLLER)
+    (credential,) = svc["LoadCredential"]
+    name, _, source = credential.partition(":")
+    assert source.startswith("/etc/wattwarden/")
+    # The shipped config points at systemd's copy of that credential, not at the file in /etc
+    # (which stays root's: a dynamic user could not read it).
+    settings = tomllib.loads((SYSTEMD_DIR / "controller.toml.example").read_text())
+    assert settings["token_file"] == f"{CREDENTIALS_DIR}/{name}"
+
+
+def test_controller_unit_command_line_is_accepted_by_the_cli() -> None:
+    argv = exec_start_argv(CONTROLLER)
+    assert argv == [INSTALLED_BINARY, "controller", "--config", CONTROLLER_CONFIG]
+    if not has_controller_command():
+        pytest.skip("this wattwarden has no `controller` subcommand yet")
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "controller"
+    assert str(args.config) == CONTROLLER_CONFIG
+
+
+def test_example_controller_toml_has_the_fleet_budget_in_dry_run_and_loopback_addresses() -> None:
+    settings = tomllib.loads((SYSTEMD_DIR / "controller.toml.example").read_text())
+    assert settings["apply"] is False
+    assert settings["budget_watts"] > 0
+    assert settings["prometheus"].startswith("http://127.0.0.1:")
 
 
 # ------------------------------------------------------------------ example settings
