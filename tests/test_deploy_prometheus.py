@@ -51,7 +51,7 @@ def test_promtool_check_config_accepts_prometheus_yml() -> None:
 def test_promtool_check_rules_accepts_every_rule_file() -> None:
     promtool = require_binary("promtool")
     files = rule_files()
-    assert {p.name for p in files} == {"recording.yml", "alerts.yml"}
+    assert {p.name for p in files} == {"recording.yml", "alerts.yml", "controller.yml"}
     out = _run([promtool, "check", "rules", *map(str, files)])
     assert out.stdout.count("SUCCESS") == len(files)
 
@@ -142,6 +142,10 @@ def test_required_alerts_exist_with_the_agreed_thresholds() -> None:
         "GpuXidErrorWarning": "warning",
         "NodePowerOverBudget": "warning",
         "WattwardenPolicyActuationFailing": "warning",
+        "WattwardenControllerDown": "critical",
+        "WattwardenControllerPrometheusUnreachable": "warning",
+        "WattwardenLeasesExpiring": "warning",
+        "ClusterPowerOverBudget": "critical",
     }
     for name, severity in required.items():
         assert name in by_name, f"missing alert {name}"
@@ -296,3 +300,43 @@ def test_prometheus_yml_keeps_the_workload_job_label_as_job_name() -> None:
     )
     assert config["global"]["scrape_interval"] == "15s"
     assert config["alerting"]["alertmanagers"]
+
+
+# ------------------------------------------------------------------ the fleet controller
+CONTROLLER_JOB = "wattwarden-controller"
+CONTROLLER_ALERTS = {
+    "WattwardenControllerDown",
+    "WattwardenControllerPrometheusUnreachable",
+    "WattwardenLeasesExpiring",
+    "ClusterPowerOverBudget",
+}
+
+
+def test_prometheus_yml_scrapes_the_controller_on_its_default_address_keeping_node_labels() -> None:
+    config = load_yaml(PROMETHEUS_YML)
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == CONTROLLER_JOB]
+    # `wattwarden controller` listens on 127.0.0.1:9768 unless given --listen.
+    assert job["static_configs"] == [{"targets": ["127.0.0.1:9768"]}]
+    # Its per-node series carry the node in `instance`: kept, so they join the agents' series.
+    assert job["honor_labels"] is True
+    assert job["scrape_interval"] == config["global"]["scrape_interval"]
+
+
+def test_controller_alerts_live_in_their_own_rule_file_and_read_the_controller_job() -> None:
+    path = next(p for p in rule_files() if p.name == "controller.yml")
+    names = {r["alert"] for g in load_yaml(path)["groups"] for r in g["rules"] if "alert" in r}
+    assert names == CONTROLLER_ALERTS
+    others = {r["alert"] for r in alert_rules()} - names
+    assert not others & CONTROLLER_ALERTS
+    for rule in (r for g in load_yaml(path)["groups"] for r in g["rules"]):
+        expr = rule["expr"]
+        # Every controller series is read from its scrape job, agents' from theirs.
+        for selector in re.findall(r"\b(wattwarden_controller_\w+)(\{[^}]*\})?", expr):
+            assert f'job="{CONTROLLER_JOB}"' in selector[1], (rule["alert"], selector[0])
+
+
+def test_controller_alerts_have_their_own_unit_tests_file() -> None:
+    tests = load_yaml(RULE_TESTS_DIR / "controller_alerts.yml")
+    assert "../rules/controller.yml" in tests["rule_files"]
+    shown = {c["alertname"] for case in tests["tests"] for c in case.get("alert_rule_test", [])}
+    assert shown == CONTROLLER_ALERTS
