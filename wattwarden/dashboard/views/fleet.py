@@ -61,7 +61,8 @@ def fleet(ctx: Context, window_s: float) -> None:
     if isinstance(alerts, Down):
         show_down(alerts, severe=False)
     histories: dict[str, History] = {}
-    points = chart_points(len(up) if len(states) > 1 else sum(len(s.gpus) for s in up.values()))
+    # as many series as the stacked chart draws: a node each when several are up, else a GPU each
+    points = chart_points(len(up) if len(up) > 1 else sum(len(s.gpus) for s in up.values()))
     for url in up:
         h = sources.history(url, window_s, max_points=points)
         if isinstance(h, Down):
