@@ -60,9 +60,9 @@ MESSAGE_MAX = 200
 """A result's message is one line of at most this many characters."""
 
 _INSTANCE = re.compile(
-    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d{1,5})$"
-)
-_UNDERSCORE_NAME = re.compile(r"^(?P<host>[A-Za-z0-9.-]+)_(?P<port>\d{1,5})$")
+    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>[0-9]{1,5})"
+)  # used with fullmatch, as every pattern here: "$" would let a trailing newline through
+_UNDERSCORE_NAME = re.compile(r"(?P<host>[A-Za-z0-9.-]+)_(?P<port>[0-9]{1,5})")
 
 
 # ------------------------------------------------------------------------------------- values
@@ -120,7 +120,7 @@ def one_line(text: str) -> str:
 
 def split_instance(instance: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` too) as (host, port); ValueError naming it otherwise."""
-    m = _INSTANCE.match(instance)
+    m = _INSTANCE.fullmatch(instance)
     port = int(m["port"]) if m else 0
     if m is None or not 0 < port < 65536:
         raise ValueError(f"instance {instance!r} is not HOST:PORT")
@@ -192,7 +192,7 @@ class AgentCredentials:
 
 
 def _instance_of_file(name: str) -> str | None:
-    m = _UNDERSCORE_NAME.match(name)
+    m = _UNDERSCORE_NAME.fullmatch(name)
     instance = f"{m['host']}:{m['port']}" if m else name
     try:
         split_instance(instance)
