@@ -42,12 +42,12 @@ SERVICE_ACCOUNT_TOKEN = "token"
 SERVICE_ACCOUNT_CA = "ca.crt"
 EVICTION_PATH = "/api/v1/namespaces/{namespace}/pods/{pod}/eviction"
 
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 """A namespace's name (RFC 1123 label: at most 63 characters)."""
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 """A pod's name (RFC 1123 subdomain: at most 253 characters)."""
-SLURM_JOB_ID = re.compile(r"^[0-9]{1,19}(_[0-9]{1,19})?$")
-"""A Slurm job id, or an array task's ``JOBID_TASKID``."""
+SLURM_JOB_ID = re.compile(r"[0-9]{1,19}(_[0-9]{1,19})?")
+"""A Slurm job id, or an array task's ``JOBID_TASKID`` (these patterns are for fullmatch)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,9 +192,9 @@ class KubernetesScheduler:
         if wrong is not None:
             return wrong
         namespace, slash, pod = job.id.partition("/")
-        if not slash or not DNS1123_LABEL.match(namespace):
+        if not slash or not DNS1123_LABEL.fullmatch(namespace):
             return MoveResult("failed", f"job {job.name!r}: {job.id!r} is not NAMESPACE/POD")
-        if len(pod) > 253 or not DNS1123_SUBDOMAIN.match(pod):
+        if len(pod) > 253 or not DNS1123_SUBDOMAIN.fullmatch(pod):
             return MoveResult("failed", f"job {job.name!r}: pod name {pod!r} is not valid")
         where = f"{namespace}/{pod}"
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -277,7 +277,7 @@ class SlurmScheduler:
         wrong = _wrong_kind(job, self.name)
         if wrong is not None:
             return wrong
-        if not SLURM_JOB_ID.match(job.id):
+        if not SLURM_JOB_ID.fullmatch(job.id):
             return MoveResult("failed", f"job {job.name!r}: {job.id!r} is not a Slurm job id")
         argv = [self.scontrol, "requeue", job.id]
         try:
