@@ -302,10 +302,13 @@ def test_a_connection_reset_before_any_answer_is_unreachable() -> None:
     assert (got.result, got.status, got.message) == ("unreachable", None, "connection reset")
 
 
-def test_an_instance_that_is_not_host_port_is_unreachable_and_says_why() -> None:
+@pytest.mark.parametrize(
+    "instance", ["no-port-here", "h:9100\n", "h:\u0664\u0662", "h:0", "h:65536", "h :1", ":1"]
+)
+def test_an_instance_that_is_not_host_port_is_unreachable_and_says_why(instance: str) -> None:
     with linked() as link:
-        got = link.push(lease("no-port-here"))
-    assert (got.result, got.message) == ("unreachable", "instance 'no-port-here' is not HOST:PORT")
+        got = link.push(lease(instance))
+    assert (got.result, got.message) == ("unreachable", f"instance {instance!r} is not HOST:PORT")
 
 
 # ------------------------------------------------------------------------- connections
