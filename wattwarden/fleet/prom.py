@@ -1,0 +1,390 @@
+"""The fleet controller's memory: the Prometheus HTTP API (or Thanos, Mimir, VictoriaMetrics).
+
+:class:`PrometheusClient` runs instant queries (``GET /api/v1/query`` with ``time``) and reads
+the active scrape targets (``GET /api/v1/targets``), each call bounded by a timeout, over HTTP or
+HTTPS (a CA file), with basic auth or a bearer token where configured. Answers are parsed
+strictly: anything out of shape, an error answer, a refused, reset or slow connection is one
+:class:`PrometheusError` whose message is one line naming the server and what went wrong.
+
+:class:`FleetReader` reads what the controller needs each period, one query per figure, every
+query at the same evaluation time, a few at once (:data:`QUERY_CONCURRENCY`):
+
+========================  =================================================================
+``up``                    ``up{job=J}``: the agents (discovery) and whether each is scraped
+``power``                 ``instance:gpu_power_watts:sum``
+``gpus_up``, ``gpus``     ``instance:gpu_up:sum``, ``instance:gpu_up:count``
+``floor``, ``ceiling``    ``instance:gpu_power_limit_{min,max}_watts:sum`` (GPUs up)
+``demand``                ``instance:wattwarden_power_demand_watts:sum`` by ``priority``
+``starving``              ``wattwarden_power_budget_starving``
+``lease``                 ``wattwarden_power_budget_watts{scope="lease"}`` (the lease in force)
+``scraped_at``            when each node's GPU series were last scraped (``timestamp(gpu_up)``)
+``evaluated_at``          when the recorded series above were last evaluated (``timestamp()``)
+========================  =================================================================
+
+Why the two timestamps: an instant query answers every sample at the evaluation time asked
+for, whatever the age of the data behind it (up to the server's lookback of 5 minutes), so the
+sample timestamps (kept in :class:`Sample`) cannot tell fresh from stale. PromQL's
+``timestamp()`` gives the time of the sample itself: a node whose scrape stopped without a
+staleness marker (Prometheus restarted, a remote store lagging) or whose recording rules stopped
+being evaluated shows its true age there, and :mod:`wattwarden.fleet.model` calls it stale.
+
+The targets API, where the server has one, gives each agent's scrape address (``HOST:PORT``: the
+shipped relabelling keeps only the host in ``instance``) and scrape interval. Servers without it
+(Mimir, for one) answer 404; the controller then takes the address from the ``instance`` label.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.client import HTTPException
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+QUERY_CONCURRENCY = 6
+"""Queries of one period run at most this many at once."""
+ANSWER_MAX_BYTES = 64 * 1024 * 1024
+"""A larger answer is refused: a fleet of 10,000 nodes answers a few MB per query."""
+
+
+class PrometheusError(Exception):
+    """Prometheus could not be read: the message is one line naming the server and the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One sample of an instant vector."""
+
+    labels: Mapping[str, str]
+    value: float
+    """May be NaN or infinite: PromQL can compute those; the model skips them."""
+    timestamp_s: float
+    """The sample's timestamp as answered (for an instant query: the evaluation time)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One active scrape target of the agents' job."""
+
+    instance: str
+    """Its ``instance`` label."""
+    job: str
+    """Its ``job`` label (the scrape job)."""
+    address: str
+    """``HOST:PORT`` it is scraped at (its discovered ``__address__``)."""
+    health: str
+    """``up``, ``down`` or ``unknown``."""
+    scrape_interval_s: float | None
+    """As the server reports it (newer servers only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """How to reach Prometheus: CA file for HTTPS, basic auth or a bearer token."""
+
+    ca_file: str | None = None
+    basic_auth: tuple[str, str] | None = None
+    bearer_token: str | None = None
+
+    def __repr__(self) -> str:  # never show a secret
+        kinds = [k for k, v in (("basic", self.basic_auth), ("bearer", self.bearer_token)) if v]
+        return f"Auth(ca_file={self.ca_file!r}, {'+'.join(kinds) or 'no credentials'})"
+
+
+class PrometheusClient:
+    """Instant queries and targets, strictly parsed; every failure a :class:`PrometheusError`."""
+
+    def __init__(self, url: str, *, timeout_s: float = 2.0, auth: Auth | None = None) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"Prometheus URL must be http:// or https://, got {url!r}")
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(f"timeout_s must be above 0, got {timeout_s!r}")
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.auth = auth or Auth()
+        self._headers = {"Accept": "application/json"}
+        if self.auth.basic_auth is not None:
+            pair = ":".join(self.auth.basic_auth).encode()
+            self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        elif self.auth.bearer_token is not None:
+            self._headers["Authorization"] = f"Bearer {self.auth.bearer_token}"
+        context: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            try:
+                context = ssl.create_default_context(cafile=self.auth.ca_file)
+            except (OSError, ssl.SSLError) as e:
+                raise ValueError(f"Prometheus CA file {self.auth.ca_file}: {e}") from None
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if context is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def __repr__(self) -> str:
+        return f"PrometheusClient({self.url}, timeout {self.timeout_s} s, {self.auth!r})"
+
+    # ------------------------------------------------------------------ API calls
+    def query(self, expr: str, at_s: float) -> list[Sample]:
+        """The instant vector ``expr`` evaluates to at ``at_s`` (seconds since the epoch)."""
+        params = {"query": expr, "time": f"{at_s:.3f}", "timeout": f"{self.timeout_s:g}s"}
+        data = self._get("/api/v1/query", params)
+        if not isinstance(data, dict):
+            raise self._error(f"query {expr!r}: 'data' is not an object")
+        kind = data.get("resultType")
+        if kind != "vector":
+            raise self._error(f"query {expr!r}: expected a vector, got resultType {kind!r}")
+        result = data.get("result")
+        if not isinstance(result, list):
+            raise self._error(f"query {expr!r}: 'result' is not a list")
+        return [self._sample(expr, item) for item in result]
+
+    def targets(self) -> list[Target] | None:
+        """The active scrape targets; None when the server has no targets API (404)."""
+        try:
+            data = self._get("/api/v1/targets", {"state": "active"})
+        except _NotFound:
+            return None
+        active = data.get("activeTargets") if isinstance(data, dict) else None
+        if not isinstance(active, list):
+            raise self._error("targets: 'activeTargets' is not a list")
+        return [self._target(t) for t in active]
+
+    # ------------------------------------------------------------------ parsing
+    def _sample(self, expr: str, item: Any) -> Sample:
+        if not isinstance(item, dict):
+            raise self._error(f"query {expr!r}: a result is not an object")
+        metric, value = item.get("metric"), item.get("value")
+        if not isinstance(metric, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metric.items()
+        ):
+            raise self._error(f"query {expr!r}: a result's 'metric' is not a label map")
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or isinstance(value[0], bool)
+            or not isinstance(value[0], int | float)
+            or not isinstance(value[1], str)
+        ):
+            raise self._error(f"query {expr!r}: a result's 'value' is not [time, \"number\"]")
+        try:
+            number = float(value[1])
+        except ValueError:
+            raise self._error(f"query {expr!r}: value {value[1]!r} is not a number") from None
+        return Sample(dict(metric), number, float(value[0]))
+
+    def _target(self, item: Any) -> Target:
+        if not isinstance(item, dict):
+            raise self._error("targets: a target is not an object")
+        labels, discovered = item.get("labels"), item.get("discoveredLabels")
+        if not isinstance(labels, dict) or not isinstance(discovered, dict):
+            raise self._error("targets: a target lacks 'labels' or 'discoveredLabels'")
+        instance, address = labels.get("instance"), discovered.get("__address__")
+        job, health = labels.get("job"), item.get("health", "unknown")
+        if not all(isinstance(v, str) for v in (instance, address, job)):
+            raise self._error("targets: a target lacks its instance or job label or __address__")
+        assert isinstance(instance, str) and isinstance(address, str) and isinstance(job, str)
+        if not isinstance(health, str):
+            raise self._error(f"targets: target {instance}: 'health' is not a string")
+        interval = item.get("scrapeInterval")
+        return Target(
+            instance=instance,
+            job=job,
+            address=address,
+            health=health,
+            scrape_interval_s=None if interval is None else self._duration(instance, interval),
+        )
+
+    def _duration(self, instance: str, text: Any) -> float:
+        """A Prometheus duration such as ``15s``, ``1m30s`` or ``500ms``, in seconds."""
+        units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+        if not isinstance(text, str) or not text:
+            raise self._error(f"targets: target {instance}: bad scrapeInterval {text!r}")
+        total, number = 0.0, ""
+        i = 0
+        while i < len(text):
+            c = text[i]
+            if c.isdigit():
+                number += c
+                i += 1
+                continue
+            unit = "ms" if text.startswith("ms", i) else c
+            if not number or unit not in units:
+                raise self._error(f"targets: target {instance}: bad scrapeInterval {text!r}")
+            total += int(number) * units[unit]
+            number = ""
+            i += len(unit)
+        if number:
+            raise self._error(f"targets: target {instance}: bad scrapeInterval {text!r}")
+        return total
+
+    # ------------------------------------------------------------------ transport
+    def _error(self, message: str) -> PrometheusError:
+        return PrometheusError(f"Prometheus {self.url}: {message}")
+
+    def _get(self, path: str, params: Mapping[str, str]) -> Any:
+        """GET an API path; the ``data`` of a success answer, or PrometheusError."""
+        url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
+        request = urllib.request.Request(url, headers=self._headers)
+        status: int
+        try:
+            with self._opener.open(request, timeout=self.timeout_s) as resp:
+                status, body = resp.status, resp.read(ANSWER_MAX_BYTES + 1)
+        except urllib.error.HTTPError as e:
+            status = e.code
+            try:
+                body = e.read(ANSWER_MAX_BYTES + 1)
+            except (OSError, HTTPException):
+                body = b""
+            finally:
+                e.close()
+            if status == 404 and path == "/api/v1/targets":
+                raise _NotFound from None
+        except TimeoutError:
+            raise self._error(f"no answer within {self.timeout_s:g} s") from None
+        except urllib.error.URLError as e:
+            reason = e.reason
+            if isinstance(reason, TimeoutError):
+                raise self._error(f"no answer within {self.timeout_s:g} s") from None
+            raise self._error(f"unreachable: {_one_line(str(reason))}") from None
+        except (OSError, HTTPException, ValueError) as e:
+            raise self._error(f"unreachable: {_one_line(f'{type(e).__name__}: {e}')}") from None
+        if len(body) > ANSWER_MAX_BYTES:
+            raise self._error(f"{path} answer larger than {ANSWER_MAX_BYTES} bytes")
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            raise self._error(f"{path} answered {status} with no JSON body") from None
+        if not isinstance(answer, dict) or answer.get("status") not in ("success", "error"):
+            raise self._error(f"{path} answered {status} without a status")
+        if answer["status"] == "error" or status != 200:
+            kind = answer.get("errorType", "error")
+            raise self._error(f"{path} answered {status}: {kind}: {answer.get('error', '?')}")
+        for warning in answer.get("warnings") or []:
+            log.debug("Prometheus %s: warning: %s", self.url, warning)
+        return answer.get("data")
+
+
+class _NotFound(Exception):
+    """The server has no such API (404)."""
+
+
+def _one_line(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= 200 else flat[:197] + "..."
+
+
+# ---------------------------------------------------------------------- what one period reads
+RECORDED = (
+    "instance:gpu_power_watts:sum",
+    "instance:gpu_up:sum",
+    "instance:gpu_up:count",
+    "instance:gpu_power_limit_min_watts:sum",
+    "instance:gpu_power_limit_max_watts:sum",
+)
+"""The recorded series whose evaluation time says whether the rules still run."""
+
+
+def queries(job: str) -> dict[str, str]:
+    """The PromQL of each figure the controller reads, for the agents' scrape job ``job``."""
+    sel = f'job="{_escape(job)}"'
+    recorded = "|".join(RECORDED)
+    return {
+        "up": f"up{{{sel}}}",
+        "power": f"instance:gpu_power_watts:sum{{{sel}}}",
+        "gpus_up": f"instance:gpu_up:sum{{{sel}}}",
+        "gpus": f"instance:gpu_up:count{{{sel}}}",
+        "floor": f"instance:gpu_power_limit_min_watts:sum{{{sel}}}",
+        "ceiling": f"instance:gpu_power_limit_max_watts:sum{{{sel}}}",
+        "demand": f"instance:wattwarden_power_demand_watts:sum{{{sel}}}",
+        "starving": f"max by (instance) (wattwarden_power_budget_starving{{{sel}}})",
+        "lease": f'max by (instance) (wattwarden_power_budget_watts{{{sel},scope="lease"}})',
+        "scraped_at": f"max by (instance) (timestamp(gpu_up{{{sel}}}))",
+        "evaluated_at": (f'min by (instance) (timestamp({{__name__=~"{recorded}",{sel}}}))'),
+    }
+
+
+def _escape(value: str) -> str:
+    """A PromQL string literal's content."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+@dataclass(frozen=True, slots=True)
+class Readings:
+    """Everything one period read, at one evaluation time."""
+
+    at_s: float
+    """The evaluation time (wall clock, epoch seconds)."""
+    results: dict[str, list[Sample]]
+    """Each query's answer, by the names of :func:`queries`."""
+    targets: list[Target] | None = field(default=None)
+    """The agents' job's active targets; None where the server has no targets API."""
+
+
+class FleetReader:
+    """Reads one period's :class:`Readings`, every query at the same time, a few at once."""
+
+    def __init__(self, client: PrometheusClient, job: str) -> None:
+        self.client = client
+        self.job = job
+        self.queries = queries(job)
+        self._pool = ThreadPoolExecutor(QUERY_CONCURRENCY, thread_name_prefix="prometheus")
+        self._has_targets_api = True
+
+    def read(self, at_s: float) -> Readings:
+        """Every figure at ``at_s``; PrometheusError when any query fails (nothing half-read)."""
+        futures = {
+            name: self._pool.submit(self.client.query, expr, at_s)
+            for name, expr in self.queries.items()
+        }
+        targets_future = self._pool.submit(self._targets) if self._has_targets_api else None
+        results: dict[str, list[Sample]] = {}
+        first: PrometheusError | None = None
+        for name, future in futures.items():
+            try:
+                results[name] = future.result()
+            except PrometheusError as e:
+                first = first or e
+        targets: list[Target] | None = None
+        if targets_future is not None:
+            try:
+                targets = targets_future.result()
+            except PrometheusError as e:
+                first = first or e
+        if first is not None:
+            raise first
+        return Readings(at_s, results, targets)
+
+    def _targets(self) -> list[Target] | None:
+        found = self.client.targets()
+        if found is None:
+            log.info("Prometheus %s has no targets API: agent addresses come from the "
+                     "instance label", self.client.url)  # fmt: skip
+            self._has_targets_api = False
+            return None
+        return [t for t in found if t.job == self.job]
+
+    def close(self) -> None:
+        """Stop the query threads (a query in flight ends within its timeout)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = [
+    "Auth",
+    "FleetReader",
+    "PrometheusClient",
+    "PrometheusError",
+    "Readings",
+    "Sample",
+    "Target",
+    "queries",
+]
