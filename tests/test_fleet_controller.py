@@ -192,7 +192,7 @@ def test_dry_run_computes_and_exports_but_pushes_nothing() -> None:
 
 
 def test_apply_pushes_every_node_a_lease_with_id_generation_and_ttl() -> None:
-    ctl, _, link, clock = make(three_nodes())
+    ctl, _, link, _clock = make(three_nodes())
     ctl.period()
     assert {p.instance for p in link.pushes} == {"a:9767", "b:9767", "c:9767"}
     for p in link.pushes:
@@ -236,7 +236,7 @@ def test_prometheus_down_pushes_nothing_and_holds() -> None:
 
 
 def test_leases_forgotten_after_they_expire_while_prometheus_is_down() -> None:
-    ctl, reader, link, clock = make(three_nodes())
+    ctl, reader, _link, clock = make(three_nodes())
     ctl.period()
     reader.down = "down"
     clock.advance(31.0)  # past every lease's ttl: the agents are back on their local budgets
@@ -251,7 +251,7 @@ def test_an_unreachable_agent_keeps_its_share_until_its_series_go_stale() -> Non
         "a": FakeNode(demand={"high": 2000.0}),
         "b": FakeNode(demand={"high": 2000.0}),
     }
-    ctl, reader, link, clock = make(nodes, budget=4000.0)
+    ctl, _reader, link, clock = make(nodes, budget=4000.0)
     ctl.period()
     b_share = leased(link)["b:9767"]
     assert b_share == pytest.approx(2000.0)
