@@ -31,6 +31,7 @@ from wattwarden.api.contract import (
     Migration,
     PolicyStatus,
     PowerLimitRequest,
+    SchedulerRef,
     SimFault,
     SimLoad,
     decision_record,
@@ -56,16 +57,25 @@ def wire(body: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------- a body the client builds
+SLURM_REFS = st.builds(SchedulerRef, st.just("slurm"), st.integers(0, 10**12).map(str))
+POD_REFS = st.builds(
+    SchedulerRef,
+    st.just("kubernetes"),
+    st.from_regex(r"[a-z0-9]{1,20}/[a-z0-9][a-z0-9.-]{0,40}[a-z0-9]", fullmatch=True),
+)
+
+
 @settings(deadline=None)
 @given(name=NAMES, pid=st.integers(1, PID_MAX), gpu=st.integers(0, GPUS - 1),
        priority=st.sampled_from(["high", "normal", "low"]),
        utilization=st.none() | st.floats(0.0, 1.0, exclude_min=True),
-       tune=st.booleans(), migratable=st.booleans())  # fmt: skip
+       tune=st.booleans(), migratable=st.booleans(),
+       scheduler=st.none() | SLURM_REFS | POD_REFS)  # fmt: skip
 def test_a_registration_reads_back_as_sent(
     name: str, pid: int, gpu: int, priority: str, utilization: float | None, tune: bool,
-    migratable: bool,
+    migratable: bool, scheduler: SchedulerRef | None,
 ) -> None:  # fmt: skip
-    sent = JobRegistration(name, pid, gpu, priority, utilization, tune, migratable)
+    sent = JobRegistration(name, pid, gpu, priority, utilization, tune, migratable, scheduler)
     assert JobRegistration.from_json(wire(sent.to_json()), GPUS) == sent
 
 
@@ -173,6 +183,21 @@ REFUSED: list[tuple[str, Any, dict[str, Any], HTTPStatus, str]] = [
      "field 'tune' must be true or false, got 1"),
     ("migratable a string", JobRegistration, _registration(migratable="yes"),
      HTTPStatus.BAD_REQUEST, "field 'migratable' must be true or false, got 'yes'"),
+    ("scheduler a string", JobRegistration, _registration(scheduler="slurm"),
+     HTTPStatus.BAD_REQUEST,
+     'field \'scheduler\' must be null or {"kind": ..., "id": ...}, got \'slurm\''),
+    ("scheduler without id", JobRegistration, _registration(scheduler={"kind": "slurm"}),
+     HTTPStatus.BAD_REQUEST,
+     'field \'scheduler\' must be null or {"kind": ..., "id": ...}, got {\'kind\': \'slurm\'}'),
+    ("scheduler of an unknown kind", JobRegistration,
+     _registration(scheduler={"kind": "nomad", "id": "1"}), HTTPStatus.BAD_REQUEST,
+     "field 'scheduler': kind must be one of kubernetes, slurm, got 'nomad'"),
+    ("scheduler slurm id not a number", JobRegistration,
+     _registration(scheduler={"kind": "slurm", "id": "12a"}), HTTPStatus.BAD_REQUEST,
+     "field 'scheduler': id of a slurm job must be a numeric job id, got '12a'"),
+    ("scheduler pod without namespace", JobRegistration,
+     _registration(scheduler={"kind": "kubernetes", "id": "train-0"}), HTTPStatus.BAD_REQUEST,
+     "field 'scheduler': id of a kubernetes job must be NAMESPACE/POD, got 'train-0'"),
     ("step negative", JobProgress, {"step": -1, "samples": 0, "tokens": 0},
      HTTPStatus.BAD_REQUEST, f"field 'step' must be {_WITHIN_COUNT}, got -1"),
     ("samples 2**63", JobProgress, {"step": 0, "samples": COUNT_MAX + 1, "tokens": 0},
@@ -285,13 +310,13 @@ RECORD = JobRecord(
     finished_at=1060.5, duration_seconds=60.0, step=7, samples=56, tokens=4096, target_gpu=3,
     tune=True, migratable=True, migrations=2, energy_joules=1500.0,
     energy_joules_by_gpu={"0": 500.0, "1": 1000.0}, power_watts=0.0, mean_power_watts=25.0,
-    tokens_per_joule=2.7,
+    tokens_per_joule=2.7, scheduler={"kind": "kubernetes", "id": "ml/train-0"},
 )  # fmt: skip
-_NULLABLE = {"finished_at", "target_gpu", "mean_power_watts", "tokens_per_joule"}
+_NULLABLE = {"finished_at", "target_gpu", "mean_power_watts", "tokens_per_joule", "scheduler"}
 _INTEGERS = {"pid", "gpu", "step", "samples", "tokens", "target_gpu", "migrations"}
 _STRINGS = {"name", "state", "priority"}
 _FLAGS = {"tune", "migratable"}
-_NEWER = {"migrations"}
+_NEWER = {"migrations", "scheduler"}
 """Fields an older agent leaves out or sends null: read as none (0)."""
 _FIELDS = [f.name for f in fields(JobRecord) if f.name != "energy_joules_by_gpu"]
 
@@ -620,3 +645,10 @@ def test_a_decision_record_with_jobs_or_intents_out_of_shape_is_refused_naming_i
 def test_an_answer_that_is_not_an_object_is_refused_as_not_a_decision(answer: Any) -> None:
     shown = repr(answer) if len(repr(answer)) <= 40 else repr(answer)[:37] + "..."
     assert _refused_as(DecisionRecord.from_json, answer) == f"a decision is {shown}, not an object"
+
+
+def test_a_job_record_with_a_scheduler_out_of_shape_is_refused_naming_it() -> None:
+    for bad in ({"kind": "slurm"}, {"kind": "slurm", "id": 42}, {"kind": 1, "id": "1", "x": 2}):
+        with pytest.raises(ContractError) as refused:
+            JobRecord.from_json({**RECORD.to_json(), "scheduler": bad})
+        assert str(refused.value).startswith("field 'scheduler' is")

@@ -24,7 +24,7 @@ from helpers import (
 )
 
 from wattwarden.api.testing import SimAgent
-from wattwarden.collectors.jobs import Job, JobError
+from wattwarden.collectors.jobs import Job, JobError, SchedulerRef
 from wattwarden.hardware.sim.fleet import SimFleet
 
 TOKEN = "job-test-token"
@@ -93,10 +93,19 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+SCHEDULER_ENV = ("SLURM_JOB_ID", "POD_NAMESPACE", "POD_NAME")
+
+
 def supervise(
-    workdir: Path, url: str, mode: str, *extra: str, name: str = "j1"
-) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WATTWARDEN_")}
+    workdir: Path, url: str, mode: str, *extra: str, name: str = "j1",
+    env_extra: dict[str, str] | None = None,
+) -> subprocess.Popen[str]:  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("WATTWARDEN_") and k not in SCHEDULER_ENV
+    }
+    env.update(env_extra or {})
     cmd = [
         sys.executable, "-m", "wattwarden", "job", "run", "--name", name, "--agent", url,
         "--token-file", str(workdir / "token"), "--poll-interval", "0.1", *extra,
@@ -335,6 +344,36 @@ def test_a_job_name_with_a_trailing_newline_is_a_usage_error(agent: SimAgent, wo
     assert code == 2
     assert "--name must be" in err
     assert starts(workdir) == [] and agent.jobs.jobs() == [] and agent.requests == []
+
+
+@pytest.mark.parametrize(
+    ("env", "scheduler"),
+    [
+        ({}, None),
+        ({"SLURM_JOB_ID": "4242"}, SchedulerRef("slurm", "4242")),
+        ({"POD_NAMESPACE": "ml", "POD_NAME": "train-0"}, SchedulerRef("kubernetes", "ml/train-0")),
+        ({"POD_NAME": "train-0"}, None),  # without its namespace a pod cannot be named
+    ],
+    ids=["none", "slurm", "kubernetes", "pod-without-namespace"],
+)
+def test_job_run_tells_the_agent_which_scheduler_runs_the_job(
+    agent: SimAgent, workdir: Path, env: dict[str, str], scheduler: SchedulerRef | None
+) -> None:
+    code, err = finish(supervise(workdir, agent.url, "exit3", env_extra=env))
+    assert code == 3, err
+    assert agent.jobs.get("j1").scheduler == scheduler
+    status, record = http_json(f"{agent.url}/api/v1/jobs/j1")
+    assert status == 200
+    assert record["scheduler"] == (
+        None if scheduler is None else {"kind": scheduler.kind, "id": scheduler.id}
+    )
+
+
+def test_a_slurm_job_id_out_of_shape_is_a_usage_error(agent: SimAgent, workdir: Path) -> None:
+    code, err = finish(supervise(workdir, agent.url, "exit3", env_extra={"SLURM_JOB_ID": "x1"}))
+    assert code == 2
+    assert "$SLURM_JOB_ID" in err and "'x1'" in err
+    assert starts(workdir) == [] and agent.requests == []
 
 
 def test_registers_again_when_the_agent_reports_the_job_finished_while_it_runs(

@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from wattwarden.collectors.jobs import COUNT_MAX, NAME_PATTERN, PID_MAX, JobView
 from wattwarden.collectors.jobs import PRIORITIES as _PRIORITIES
+from wattwarden.collectors.jobs import SchedulerRef as _SchedulerRef
 from wattwarden.policies.base import Decision
 from wattwarden.policies.control import (
     POLICY_NAMES,
@@ -37,6 +38,8 @@ from wattwarden.policies.control import (
 
 PRIORITIES = _PRIORITIES
 """A job's priority: one of these (``normal`` when not given)."""
+SchedulerRef = _SchedulerRef
+"""Where a scheduler runs a job (a job's ``scheduler``): ``kind`` and ``id``."""
 
 # ----------------------------------------------------------------------------------- routes
 INDEX = "/"
@@ -201,6 +204,9 @@ class JobRegistration:
     migratable: bool = False
     """A supervisor follows the job's ``target_gpu`` (``job run`` sets it): the policy engine
     moves only such jobs."""
+    scheduler: SchedulerRef | None = None
+    """Where a scheduler runs the job: ``{"kind": "kubernetes", "id": "NAMESPACE/POD"}`` or
+    ``{"kind": "slurm", "id": "JOBID"}`` (``job run`` fills it from the environment), or null."""
 
     @classmethod
     def from_json(cls, body: dict[str, Any], gpu_count: int) -> JobRegistration:
@@ -223,7 +229,7 @@ class JobRegistration:
                 raise _bad(f"field 'utilization' must be within (0, 1], got {utilization}")
         tune = _flag(body, "tune")
         migratable = _flag(body, "migratable")
-        return cls(name, pid, gpu, priority, utilization, tune, migratable)
+        return cls(name, pid, gpu, priority, utilization, tune, migratable, _scheduler(body))
 
     def to_json(self) -> dict[str, Any]:
         """The body (``utilization`` only where given)."""
@@ -236,7 +242,23 @@ class JobRegistration:
             body["tune"] = True
         if self.migratable:
             body["migratable"] = True
+        if self.scheduler is not None:
+            body["scheduler"] = {"kind": self.scheduler.kind, "id": self.scheduler.id}
         return body
+
+
+def _scheduler(body: dict[str, Any]) -> SchedulerRef | None:
+    """Optional field ``scheduler``: null, or ``{"kind": ..., "id": ...}``; else 400 naming it."""
+    value = body.get("scheduler")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"kind", "id"}:
+        raise _bad(f"field 'scheduler' must be null or {{\"kind\": ..., \"id\": ...}}, got "
+                   f"{_short(value)}")  # fmt: skip
+    try:
+        return SchedulerRef.checked(value["kind"], value["id"])
+    except ValueError as e:
+        raise _bad(f"field 'scheduler': {e}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,6 +548,9 @@ class JobRecord:
     power_watts: float
     mean_power_watts: float | None
     tokens_per_joule: float | None
+    scheduler: dict[str, str] | None = None
+    """Where a scheduler runs the job (``kind``, ``id``), as it registered; null if it did not
+    say (or the agent predates the field)."""
 
     @classmethod
     def from_view(cls, job: JobView) -> JobRecord:
@@ -551,6 +576,9 @@ class JobRecord:
             power_watts=job.power_w,
             mean_power_watts=job.mean_power_w,
             tokens_per_joule=job.tokens_per_joule,
+            scheduler=None
+            if job.scheduler is None
+            else {"kind": job.scheduler.kind, "id": job.scheduler.id},
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -574,6 +602,11 @@ class JobRecord:
             values[f.name] = _typed(data, f.name, kinds, optional)
         if values["migrations"] is None:  # an agent from before the count
             values["migrations"] = 0
+        scheduler = values["scheduler"]
+        if scheduler is not None and not (
+            set(scheduler) == {"kind", "id"} and all(isinstance(v, str) for v in scheduler.values())
+        ):
+            raise ContractError(f"field 'scheduler' is {_short(scheduler)}")
         return cls(**values)
 
 
@@ -598,6 +631,7 @@ _JOB_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "power_watts": (_NUMBER, False),
     "mean_power_watts": (_NUMBER, True),
     "tokens_per_joule": (_NUMBER, True),
+    "scheduler": ((dict,), True),
 }
 """JSON types of :class:`JobRecord`'s fields (numbers are read as floats), and which may be null."""
 

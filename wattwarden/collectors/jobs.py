@@ -48,6 +48,39 @@ PID_MAX = 2**31 - 1
 """Largest pid accepted (Linux's pid_max is at most 2**22; beyond a C int os.kill fails)."""
 COUNT_MAX = 2**63 - 1
 """Largest progress count accepted (a signed 64-bit counter)."""
+SCHEDULER_KINDS = ("kubernetes", "slurm")
+_SCHEDULER_IDS = {
+    # NAMESPACE/POD: a DNS-1123 label, then a DNS-1123 subdomain (Kubernetes object names)
+    "kubernetes": re.compile(
+        r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?"
+    ),
+    "slurm": re.compile(r"[0-9]{1,20}"),  # SLURM_JOB_ID, as scontrol takes it
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerRef:
+    """Where a scheduler runs a job, so that a fleet controller can ask it to move the job.
+
+    ``kind`` is ``kubernetes`` (``id`` ``NAMESPACE/POD``: the Eviction API's pod) or ``slurm``
+    (``id`` the job id: ``scontrol requeue`` takes it).
+    """
+
+    kind: str
+    id: str
+
+    @classmethod
+    def checked(cls, kind: object, id_: object) -> SchedulerRef:
+        """A reference with a known kind and an id of that kind's shape; ValueError says why."""
+        if not isinstance(kind, str) or kind not in SCHEDULER_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(SCHEDULER_KINDS)}, got {kind!r}")
+        if not isinstance(id_, str) or not _SCHEDULER_IDS[kind].fullmatch(id_):
+            shape = "NAMESPACE/POD" if kind == "kubernetes" else "a numeric job id"
+            shown = repr(id_) if len(repr(id_)) <= 40 else repr(id_)[:37] + "..."
+            raise ValueError(f"id of a {kind} job must be {shape}, got {shown}")
+        return cls(kind, id_)
+
+
 IDLE_UTILIZATION = 0.01
 """Utilization at or under which a GPU reads idle."""
 IDLE_SMOOTHING = 0.2
@@ -107,6 +140,8 @@ class Job:
     """The energy tuner may choose its GPU's power limit."""
     migratable: bool = False
     """A supervisor follows its ``target_gpu``: the policy engine may move it."""
+    scheduler: SchedulerRef | None = None
+    """Where a scheduler runs it (Kubernetes pod, Slurm job), if it said."""
     step: int = 0
     samples: int = 0
     tokens: int = 0
@@ -150,6 +185,8 @@ class JobView:
     """A supervisor follows its ``target_gpu``: the policy engine may move it."""
     migrations: int = 0
     """Moves to another GPU completed; a finished job keeps its count."""
+    scheduler: SchedulerRef | None = None
+    """Where a scheduler runs it (Kubernetes pod, Slurm job), if it said."""
 
     @property
     def energy_j(self) -> float:
@@ -253,6 +290,7 @@ class JobRegistry:
     def register(
         self, name: str, pid: int, gpu: int, priority: str = "normal", *,
         utilization: float | None = None, tune: bool = False, migratable: bool = False,
+        scheduler: SchedulerRef | None = None,
     ) -> tuple[JobView, bool]:  # fmt: skip
         """Add a job, or update the pid/GPU of one with that name. Returns (job, created).
 
@@ -288,7 +326,9 @@ class JobRegistry:
                         f"job {name!r} is refused"
                     )
                 self._finished.pop(name, None)
-                job = Job(name, pid, gpu, priority, time.time(), utilization, tune, migratable)
+                job = Job(
+                    name, pid, gpu, priority, time.time(), utilization, tune, migratable, scheduler
+                )
                 job.registered_mono_s = now
             else:
                 if pid != old.pid and not self._may_replace(old, gpu):
@@ -298,7 +338,7 @@ class JobRegistry:
                     )
                 job = Job(
                     name, pid, gpu, priority, old.registered_at_s, utilization, tune, migratable,
-                    old.step,
+                    scheduler, old.step,
                     old.samples, old.tokens, old.last_progress_s,
                     None if old.target_gpu == gpu else old.target_gpu,
                     dict(old.energy_by_gpu_j), 0.0,
@@ -430,6 +470,7 @@ class JobRegistry:
             job.tokens, job.target_gpu, dict(job.energy_by_gpu_j), job.power_w,
             "running" if job.finished_at_s is None else "finished", job.finished_at_s,
             max(0.0, end - job.registered_mono_s), job.tune, job.migratable, job.migrations,
+            job.scheduler,
         )  # fmt: skip
 
     # ------------------------------------------------------------- attribution

@@ -34,6 +34,7 @@ from wattwarden.api.contract import (
     JobProgress,
     JobRecord,
     JobRegistration,
+    SchedulerRef,
     job_path,
 )
 from wattwarden.config import DEFAULT_LISTEN, ConfigError, default_state_dir
@@ -262,12 +263,17 @@ class AgentClient:
         utilization: float | None = None,
         tune: bool = False,
         migratable: bool = False,
+        scheduler: SchedulerRef | None = None,
     ) -> JobRecord:
         """``POST /api/v1/jobs``; ``utilization`` is the load a simulated GPU gets from the job.
 
+        ``scheduler`` says where a scheduler runs it (a Kubernetes pod, a Slurm job).
+
         A name that a running job of another process holds is refused: AgentError, status 409.
         """
-        body = JobRegistration(name, pid, gpu, priority, utilization, tune, migratable).to_json()
+        body = JobRegistration(
+            name, pid, gpu, priority, utilization, tune, migratable, scheduler
+        ).to_json()
         return self._record("POST", JOBS, self._expect("POST", JOBS, body, auth=True))
 
     def unregister_job(self, name: str) -> JobRecord | None:

@@ -284,7 +284,7 @@ def cmd_job_run(args: argparse.Namespace) -> int:
     """Run ``job run``."""
     from wattwarden.api.contract import valid_job_name  # noqa: PLC0415
     from wattwarden.workloads.agent_client import AgentClient  # noqa: PLC0415
-    from wattwarden.workloads.job import JobSupervisor  # noqa: PLC0415
+    from wattwarden.workloads.job import JobSupervisor, scheduler_from_env  # noqa: PLC0415
 
     setup_logging(logging.INFO, timestamps=False)
     command = list(args.cmd)
@@ -307,6 +307,10 @@ def cmd_job_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sim-utilization must be within (0, 1], got {args.sim_utilization}")
     url = check_url(args.agent or os.environ.get(ENV_AGENT_URL) or DEFAULT_AGENT_URL)
     token = resolve_token(args.token_file)
+    try:
+        scheduler_from_env(os.environ)  # where a scheduler runs it: told to the agent
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     supervisor = JobSupervisor(
         args.name,
         command,

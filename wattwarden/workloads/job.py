@@ -36,7 +36,7 @@ from http import HTTPStatus
 from types import FrameType
 from typing import Any, TextIO
 
-from wattwarden.api.contract import PRIORITIES, JobRecord, valid_job_name
+from wattwarden.api.contract import PRIORITIES, JobRecord, SchedulerRef, valid_job_name
 from wattwarden.workloads.agent_client import (
     ENV_AGENT_URL,
     ENV_JOB_NAME,
@@ -52,6 +52,35 @@ JOULES_PER_WH = 3600.0
 EXIT_FAILURE = 1
 EXIT_CANNOT_RUN = 127
 _FORWARDED = (signal.SIGTERM, signal.SIGINT)
+
+
+ENV_SLURM_JOB_ID = "SLURM_JOB_ID"
+ENV_POD_NAMESPACE = "POD_NAMESPACE"
+ENV_POD_NAME = "POD_NAME"
+"""Set by the Kubernetes downward API (``fieldRef: metadata.namespace`` / ``metadata.name``)."""
+
+
+def scheduler_from_env(environ: Mapping[str, str]) -> SchedulerRef | None:
+    """Where a scheduler runs this job, from its environment; None when none says.
+
+    A Slurm job has ``$SLURM_JOB_ID``; a Kubernetes pod has ``$POD_NAMESPACE`` and ``$POD_NAME``
+    where its spec maps them from the downward API. ValueError when a variable is set but is
+    not of its scheduler's shape.
+    """
+    slurm = environ.get(ENV_SLURM_JOB_ID, "").strip()
+    if slurm:
+        try:
+            return SchedulerRef.checked("slurm", slurm)
+        except ValueError as e:
+            raise ValueError(f"${ENV_SLURM_JOB_ID}: {e}") from None
+    namespace = environ.get(ENV_POD_NAMESPACE, "").strip()
+    pod = environ.get(ENV_POD_NAME, "").strip()
+    if namespace and pod:
+        try:
+            return SchedulerRef.checked("kubernetes", f"{namespace}/{pod}")
+        except ValueError as e:
+            raise ValueError(f"${ENV_POD_NAMESPACE}/${ENV_POD_NAME}: {e}") from None
+    return None
 
 
 def exit_code(returncode: int) -> int:
@@ -95,6 +124,8 @@ class JobSupervisor:
         self.tune = tune
         """Let the agent's energy tuner choose the job's power limit."""
         self._environ = dict(os.environ if environ is None else environ)
+        self.scheduler = scheduler_from_env(self._environ)
+        """Where a scheduler runs the job (told to the agent, for a fleet controller's moves)."""
         self._stream = sys.stderr if stream is None else stream
         self._child: subprocess.Popen[bytes] | None = None
         self._registered = False
@@ -165,6 +196,7 @@ class JobSupervisor:
             utilization=self.sim_utilization,
             tune=self.tune,
             migratable=True,  # this supervisor follows target_gpu
+            scheduler=self.scheduler,
         )
         self._registered = self._ever_registered = True
         self._taken_by = None
