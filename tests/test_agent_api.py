@@ -266,6 +266,8 @@ ROUTES = {
     ("POST", "/api/v1/jobs/{name}/progress"), ("POST", "/api/v1/jobs/{name}/migrate"),
     ("POST", "/api/v1/power-limits"), ("POST", "/api/v1/sim/faults"), ("POST", "/api/v1/sim/load"),
     ("GET", "/api/v1/decisions"), ("GET", "/api/v1/policy"), ("POST", "/api/v1/policy"),
+    ("GET", "/api/v1/policy/lease"), ("POST", "/api/v1/policy/lease"),
+    ("DELETE", "/api/v1/policy/lease"),
 }  # fmt: skip
 
 # What a write with the right token gets: a body that passes the first field, so the answer shows
@@ -281,6 +283,9 @@ WRITE_WITH_TOKEN: dict[tuple[str, str], tuple[Any, int, str]] = {
     ("POST", "/api/v1/sim/load"): ({"gpu": 0}, 400, "missing field 'utilization'"),
     ("POST", "/api/v1/policy"): (
         {"mode": "fast"}, 422, "field 'mode' must be one of dry_run, apply; got 'fast'"),
+    ("POST", "/api/v1/policy/lease"): (
+        {"power_budget_watts": 100}, 422, "field 'ttl_seconds' is missing"),
+    ("DELETE", "/api/v1/policy/lease"): ({}, 422, "field 'controller' is missing"),
 }  # fmt: skip
 
 

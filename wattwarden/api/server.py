@@ -333,6 +333,7 @@ class _Api:
             utilization=req.utilization,
             tune=req.tune,
             migratable=req.migratable,
+            scheduler=req.scheduler,
         )
         log.info("job %s %s on GPU %d (pid %d)", view.name,
                  "registered" if created else "moved", view.gpu, view.pid)  # fmt: skip
@@ -381,8 +382,8 @@ class _Api:
         return _json(HTTPStatus.OK, lease_json(self._loop().status()))
 
     def _lease_set(self, request: Request, body: dict[str, Any]) -> Response:
-        loop = self._loop()
         req = LeaseRequest.from_json(body)
+        loop = self._loop()
         lease = loop.set_lease(
             budget_w=req.power_budget_watts,
             ttl_s=req.ttl_seconds,
@@ -392,8 +393,9 @@ class _Api:
         return _json(HTTPStatus.OK, LeaseRecord.from_lease(lease, lease.ttl_s).to_json())
 
     def _lease_release(self, request: Request, body: dict[str, Any]) -> Response:
+        req = LeaseRelease.from_json(body)
         loop = self._loop()
-        loop.release_lease(LeaseRelease.from_json(body).controller)
+        loop.release_lease(req.controller)
         return _json(HTTPStatus.OK, lease_json(loop.status()))
 
     # -------------------------------------------------------- power limits
