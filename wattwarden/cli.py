@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_parser(sub)
     add_workload_parser(sub)
     _add_dashboard_parsers(sub)
+    _add_controller_parser(sub)
     return parser
 
 
@@ -159,6 +160,25 @@ def _add_dashboard_parsers(sub: Any) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
+def _add_controller_parser(sub: Any) -> None:
+    """``controller``: flags from the controller's settings (no HTTP stack loaded for --help)."""
+    from wattwarden.fleet.config import CONTROLLER_SETTINGS
+
+    controller = sub.add_parser(
+        "controller",
+        help="fleet power-budget controller: Prometheus in, leases to the agents out",
+        description="Split one power budget among the nodes' agents: each period, read the "
+        "nodes' GPU power, limits, demand by priority and health from Prometheus, share the "
+        "budget (every node at least the sum of its GPUs' minimum limits; high-priority "
+        "demand first; bands so budgets do not churn) and push each agent its share as a "
+        "lease that expires unless renewed. Dry-run unless --apply. SIGTERM or SIGINT stops "
+        "it; the leases are left to expire, after which each agent uses its local budget.",
+    )
+    controller.add_argument("--config", type=Path, help="TOML file; flags override its keys")
+    add_setting_flags(controller, CONTROLLER_SETTINGS.values())
+    controller.set_defaults(func=cmd_controller)
+
+
 # ---------------------------------------------------------------------- agent
 def agent_config(args: argparse.Namespace) -> AgentConfig:
     """The agent's settings: defaults, then ``--config``'s keys, then the flags given."""
@@ -184,6 +204,19 @@ def cmd_agent(args: argparse.Namespace) -> int:
         finally:
             agent.close()
     return EXIT_OK
+
+
+# ---------------------------------------------------------------- controller
+def cmd_controller(args: argparse.Namespace) -> int:
+    """Run the fleet controller until SIGTERM or SIGINT."""
+    from wattwarden.fleet.config import CONTROLLER_SETTINGS, build_config
+
+    cfg = build_config(args.config, {name: getattr(args, name) for name in CONTROLLER_SETTINGS})
+    setup_logging(cfg.log_level, timestamps=True)
+    from wattwarden.fleet.controller import serve
+
+    with stop_on_signals(logging.getLogger("wattwarden.fleet")) as (stop, _):
+        return serve(cfg, stop)
 
 
 # ----------------------------------------------------------------- dashboard

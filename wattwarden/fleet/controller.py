@@ -41,16 +41,26 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
+from wattwarden.api.http import HttpServer
+from wattwarden.config import ConfigError, parse_listen
 from wattwarden.fleet import allocate
 from wattwarden.fleet.allocate import EPSILON_W, PRIORITIES, Bands, Plan
-from wattwarden.fleet.leases import AgentLink, AgentUnreachable, Lease, PushResult, push_all
-from wattwarden.fleet.metrics import ControllerMetrics, ControllerState
+from wattwarden.fleet.config import ControllerConfig, read_secret
+from wattwarden.fleet.leases import (
+    AgentCredentials,
+    AgentLink,
+    AgentUnreachable,
+    Lease,
+    PushResult,
+    push_all,
+)
+from wattwarden.fleet.metrics import ControllerMetrics, ControllerState, app
 from wattwarden.fleet.model import FleetView, NodeObservation, build_view
-from wattwarden.fleet.prom import PrometheusError, Readings
-from wattwarden.fleet.schedulers import JobRef, MoveResult, Scheduler
+from wattwarden.fleet.prom import Auth, FleetReader, PrometheusClient, PrometheusError, Readings
+from wattwarden.fleet.schedulers import JobRef, MoveResult, Scheduler, scheduler_for
 
 log = logging.getLogger(__name__)
 
@@ -699,3 +709,83 @@ __all__ = [
     "PeriodReport",
     "Reader",
 ]
+
+
+# ---------------------------------------------------------------------- the command
+def serve(cfg: ControllerConfig, stop: threading.Event) -> int:
+    """``wattwarden controller``: build everything from ``cfg``, run until ``stop``; exit code.
+
+    ConfigError for what the user can fix (tokens, credentials, a taken listen address).
+    """
+    credentials = AgentCredentials.load(
+        None if cfg.token_dir is None else str(cfg.token_dir),
+        None if cfg.token_file is None else str(cfg.token_file),
+    )
+    if cfg.apply and cfg.token_dir is None and cfg.token_file is None:
+        raise ConfigError(
+            "--apply needs --token-dir or --token-file: agents refuse leases without their token"
+        )
+    agent_auth = None
+    if cfg.agent_basic_auth_user is not None and cfg.agent_basic_auth_password_file is not None:
+        password = read_secret(cfg.agent_basic_auth_password_file, "agent_basic_auth_password_file")
+        agent_auth = (cfg.agent_basic_auth_user, password)
+    prom_auth = Auth(
+        ca_file=None if cfg.prometheus_ca_file is None else str(cfg.prometheus_ca_file)
+    )
+    if cfg.prometheus_basic_auth_user and cfg.prometheus_basic_auth_password_file:
+        password = read_secret(
+            cfg.prometheus_basic_auth_password_file, "prometheus_basic_auth_password_file"
+        )
+        prom_auth = replace(prom_auth, basic_auth=(cfg.prometheus_basic_auth_user, password))
+    if cfg.prometheus_bearer_token_file is not None:
+        token = read_secret(cfg.prometheus_bearer_token_file, "prometheus_bearer_token_file")
+        prom_auth = replace(prom_auth, bearer_token=token)
+    assert cfg.prometheus is not None and cfg.budget_watts is not None  # build_config checked
+    try:
+        client = PrometheusClient(cfg.prometheus, timeout_s=cfg.timeout_s, auth=prom_auth)
+    except ValueError as e:
+        raise ConfigError(f"--prometheus: {e}") from None
+    link = AgentLink(
+        credentials,
+        scheme=cfg.agent_scheme,
+        ca_file=None if cfg.agent_ca_file is None else str(cfg.agent_ca_file),
+        basic_auth=agent_auth,
+        timeout_s=cfg.timeout_s,
+    )
+    scheduler = scheduler_for(cfg.scheduler)
+    settings = ControllerSettings(
+        budget_w=cfg.budget_watts,
+        controller_id=cfg.controller_id,
+        period_s=cfg.period_s,
+        lease_s=cfg.lease_s,
+        apply=cfg.apply,
+        concurrency=cfg.concurrency,
+        agent_port=cfg.agent_port,
+        stale_after_s=cfg.stale_after_s,
+        bands=Bands(fraction=cfg.deadband_fraction, min_w=cfg.deadband_w),
+        migration_cooldown_s=cfg.migration_cooldown_s,
+        release_on_exit=cfg.release_on_exit,
+    )
+    host, port = parse_listen(cfg.listen)
+    try:
+        server = HttpServer(host, port)
+    except OSError as e:
+        raise ConfigError(f"--listen {cfg.listen}: cannot listen: {e.strerror or e}") from None
+    reader = FleetReader(client, cfg.job)
+    controller = FleetController(settings, reader, link, scheduler=scheduler)
+    try:
+        stalled = max(3 * cfg.period_s, cfg.period_s + 8 * cfg.timeout_s)
+        server.start(app(controller.metrics, stalled_after_s=stalled))
+        bound = server.address
+        print(
+            f"wattwarden controller: {settings.mode} with a {cfg.budget_watts:.0f} W budget over "
+            f'up{{job="{cfg.job}"}} from {cfg.prometheus}; /metrics and /healthz on '
+            f"http://{bound[0]}:{bound[1]}",
+            flush=True,
+        )
+        controller.run(stop)
+    finally:
+        server.close()
+        reader.close()
+        link.close()
+    return 0
