@@ -183,6 +183,7 @@ def test_get_policy_says_mode_budget_policies_and_period(tmp_path: Path) -> None
             policies={"thermal": True, "budget": True, "idle": False, "tuner": False},
             fallback=None, holding=None, budget_unreachable=status.budget_unreachable,
             period_seconds=0.2, periods=status.periods, errors_total=0, last_error=None,
+            local_power_budget_watts=2000.0, lease=None, lease_expirations=0,
         )  # fmt: skip
 
 
@@ -396,6 +397,8 @@ POLICY_FAMILIES = {
     "wattwarden_policy_decisions_total", "wattwarden_policy_active", "wattwarden_policy_mode",
     "wattwarden_policy_holding", "wattwarden_power_budget_unreachable",
     "wattwarden_policy_apply_fallback", "wattwarden_job_migrations_total",
+    "wattwarden_power_demand_watts", "wattwarden_power_budget_starving",
+    "wattwarden_power_lease_active", "wattwarden_power_lease_expirations_total",
 }  # fmt: skip
 
 
