@@ -24,6 +24,7 @@ from wattwarden.dashboard.sources import (
     FleetFromPrometheus,
     History,
     Sources,
+    parse_state,
     refusal_in_words,
 )
 from wattwarden.hardware.sim.fleet import SimFleet
@@ -411,3 +412,18 @@ def test_an_unreadable_token_file_is_said_not_sent(tmp_path: Any) -> None:
         got = s.set_mode(sim.url, "apply")
         assert not got.ok and got.message.startswith("--token-file: cannot read ")
         assert sim.matching("POST", "/api/v1/policy") == []
+
+
+@pytest.mark.parametrize(
+    ("node_w", "lease_w", "in_force_w"),
+    [(None, None, None), (1000.0, None, 1000.0), (1000.0, 1500.0, 1500.0),
+     (1000.0, 600.0, 600.0), (None, 800.0, 800.0)],
+)  # fmt: skip
+def test_a_live_lease_overrides_the_node_budget_higher_or_lower(
+    node_w: float | None, lease_w: float | None, in_force_w: float | None
+) -> None:
+    state = parse_state(
+        "http://a", {"node": "a", "gpus": [], "power_budget_watts": node_w,
+                     "power_budget_lease_watts": lease_w},
+    )  # fmt: skip
+    assert state.budget_in_force_w == in_force_w

@@ -393,7 +393,7 @@ def decisions_frame(decisions: Sequence[Decision]) -> Columns:
 
 
 @functools.lru_cache(maxsize=16)
-def _decisions_spec(gpus: tuple[int, ...], height: int) -> str:
+def _decisions_spec(gpus: tuple[int, ...], row_px: int) -> str:
     chart = (
         alt.Chart()
         .mark_point(size=90, filled=True, opacity=0.9)
@@ -417,17 +417,18 @@ def _decisions_spec(gpus: tuple[int, ...], height: int) -> str:
                 "error:N",
             ],
         )
-        .properties(title="Decisions over time (hover for the reason)", height=height)
+        # a band of row_px per GPU that has decisions, however many there are
+        .properties(title="Decisions over time (hover for the reason)", height=alt.Step(row_px))
     )
     return _spec(chart)
 
 
-def decisions_spec(gpus: Sequence[int], height: int = 260) -> dict[str, Any]:
-    """The decisions on a timeline: a row per GPU, shape by action, the reason on hover.
+def decisions_spec(gpus: Sequence[int], row_px: int = 22) -> dict[str, Any]:
+    """The decisions on a timeline: a row of ``row_px`` per GPU, shape by action, reason on hover.
 
     No data: hand it :func:`decisions_frame`'s table.
     """
-    return _loads(_decisions_spec(tuple(sorted(gpus)), height))
+    return _loads(_decisions_spec(tuple(sorted(gpus)), row_px))
 
 
 # ------------------------------------------------------------------------------------- jobs

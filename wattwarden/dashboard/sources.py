@@ -116,9 +116,10 @@ class AgentState:
 
     @property
     def budget_in_force_w(self) -> float | None:
-        """The lower of the node budget and a fleet controller's lease (as the agent does)."""
-        budgets = [b for b in (self.power_budget_w, self.power_budget_lease_w) if b is not None]
-        return min(budgets) if budgets else None
+        """A fleet controller's live lease, which overrides the node budget (as the agent does)."""
+        if self.power_budget_lease_w is not None:
+            return self.power_budget_lease_w
+        return self.power_budget_w
 
     @property
     def power_w(self) -> float:
@@ -1122,7 +1123,9 @@ class Sources:
             "power": "sum by (instance) (gpu_power_watts)",
             "up": "sum by (instance) (gpu_up)",
             "total": "count by (instance) (gpu_up)",
-            "budget": 'min by (instance) (wattwarden_power_budget_watts{scope=~"node|lease"})',
+            # the budget in force: a live lease, else the node's (raw series: no rule needed)
+            "budget": 'max by (instance) (wattwarden_power_budget_watts{scope="lease"}) or '
+            'max by (instance) (wattwarden_power_budget_watts{scope="node"})',
             "1h": "sum by (instance) (increase(gpu_energy_joules_total[1h]))",
             "1d": "sum by (instance) (increase(gpu_energy_joules_total[1d]))",
         }

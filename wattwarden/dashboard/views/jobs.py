@@ -19,7 +19,7 @@ def job_row(node: str, j: Job) -> dict[str, Any]:
         "state": j.state,
         "GPU": j.gpu,
         "priority": j.priority,
-        "power (W)": j.power_w if j.state == "running" else None,
+        "power (W)": j.power_w if j.state == "running" else 0.0,  # a finished job draws none
         "mean power (W)": j.mean_power_w,
         "energy (kJ)": j.energy_j / 1000,
         "energy (Wh)": j.energy_j / units.JOULES_PER_WH,

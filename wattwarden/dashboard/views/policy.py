@@ -78,10 +78,7 @@ def decisions(ctx: Context, url: str, state: AgentState) -> None:
     if not got:
         st.info("No decisions yet.")
         return
-    rows = len({d.gpu for d in got})
-    spec = charts.decisions_spec(
-        [g.index for g in state.gpus], height=TIMELINE_PX + TIMELINE_ROW_PX * rows
-    )
+    spec = charts.decisions_spec([g.index for g in state.gpus], row_px=TIMELINE_ROW_PX)
     st.vega_lite_chart(charts.arrow(charts.decisions_frame(got)), spec, width="stretch")
     table = decisions_table(got)
     st.dataframe(
@@ -101,8 +98,7 @@ def decisions(ctx: Context, url: str, state: AgentState) -> None:
 # (comments, not docstrings, beside names here: Streamlit's magic would print a bare string)
 TABLE_ROWS = 10  # rows the decisions table shows before it scrolls
 TABLE_ROW_PX = 35  # Streamlit's row height in a dataframe (the header is one more)
-TIMELINE_PX = 150  # the decisions timeline's title, legend and axis
-TIMELINE_ROW_PX = 18  # and a row per GPU that has decisions
+TIMELINE_ROW_PX = 22  # the decisions timeline: a row per GPU that has decisions
 
 
 def decisions_table(decisions: Sequence[Decision]) -> list[dict[str, object]]:
