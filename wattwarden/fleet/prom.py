@@ -309,7 +309,12 @@ def queries(job: str) -> dict[str, str]:
         "starving": f"max by (instance) (wattwarden_power_budget_starving{{{sel}}})",
         "lease": f'max by (instance) (wattwarden_power_budget_watts{{{sel},scope="lease"}})',
         "scraped_at": f"max by (instance) (timestamp(gpu_up{{{sel}}}))",
-        "evaluated_at": (f'min by (instance) (timestamp({{__name__=~"{recorded}",{sel}}}))'),
+        # the name goes into a label first: timestamp() drops it, and series that differ
+        # only by name would then clash
+        "evaluated_at": (
+            "min by (instance) (timestamp(label_replace("
+            f'{{__name__=~"{recorded}",{sel}}}, "series", "$1", "__name__", "(.+)")))'
+        ),
     }
 
 

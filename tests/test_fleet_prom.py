@@ -1,0 +1,399 @@
+"""The controller's Prometheus reads: a loopback stub serving recorded answers (errors, slowness,
+stale timestamps, TLS, auth), and one slow test against a real Prometheus scraping an agent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import refused_port, require_binary, run_agent, wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from wattwarden.fleet.model import build_view, stale_bound
+from wattwarden.fleet.prom import (
+    Auth,
+    FleetReader,
+    PrometheusClient,
+    PrometheusError,
+    Readings,
+    Sample,
+    queries,
+)
+
+Handler = Callable[[dict[str, str], dict[str, str]], tuple[int, bytes]]
+
+
+def vector(samples: list[tuple[dict[str, str], float]], at: float) -> bytes:
+    result = [{"metric": m, "value": [at, repr(v) if v == v else "NaN"]} for m, v in samples]
+    return json.dumps(
+        {"status": "success", "data": {"resultType": "vector", "result": result}}
+    ).encode()
+
+
+@dataclass
+class PromStub:
+    """A loopback server answering the Prometheus HTTP API as told."""
+
+    series: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
+    """Query text -> samples (labels, value); a query not listed answers an empty vector."""
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    """Path -> handler, replacing the default answers."""
+    targets: list[dict[str, Any]] | None = None
+    delay_s: float = 0.0
+    requests: list[tuple[str, dict[str, str], dict[str, str]]] = field(default_factory=list)
+    url: str = ""
+
+    def answer(
+        self, path: str, params: dict[str, str], headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        self.requests.append((path, params, headers))
+        if path in self.handlers:
+            return self.handlers[path](params, headers)
+        if path == "/api/v1/query":
+            return 200, vector(self.series.get(params["query"], []), float(params["time"]))
+        if path == "/api/v1/targets" and self.targets is not None:
+            body = {"status": "success", "data": {"activeTargets": self.targets}}
+            return 200, json.dumps(body).encode()
+        return 404, b"404 page not found\n"
+
+    @contextmanager
+    def running(self, tls: Any = None) -> Iterator[PromStub]:
+        stub = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                parts = urllib.parse.urlsplit(self.path)
+                params = dict(urllib.parse.parse_qsl(parts.query))
+                if stub.delay_s:
+                    time.sleep(stub.delay_s)  # the server being slow, not synchronisation
+                status, body = stub.answer(parts.path, params, dict(self.headers))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        server.daemon_threads = True
+        if tls is not None:
+            server.socket = tls.wrap_socket(server.socket, server_side=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{server.server_address[1]}"
+        try:
+            yield self
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(10)
+
+
+@pytest.fixture
+def stub() -> Iterator[PromStub]:
+    with PromStub().running() as s:
+        yield s
+
+
+NOW = 1_800_000_000.0
+
+
+# ------------------------------------------------------------------ queries
+def test_a_query_is_asked_at_the_time_given_and_answers_samples_with_their_timestamps(
+    stub: PromStub,
+) -> None:
+    stub.series['up{job="wattwarden"}'] = [({"instance": "n1", "job": "wattwarden"}, 1.0)]
+    client = PrometheusClient(stub.url, timeout_s=2.0)
+    (s,) = client.query('up{job="wattwarden"}', NOW)
+    assert (dict(s.labels), s.value, s.timestamp_s) == (
+        {"instance": "n1", "job": "wattwarden"},
+        1.0,
+        NOW,
+    )
+    _, params, _ = stub.requests[-1]
+    assert params["time"] == f"{NOW:.3f}" and params["timeout"] == "2s"
+
+
+def test_an_error_answer_is_one_typed_error_naming_the_server_and_the_error(stub: PromStub) -> None:
+    body = {"status": "error", "errorType": "bad_data", "error": "parse error at char 3"}
+    stub.handlers["/api/v1/query"] = lambda p, h: (400, json.dumps(body).encode())
+    with pytest.raises(PrometheusError) as e:
+        PrometheusClient(stub.url).query("up{", NOW)
+    msg = str(e.value)
+    assert (
+        msg == f"Prometheus {stub.url}: /api/v1/query answered 400: bad_data: parse error at char 3"
+    )
+
+
+def test_a_server_error_without_json_is_a_prometheus_error(stub: PromStub) -> None:
+    stub.handlers["/api/v1/query"] = lambda p, h: (503, b"Service Unavailable\n")
+    with pytest.raises(PrometheusError, match="answered 503 with no JSON body"):
+        PrometheusClient(stub.url).query("up", NOW)
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        ({"resultType": "matrix", "result": []}, "expected a vector, got resultType 'matrix'"),
+        ({"resultType": "vector", "result": {}}, "'result' is not a list"),
+        ({"resultType": "vector", "result": [{"metric": {"a": 1}, "value": [1, "2"]}]},
+         "'metric' is not a label map"),
+        ({"resultType": "vector", "result": [{"metric": {}, "value": [1, 2]}]},
+         "'value' is not [time, \"number\"]"),
+        ({"resultType": "vector", "result": [{"metric": {}, "value": [1, "two"]}]},
+         "value 'two' is not a number"),
+        ([], "'data' is not an object"),
+    ],
+)  # fmt: skip
+def test_an_answer_out_of_shape_is_refused_naming_what_is_wrong(
+    stub: PromStub, data: Any, why: str
+) -> None:
+    body = json.dumps({"status": "success", "data": data}).encode()
+    stub.handlers["/api/v1/query"] = lambda p, h: (200, body)
+    with pytest.raises(PrometheusError) as e:
+        PrometheusClient(stub.url).query("up", NOW)
+    assert why in str(e.value)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(answer=json_values, status=st.sampled_from([200, 400, 422, 500, 503]))
+def test_whatever_the_server_answers_the_only_error_is_prometheus_error(
+    stub: PromStub, answer: Any, status: int
+) -> None:
+    # the stub is shared by the examples on purpose: each sets its own handlers first
+    body = json.dumps(answer).encode()
+    stub.handlers["/api/v1/query"] = lambda p, h: (status, body)
+    stub.handlers["/api/v1/targets"] = lambda p, h: (status, body)
+    client = PrometheusClient(stub.url)
+    for call in (lambda: client.query("up", NOW), client.targets):
+        try:
+            call()
+        except PrometheusError as e:
+            assert "\n" not in str(e)
+
+
+def test_a_slow_server_times_out_as_a_prometheus_error(stub: PromStub) -> None:
+    stub.delay_s = 3.0
+    with pytest.raises(PrometheusError, match=r"no answer within 0\.3 s"):
+        PrometheusClient(stub.url, timeout_s=0.3).query("up", NOW)
+
+
+def test_a_refused_connection_is_a_prometheus_error() -> None:
+    with refused_port() as port, pytest.raises(PrometheusError, match="unreachable"):
+        PrometheusClient(f"http://127.0.0.1:{port}").query("up", NOW)
+
+
+def test_basic_auth_and_bearer_tokens_are_sent(stub: PromStub) -> None:
+    PrometheusClient(stub.url, auth=Auth(basic_auth=("ctl", "pw"))).query("up", NOW)
+    assert stub.requests[-1][2]["Authorization"] == "Basic Y3RsOnB3"
+    PrometheusClient(stub.url, auth=Auth(bearer_token="t0ken")).query("up", NOW)
+    assert stub.requests[-1][2]["Authorization"] == "Bearer t0ken"
+    assert "pw" not in repr(Auth(basic_auth=("ctl", "pw"), bearer_token="t0ken"))
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
+    openssl = require_binary("openssl")
+    d = tmp_path / "pki"
+    d.mkdir()
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+        "-subj", "/CN=wattwarden test CA")  # fmt: skip
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "san.ext")  # fmt: skip
+    return d
+
+
+def test_tls_with_the_ca_file_verifies_the_server_and_without_it_fails(pki: Path) -> None:
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki / "server.crt", pki / "server.key")
+    with PromStub(series={"up": [({"instance": "n1"}, 1.0)]}).running(tls=context) as s:
+        got = PrometheusClient(s.url, auth=Auth(ca_file=str(pki / "ca.crt"))).query("up", NOW)
+        assert [x.value for x in got] == [1.0]
+        with pytest.raises(PrometheusError, match="CERTIFICATE_VERIFY_FAILED"):
+            PrometheusClient(s.url).query("up", NOW)
+
+
+# ------------------------------------------------------------------ targets
+def target(instance: str, address: str, job: str = "wattwarden", interval: str = "15s") -> dict:
+    return {
+        "discoveredLabels": {"__address__": address, "job": job},
+        "labels": {"instance": instance, "job": job},
+        "scrapePool": job,
+        "scrapeUrl": f"http://{address}/metrics",
+        "health": "up",
+        "scrapeInterval": interval,
+    }
+
+
+def test_targets_give_each_agents_address_and_scrape_interval(stub: PromStub) -> None:
+    stub.targets = [target("n1", "10.0.0.1:9767", interval="1m30s"), target("p", "p:9090", "prom")]
+    got = PrometheusClient(stub.url).targets()
+    assert got is not None
+    assert [(t.instance, t.job, t.address, t.scrape_interval_s) for t in got] == [
+        ("n1", "wattwarden", "10.0.0.1:9767", 90.0),
+        ("p", "prom", "p:9090", 15.0),
+    ]
+
+
+def test_a_server_without_a_targets_api_answers_none(stub: PromStub) -> None:
+    assert PrometheusClient(stub.url).targets() is None  # 404, as Mimir answers
+
+
+# ------------------------------------------------------------------ one period's reads
+def fleet_series(at: float, *, age_s: float = 1.0) -> dict[str, list[tuple[dict[str, str], float]]]:
+    q = queries("wattwarden")
+    n1 = {"instance": "n1", "job": "wattwarden"}
+    return {
+        q["up"]: [(n1, 1.0)],
+        q["power"]: [(n1, 900.0)],
+        q["gpus_up"]: [(n1, 4.0)],
+        q["gpus"]: [(n1, 4.0)],
+        q["floor"]: [(n1, 800.0)],
+        q["ceiling"]: [(n1, 2800.0)],
+        q["demand"]: [({**n1, "priority": "high"}, 700.0), ({**n1, "priority": "low"}, 200.0)],
+        q["starving"]: [({"instance": "n1"}, 1.0)],
+        q["lease"]: [({"instance": "n1"}, 1500.0)],
+        q["scraped_at"]: [({"instance": "n1"}, at - age_s)],
+        q["evaluated_at"]: [({"instance": "n1"}, at - age_s)],
+    }
+
+
+def test_one_period_reads_every_figure_at_the_same_time(stub: PromStub) -> None:
+    stub.series = fleet_series(NOW)
+    stub.targets = [target("n1", "10.0.0.1:9767")]
+    reader = FleetReader(PrometheusClient(stub.url), "wattwarden")
+    try:
+        readings = reader.read(NOW)
+    finally:
+        reader.close()
+    assert {p["time"] for path, p, _ in stub.requests if path == "/api/v1/query"} == {f"{NOW:.3f}"}
+    view = build_view(readings, period_s=5.0, agent_port=9767)
+    n = view.nodes["n1"]
+    assert n.fresh and n.scraped and n.address == "10.0.0.1:9767"
+    assert (n.floor_w, n.ceiling_w, n.power_w, n.gpus_up, n.gpus) == (800, 2800, 900, 4, 4)
+    assert n.demand_w == {"high": 700.0, "low": 200.0}
+    assert n.starving and n.lease_w == 1500.0
+
+
+def test_one_failing_query_fails_the_whole_read(stub: PromStub) -> None:
+    stub.series = fleet_series(NOW)
+    broken = queries("wattwarden")["demand"]
+
+    def query(params: dict[str, str], headers: dict[str, str]) -> tuple[int, bytes]:
+        if params["query"] == broken:
+            body = {"status": "error", "errorType": "timeout", "error": "query timed out"}
+            return 503, json.dumps(body).encode()
+        return 200, vector(stub.series.get(params["query"], []), float(params["time"]))
+
+    stub.handlers["/api/v1/query"] = query
+    reader = FleetReader(PrometheusClient(stub.url), "wattwarden")
+    try:
+        with pytest.raises(PrometheusError, match="timeout: query timed out"):
+            reader.read(NOW)
+    finally:
+        reader.close()
+
+
+def test_old_timestamps_make_a_node_stale(stub: PromStub) -> None:
+    stub.series = fleet_series(NOW, age_s=31.0)  # two 15 s scrapes missed
+    reader = FleetReader(PrometheusClient(stub.url), "wattwarden")
+    try:
+        view = build_view(reader.read(NOW), period_s=5.0, agent_port=9767)
+    finally:
+        reader.close()
+    n = view.nodes["n1"]
+    assert not n.fresh and n.problem == "series 31 s old (stale after 30 s)"
+    assert n.address == "n1:9767"  # no targets API: the instance label and the default port
+    assert view.cluster_power_w == 0.0
+
+
+def test_the_staleness_bound_is_three_periods_or_two_scrapes() -> None:
+    assert stale_bound(5.0, 15.0) == 30.0
+    assert stale_bound(20.0, 15.0) == 60.0
+    assert stale_bound(1.0, 1.0) == 3.0
+    assert stale_bound(5.0, None) == 30.0  # unknown interval: Prometheus's default 15 s
+
+
+def test_a_node_missing_its_recording_rules_is_not_fresh() -> None:
+    n1 = {"instance": "n1", "job": "wattwarden"}
+    readings = Readings(
+        NOW,
+        {
+            "up": [Sample(n1, 1.0, NOW)],
+            "scraped_at": [Sample({"instance": "n1"}, NOW - 1, NOW)],
+            "evaluated_at": [Sample({"instance": "n1"}, NOW - 1, NOW)],
+        },
+    )
+    n = build_view(readings, period_s=5.0, agent_port=9767).nodes["n1"]
+    assert not n.fresh and "no GPU power limit series" in n.problem
+
+
+# ------------------------------------------------------------------ a real Prometheus
+@pytest.mark.slow
+def test_reads_an_agent_through_a_real_prometheus_and_the_shipped_rules(tmp_path: Path) -> None:
+    from promstack import prometheus_test_config, run_prometheus
+
+    prometheus = require_binary("prometheus")
+    with (
+        run_agent(tmp_path / "agent", "--sim", "2", "--power-budget-watts", "900") as agent,
+        run_prometheus(
+            prometheus,
+            prometheus_test_config(
+                agent_target=f"127.0.0.1:{agent.port}", alertmanager_target=None
+            ),
+            tmp_path / "prometheus",
+        ) as prom,
+    ):
+        reader = FleetReader(PrometheusClient(prom.url, timeout_s=5.0), "wattwarden")
+        try:
+
+            def fresh() -> Any:
+                view = build_view(reader.read(time.time()), period_s=1.0, agent_port=9767)
+                node = view.nodes.get("127.0.0.1")
+                ok = node is not None and node.fresh and node.demand_w and node.gpus
+                return node if ok else None
+
+            node = wait_for(fresh, timeout_s=90, what="a fresh node with demand and GPUs")
+        finally:
+            reader.close()
+        assert node.address == f"127.0.0.1:{agent.port}"  # from the targets API
+        assert (node.gpus_up, node.gpus) == (2, 2)
+        assert (node.floor_w, node.ceiling_w) == (400.0, 1400.0)  # 2 H100 SXM: 200..700 W
+        assert node.power_w is not None and node.power_w > 0
+        assert node.age_s is not None and node.age_s <= node.stale_after_s
+        assert set(node.demand_w) <= {"high", "normal", "low"}
