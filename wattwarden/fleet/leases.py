@@ -40,14 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wattwarden.api.contract import JOBS, POLICY_LEASE
 from wattwarden.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-LEASE_PATH = "/api/v1/policy/lease"
-"""The agent's lease route (its contract lives in ``wattwarden.api.contract``; the fleet layer
-talks HTTP only, so the route is spelled here once rather than imported with the agent's code)."""
-JOBS_PATH = "/api/v1/jobs"
+LEASE_PATH = POLICY_LEASE
+"""The agent's lease route, as its contract declares it (the fleet imports nothing else of the
+agent's API: it talks HTTP)."""
+JOBS_PATH = JOBS
 """The agent's job list: ``{"jobs": [record, ...]}``."""
 
 RESULTS = ("ok", "conflict", "unauthorized", "unreachable", "rejected")
