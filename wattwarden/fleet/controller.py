@@ -141,6 +141,8 @@ class _Node:
     ours: bool = False
     problem: str | None = None
     """The last push's result when not ``ok``: unreachable, conflict, unauthorized, rejected."""
+    needs_read: bool = True
+    """Its lease is to be read from the agent (first seen, or the last read got no answer)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,12 +313,16 @@ class FleetController:
                 n.committed_w, n.expires_mono, n.expires_wall, n.ours = None, None, None, False
 
     def _discover(self, view: FleetView) -> None:
-        """Read the current lease of each node seen for the first time (a restart resumes)."""
-        new = [i for i in view.nodes if i not in self._nodes]
+        """Read the current lease of each node seen for the first time (a restart resumes).
+
+        A node whose agent did not answer is read again next period, until it does.
+        """
+        for i, obs in view.nodes.items():
+            if i not in self._nodes:
+                self._nodes[i] = _Node(obs.address)
+        new = [i for i in view.nodes if self._nodes[i].needs_read]
         if not new:
             return
-        for i in new:
-            self._nodes[i] = _Node(view.nodes[i].address)
 
         def read(instance: str) -> tuple[str, dict[str, Any] | AgentUnreachable | None]:
             try:
@@ -331,8 +337,13 @@ class FleetController:
             node = self._nodes[instance]
             if isinstance(answer, AgentUnreachable):
                 node.problem = "unreachable"
-                self._say(instance, f"node {instance}: cannot read its lease: {answer}")
+                self._say(
+                    f"unreachable:{instance}", f"node {instance}: cannot read its lease: {answer}"
+                )
                 continue
+            node.needs_read = False
+            if node.problem == "unreachable":
+                node.problem = None
             if answer is None:
                 continue
             try:
@@ -341,7 +352,10 @@ class FleetController:
                 holder = str(answer["controller"])
                 generation = int(answer["generation"])
             except (KeyError, TypeError, ValueError):
-                self._say(instance, f"node {instance}: its lease record is out of shape: {answer}")
+                self._say(
+                    f"record:{instance}",
+                    f"node {instance}: its lease record is out of shape: {answer}",
+                )
                 continue
             if not (math.isfinite(budget) and budget > 0 and remaining > 0):
                 continue
@@ -360,7 +374,7 @@ class FleetController:
             else:
                 node.problem = "conflict"
                 self._say(
-                    instance,
+                    f"conflict:{instance}",
                     f"node {instance}: holds a lease of {budget:.0f} W from controller "
                     f"{holder!r} (generation {generation}) for another {remaining:.0f} s; "
                     "its share is held until it expires",
@@ -376,7 +390,7 @@ class FleetController:
                 states[instance] = "stale"
                 why = "gone from Prometheus" if obs is None else obs.problem
                 self._say(
-                    instance,
+                    f"stale:{instance}",
                     f"node {instance}: stale ({why}); its lease share is held "
                     "until the lease could have expired",
                 )
@@ -399,12 +413,12 @@ class FleetController:
                 )
                 if not obs.scraped:
                     self._say(
-                        instance,
+                        f"scrape:{instance}",
                         f"node {instance}: Prometheus cannot scrape its agent; its share is held",
                     )
                 continue
             states[instance] = "ok"
-            self._said.pop(instance, None)
+            self._forget(instance, "stale", "scrape", "unreachable", "conflict", "refused")
         return states, held
 
     # ------------------------------------------------------------------ apply mode
@@ -476,8 +490,8 @@ class FleetController:
             node.committed_w = lease.budget_w
             node.expires_mono = done + lease.ttl_s
             node.expires_wall = result.expires_at
-            node.ours, node.problem = True, None
-            self._said.pop(instance, None)
+            node.ours, node.problem, node.needs_read = True, None, False
+            self._forget(instance, "unreachable", "conflict", "refused")
             if before is None or abs(before - lease.budget_w) > EPSILON_W:
                 was = "none" if before is None else f"{before:.0f} W"
                 reason = plan.split.reasons.get(instance, "share held")
@@ -489,21 +503,21 @@ class FleetController:
             node.committed_w = max(before or 0.0, lease.budget_w)
             node.expires_mono = max(node.expires_mono or 0.0, done + lease.ttl_s)
             self._say(
-                instance,
+                f"unreachable:{instance}",
                 f"node {instance}: agent unreachable ({result.message}); its share is held",
                 logging.WARNING,
             )
         elif result.result == "conflict":
             node.ours = False
             self._say(
-                instance,
+                f"conflict:{instance}",
                 f"node {instance}: lease refused (409: {result.message}); its "
                 "share is held and the push retried once a period",
                 logging.WARNING,
             )
         else:
             self._say(
-                instance,
+                f"refused:{instance}",
                 f"node {instance}: lease {result.result} ({result.status}: {result.message})",
                 logging.WARNING,
             )
@@ -570,6 +584,7 @@ class FleetController:
             if m.result is None:
                 continue
             self._cooldown[(m.job.kind, m.job.id)] = now
+            self._forget(m.node, "migrate")
             self.metrics.count_migration(scheduler.name, m.result.result)
             log.info(
                 "node %s: asked %s to move job %s (%s priority, %s): %s%s",
@@ -605,10 +620,18 @@ class FleetController:
 
     # ------------------------------------------------------------------ reporting
     def _say(self, subject: str, message: str, level: int = logging.INFO) -> None:
-        """Log ``message`` once until it changes (per subject: a node, Prometheus)."""
-        if self._said.get(subject) != message:
+        """Log ``message`` once per subject (``what:node``, or ``prometheus``) until forgotten.
+
+        A node that stays unreachable for an hour is said once, not once a period.
+        """
+        if subject not in self._said:
             self._said[subject] = message
             log.log(level, "%s", message)
+
+    def _forget(self, instance: str, *what: str) -> None:
+        """The node is past these problems: say them again if they come back."""
+        for w in what:
+            self._said.pop(f"{w}:{instance}", None)
 
     def _say_reachability(self, plan: Plan, held: Mapping[str, float]) -> None:
         reachable = plan.split.reachable

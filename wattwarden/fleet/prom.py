@@ -351,7 +351,7 @@ class FleetReader:
             name: self._pool.submit(self.client.query, expr, at_s)
             for name, expr in self.queries.items()
         }
-        targets_future = self._pool.submit(self._targets) if self._has_targets_api else None
+        targets_future = self._pool.submit(self._targets)
         results: dict[str, list[Sample]] = {}
         first: PrometheusError | None = None
         for name, future in futures.items():
@@ -360,11 +360,10 @@ class FleetReader:
             except PrometheusError as e:
                 first = first or e
         targets: list[Target] | None = None
-        if targets_future is not None:
-            try:
-                targets = targets_future.result()
-            except PrometheusError as e:
-                first = first or e
+        try:
+            targets = targets_future.result()
+        except PrometheusError as e:
+            first = first or e
         if first is not None:
             raise first
         return Readings(at_s, results, targets)
@@ -372,10 +371,12 @@ class FleetReader:
     def _targets(self) -> list[Target] | None:
         found = self.client.targets()
         if found is None:
-            log.info("Prometheus %s has no targets API: agent addresses come from the "
-                     "instance label", self.client.url)  # fmt: skip
+            if self._has_targets_api:  # said once, asked again each period (cheap)
+                log.info("Prometheus %s has no targets API: agent addresses come from the "
+                         "instance label", self.client.url)  # fmt: skip
             self._has_targets_api = False
             return None
+        self._has_targets_api = True
         return [t for t in found if t.job == self.job]
 
     def close(self) -> None:
