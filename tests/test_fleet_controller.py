@@ -454,3 +454,16 @@ def test_bands_come_from_the_settings() -> None:
     clock.advance(5.0)
     ctl.period()
     assert leased(link)["c:9767"] != pytest.approx(800.0 + 300.0)  # a 1 W band moves it
+
+
+def test_a_dry_run_beside_a_live_controller_plans_every_node_from_the_leases_in_force() -> None:
+    link = FakeLink()
+    for name in ("a", "b", "c"):
+        link.leases[f"{name}:9767"] = {
+            "power_budget_watts": 1500.0, "ttl_seconds": 30, "controller": "live",
+            "generation": 1, "expires_at": START_WALL + 30, "remaining_seconds": 30.0,
+        }  # fmt: skip
+    ctl, _, link, _ = make(three_nodes(), apply=False, link=link)
+    report = ctl.period()
+    assert report.states == {"a": "ok", "b": "ok", "c": "ok"}
+    assert link.pushes == [] and set(report.would_lease) == {"a", "b", "c"}

@@ -372,7 +372,8 @@ class FleetController:
                     generation,
                 )
             else:
-                node.problem = "conflict"
+                # in dry-run (a shadow of a live controller, say) it only counts as in force
+                node.problem = "conflict" if self.settings.apply else None
                 self._say(
                     f"conflict:{instance}",
                     f"node {instance}: holds a lease of {budget:.0f} W from controller "
