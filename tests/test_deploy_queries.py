@@ -9,20 +9,27 @@ and every dashboard query and recording rule must return data.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import http_get, http_json, require_binary, run_agent, wait_for
+from helpers import free_port, http_get, http_json, require_binary, run_agent, wait_for
 from promstack import (
+    PROMETHEUS_YML,
     RULES_DIR,
     dashboard,
     dashboard_targets,
+    load_yaml,
     prom_query,
     prometheus_test_config,
     rules,
@@ -218,3 +225,108 @@ def test_per_job_series_are_stored_under_job_name_not_exported_job(stack: Stack)
     assert labels["gpu"] == "2"
     assert labels["job"] == "wattwarden"
     assert "exported_job" not in labels
+
+
+# ------------------------------------------------------------------ with a fleet controller
+CONTROLLER_JOB = "wattwarden-controller"
+
+
+def _has_controller_command() -> bool:
+    from wattwarden.cli import build_parser
+
+    try:
+        build_parser().parse_args(["controller", "--help"])
+    except SystemExit as e:
+        return e.code == 0
+    return True
+
+
+def _controller_scrape_job(port: int) -> dict[str, Any]:
+    """prometheus.yml's controller job, as shipped but for its target and 1 s intervals."""
+    jobs = load_yaml(PROMETHEUS_YML)["scrape_configs"]
+    (job,) = [j for j in jobs if j["job_name"] == CONTROLLER_JOB]
+    job = copy.deepcopy(job)
+    job.update(
+        scrape_interval="1s",
+        scrape_timeout="1s",
+        static_configs=[{"targets": [f"127.0.0.1:{port}"]}],
+    )
+    return dict(job)
+
+
+@contextmanager
+def _run_controller(args: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`wattwarden controller ARGS` until the block ends (SIGTERM, then kill)."""
+    cmd = [sys.executable, "-m", "wattwarden", "controller", *args]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_controller_panels_return_data_from_a_live_controller(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # The dashboard's controller row against a real controller leasing a real agent's budget
+    # through a real Prometheus that scrapes both with the shipped scrape jobs.
+    if not _has_controller_command():
+        pytest.skip("this wattwarden has no `controller` subcommand yet")
+    prometheus = require_binary("prometheus")
+    tmp = tmp_path_factory.mktemp("controller")
+    port = free_port()
+    titles = _controller_panel_titles()
+    checks = [
+        (f"panel {title!r} {target['refId']}", substitute(target["expr"], VARIABLES))
+        for title, target in dashboard_targets(dashboard())
+        if title in titles
+    ]
+    with run_agent(tmp / "agent", "--sim", "4", "--power-budget-watts", "2000", "--apply") as agent:
+        config = prometheus_test_config(
+            agent_target=f"127.0.0.1:{agent.port}", alertmanager_target=None
+        )
+        config["scrape_configs"].append(_controller_scrape_job(port))
+        token_file = tmp / "agent-token"
+        token_file.write_text(agent.token + "\n")
+        token_file.chmod(0o600)
+        with run_prometheus(prometheus, config, tmp / "prometheus") as server:
+            args = [
+                f"--prometheus={server.url}",
+                "--budget-watts=1500",
+                "--period-s=1",
+                "--lease-s=10",
+                f"--listen=127.0.0.1:{port}",
+                f"--token-file={token_file}",
+                "--id=queries-test",
+                "--apply",
+            ]
+            log_path = tmp / "controller.log"
+            with _run_controller(args, log_path) as proc:
+                empty: list[str] = []
+
+                def all_have_data() -> bool:
+                    if proc.poll() is not None:
+                        log = log_path.read_text()
+                        raise AssertionError(f"controller exited {proc.returncode}: {log}")
+                    empty[:] = [
+                        where
+                        for where, expr in checks
+                        if not _executes(server.url, expr)["data"]["result"]
+                    ]
+                    return not empty
+
+                try:
+                    wait_for(all_have_data, timeout_s=90, interval_s=1.0, what="data")
+                except AssertionError:
+                    pytest.fail(f"queries without data: {empty}\n{log_path.read_text()}")
+                # The controller's per-node series name the node as the agent's series do.
+                shares = _executes(server.url, "wattwarden_controller_node_budget_watts")
+                nodes = {s["metric"]["instance"] for s in shares["data"]["result"]}
+                assert nodes == {VARIABLES["instance"]}

@@ -293,11 +293,26 @@ def test_controller_unit_command_line_is_accepted_by_the_cli() -> None:
     assert str(args.config) == CONTROLLER_CONFIG
 
 
-def test_example_controller_toml_has_the_fleet_budget_in_dry_run_and_loopback_addresses() -> None:
-    settings = tomllib.loads((SYSTEMD_DIR / "controller.toml.example").read_text())
-    assert settings["apply"] is False
-    assert settings["budget_watts"] > 0
-    assert settings["prometheus"].startswith("http://127.0.0.1:")
+def test_example_controller_toml_is_a_valid_config_and_so_is_every_commented_key() -> None:
+    from wattwarden.fleet.config import CONTROLLER_SETTINGS, build_config, load_config_file
+    from wattwarden.fleet.config import validate as validate_controller
+
+    path = SYSTEMD_DIR / "controller.toml.example"
+    values = load_config_file(path)
+    # Dry-run, the fleet's budget, Prometheus on loopback; the token systemd hands the unit.
+    assert values["apply"] is False
+    assert values["budget_watts"] > 0
+    assert values["prometheus"].startswith("http://127.0.0.1:")
+    config = build_config(path, {})
+    assert config.token_file == Path(CREDENTIALS_DIR) / "agent-token"
+    commented = {}
+    for line in path.read_text().splitlines():
+        m = re.fullmatch(r"# (\w+) = (.+)", line)
+        if m and m.group(1) in CONTROLLER_SETTINGS:
+            commented.update(tomllib.loads(f"{m.group(1)} = {m.group(2)}"))
+    validate_controller(commented, source=str(path))
+    # Every key of the controller is shown, set or commented.
+    assert set(values) | set(commented) == set(CONTROLLER_SETTINGS)
 
 
 # ------------------------------------------------------------------ example settings
