@@ -29,6 +29,7 @@ BENCHMARKS = (
     "tuner_vs_zeus",
     "policy_vs_uniform",
     "engine_timing",
+    "dashboard_render",
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
