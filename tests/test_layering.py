@@ -22,6 +22,8 @@ ALLOWED = {
     "api": {"hardware", "collectors", "exporters", "policies"},
     "workloads": {"hardware", "collectors", "config", "cliutil", "api.contract"},
     "dashboard": {"config"},
+    # the fleet controller talks HTTP only: the agent's contract, the HTTP server for its metrics
+    "fleet": {"config", "api.contract", "api.http"},
 }
 
 
