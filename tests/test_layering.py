@@ -18,12 +18,12 @@ ALLOWED = {
     "hardware": set(),
     "collectors": {"hardware"},
     "exporters": {"hardware", "collectors"},
-    "policies": {"hardware", "collectors"},
+    "policies": {"hardware", "collectors", "waterfill"},
     "api": {"hardware", "collectors", "exporters", "policies"},
     "workloads": {"hardware", "collectors", "config", "cliutil", "api.contract"},
     "dashboard": {"config"},
     # the fleet controller talks HTTP only: the agent's contract, the HTTP server for its metrics
-    "fleet": {"config", "api.contract", "api.http"},
+    "fleet": {"config", "api.contract", "api.http", "waterfill"},
 }
 
 

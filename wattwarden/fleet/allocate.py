@@ -52,8 +52,10 @@ twice changes nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from wattwarden.waterfill import water_fill
 
 PRIORITIES = ("high", "normal", "low")
 """Priority classes, the most important first (the agents' job priorities)."""
@@ -159,41 +161,11 @@ def split(budget_w: float, nodes: Sequence[NodeDemand]) -> Split:
         if left <= 0:
             break
         needs = {n.instance: n.need_w(p) for n in ordered}
-        left -= _fill(shares, needs, [n.instance for n in ordered], left)
+        left -= water_fill(shares, needs, [n.instance for n in ordered], left)
     if left > 0:
         _spread(shares, {n.instance: n.ceiling_w for n in ordered}, left)
     reasons = {n.instance: _reason(n, shares[n.instance], budget_w) for n in ordered}
     return Split(budget_w, shares, True, 0.0, reasons)
-
-
-def _fill(
-    shares: dict[str, float], ceiling: Mapping[str, float], group: Iterable[str], amount_w: float
-) -> float:
-    """Water-fill up to ``amount_w`` into ``group``: raise its shares to one common level.
-
-    Each share becomes the level, clamped between where it is and its ceiling; the level is the
-    highest that spends no more than ``amount_w``. Returns what was spent.
-    """
-    room = [(shares[g], ceiling[g], g) for g in group if ceiling[g] > shares[g]]
-    total = math.fsum(hi - lo for lo, hi, _ in room)
-    if total <= amount_w:
-        for _, hi, g in room:
-            shares[g] = hi
-        return total
-    # f(level) = sum(clamp(level, lo, hi) - lo) is piecewise linear and rising: walk its kinks
-    kinks = sorted([(lo, 1) for lo, _, _ in room] + [(hi, -1) for _, hi, _ in room])
-    level, rising, spent = kinks[0][0], 0, 0.0
-    for at, change in kinks:
-        gain = rising * (at - level)
-        if rising and spent + gain >= amount_w:
-            level += (amount_w - spent) / rising
-            break
-        spent += gain
-        level = at
-        rising += change
-    for lo, hi, g in room:
-        shares[g] = min(hi, max(lo, level))
-    return amount_w
 
 
 def _spread(shares: dict[str, float], ceiling: Mapping[str, float], amount_w: float) -> None:

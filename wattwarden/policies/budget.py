@@ -40,10 +40,11 @@ What is taken from where (facts of the papers, not their numbers):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from wattwarden.collectors.jobs import PRIORITIES
+from wattwarden.waterfill import water_fill
 
 DEFAULT_MARGIN_FRACTION = 0.05
 """A GPU's need is its draw plus this fraction of it (or :data:`DEFAULT_MARGIN_W`, the larger)."""
@@ -130,40 +131,9 @@ def allocate(
         for priority in PRIORITIES:
             if left > 0:
                 group = [g.gpu for g in ordered if g.priority == priority]
-                left -= _fill(limits, ceiling, group, left)
+                left -= water_fill(limits, ceiling, group, left)
     reasons = {g.gpu: _reason(g, limits[g.gpu], needs[g.gpu], budget_w) for g in ordered}
     return Allocation(budget_w, limits, False, 0.0, reasons)
-
-
-def _fill(
-    limits: dict[int, float], ceiling: dict[int, float], group: Iterable[int], amount_w: float
-) -> float:
-    """Water-fill up to ``amount_w`` into ``group``: raise its limits to one common level.
-
-    Each GPU's limit becomes the level, clamped between where it is and its ceiling; the level is
-    the highest one that spends no more than ``amount_w``. Returns what was spent.
-    """
-    room = [(limits[g], ceiling[g], g) for g in group if ceiling[g] > limits[g]]
-    total = sum(hi - lo for lo, hi, _ in room)
-    if total <= amount_w:
-        for _, hi, g in room:
-            limits[g] = hi
-        return total
-    # f(level) = sum(clamp(level, lo, hi) - lo) is piecewise linear and rising: walk its kinks
-    # (each GPU's lo, where it starts rising, and hi, where it stops) until it reaches amount_w
-    kinks = sorted([(lo, 1) for lo, _, _ in room] + [(hi, -1) for _, hi, _ in room])
-    level, rising, spent = kinks[0][0], 0, 0.0
-    for at, change in kinks:
-        gain = rising * (at - level)
-        if rising and spent + gain >= amount_w:
-            level += (amount_w - spent) / rising
-            break
-        spent += gain
-        level = at
-        rising += change
-    for lo, hi, g in room:
-        limits[g] = min(hi, max(lo, level))
-    return amount_w
 
 
 def _reason(gpu: GpuDemand, limit_w: float, need: float, budget_w: float) -> str:
