@@ -8,6 +8,7 @@ $WATTWARDEN_DASHBOARD_ARGS, as the launcher's flags would.
 from __future__ import annotations
 
 import ast
+import os
 import re
 import shlex
 from collections.abc import Iterator
@@ -292,6 +293,37 @@ def test_a_gpu_limit_in_dry_run_shows_the_409_in_words(
     submit(at, "limit_form", "Set the limit")
     errors = [str(e.value) for e in at.error]
     assert any(e.startswith("refused: conflict (409): ") for e in errors), errors
+
+
+def test_jobs_page_lists_running_and_finished_jobs_with_their_energy(
+    monkeypatch: pytest.MonkeyPatch, agent: AgentProcess
+) -> None:
+    for name, gpu in (("dash-running", 1), ("dash-finished", 2)):
+        body = {"name": name, "pid": os.getpid(), "gpu": gpu, "priority": "high"}
+        status, answer = http_json(agent.url + "/api/v1/jobs", body, token=agent.token)
+        assert status in (200, 201), answer
+    try:
+        # a sampler pass or two attributes energy to the loaded GPU's job, then it ends
+        wait_for(
+            lambda: http_json(agent.url + "/api/v1/jobs/dash-finished")[1]["energy_joules"] > 0,
+            what="energy attributed to the job",
+        )
+        status, ended = http_json(
+            agent.url + "/api/v1/jobs/dash-finished", method="DELETE", token=agent.token
+        )
+        assert status == 200, ended
+        at = app(monkeypatch, "--agent", agent.url, page="views/jobs.py")
+        table = at.dataframe[0].value
+        rows = {r["job"]: r for r in table.to_dict("records")}
+        assert rows["dash-running"]["state"] == "running"
+        assert rows["dash-running"]["priority"] == "high"
+        finished = rows["dash-finished"]
+        assert finished["state"] == "finished"
+        assert finished["energy (kJ)"] == pytest.approx(ended["energy_joules"] / 1000)
+        assert finished["energy (kJ)"] > 0  # the total stays after the job ended
+        assert metrics(at)["Finished (kept 1 h)"] == "1"
+    finally:
+        http_json(agent.url + "/api/v1/jobs/dash-running", method="DELETE", token=agent.token)
 
 
 # --------------------------------------------------------------------------- the guard
