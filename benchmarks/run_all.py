@@ -30,6 +30,7 @@ BENCHMARKS = (
     "policy_vs_uniform",
     "engine_timing",
     "dashboard_render",
+    "fleet_pushes",
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
