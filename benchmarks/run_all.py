@@ -31,6 +31,8 @@ BENCHMARKS = (
     "engine_timing",
     "dashboard_render",
     "fleet_pushes",
+    "fleet_decision",
+    "fleet_trace",
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
