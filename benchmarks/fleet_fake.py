@@ -4,8 +4,7 @@ The controller's two boundaries, replaced without touching the code between them
 
 - **Prometheus.** :func:`answers` builds, from per-node figures (:class:`NodeFigures`), the
   instant vectors that Prometheus answers to each query of :func:`wattwarden.fleet.prom.queries`
-  (the label sets the shipped recording rules produce: ``instance`` and ``job`` on recorded
-  series, ``priority`` on demand, ``instance`` alone after ``max by (instance)``), and
+  (the label sets its aggregations leave: ``instance``, and ``priority`` on demand), and
   :func:`targets` the active targets of the agents' job. The decision benchmark turns them into
   the JSON bodies Prometheus sends and hands them to the real :class:`~wattwarden.fleet.prom.
   FleetReader` through :class:`RecordedTransport`, which stands in for the socket only (the URL
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wattwarden.fleet.leases import Lease, PushResult
-from wattwarden.fleet.prom import RECORDED, FleetReader, PrometheusClient, Readings, Sample, Target
+from wattwarden.fleet.prom import FleetReader, PrometheusClient, Readings, Sample, Target
 from wattwarden.fleet.prom import queries as prom_queries
 
 JOB = "wattwarden"
@@ -72,25 +71,23 @@ def node_name(i: int) -> str:
 
 # ---------------------------------------------------------------------- Prometheus's answers
 def series(nodes: Sequence[NodeFigures]) -> Iterator[tuple[str, dict[str, str], float]]:
-    """Every sample Prometheus answers: (query name, labels, value)."""
-    job = JOB
-    name_of = dict(zip(SAMPLE_KEYS, RECORDED, strict=True))
+    """Every sample Prometheus answers: (query name, labels, value).
+
+    As the queries aggregate them: ``instance`` alone (and ``priority`` on demand); ``starving``
+    only for the nodes that are.
+    """
     for n in nodes:
-        yield "up", {"__name__": "up", "instance": n.instance, "job": job}, float(n.up)
+        node = {"instance": n.instance}
+        yield "up", node, float(n.up)
         if not n.up:
             continue
         figures = (n.power_w, n.gpus, n.gpus, n.floor_w, n.ceiling_w)
         for key, value in zip(SAMPLE_KEYS, figures, strict=True):
-            yield key, {"__name__": name_of[key], "instance": n.instance, "job": job}, value
+            yield key, {"instance": n.instance}, value
         for priority, watts in sorted(n.demand_w.items()):
-            labels = {
-                "__name__": "instance:wattwarden_power_demand_watts:sum",
-                "instance": n.instance,
-                "job": job,
-                "priority": priority,
-            }
-            yield "demand", labels, watts
-        yield "starving", {"instance": n.instance}, 1.0 if n.starving else 0.0
+            yield "demand", {"instance": n.instance, "priority": priority}, watts
+        if n.starving:
+            yield "starving", {"instance": n.instance}, 1.0
         if n.lease_w is not None:
             yield "lease", {"instance": n.instance}, n.lease_w
         yield "scraped_at", {"instance": n.instance}, n.scraped_at_s

@@ -197,6 +197,93 @@ def test_whatever_the_server_answers_the_only_error_is_prometheus_error(
             assert "\n" not in str(e)
 
 
+# the items of a vector's result: well-formed samples, each perhaps broken in one place
+def good_item(labels: dict[str, str], at: float, text: str) -> dict[str, Any]:
+    return {"metric": labels, "value": [at, text]}
+
+
+good_items = st.builds(
+    good_item,
+    st.dictionaries(st.sampled_from(["instance", "job", "priority"]), st.text(max_size=6)),
+    st.integers(0, 2 * 10**9) | st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from(["1", "2.5", "-0", "NaN", "+Inf", "-Inf", "1e3", " 7 ", "1_0"]),
+)
+
+
+def broken(item: dict[str, Any], where: str, garbage: Any) -> Any:
+    item = json.loads(json.dumps(item))
+    if where == "item":
+        return garbage
+    if where in ("metric", "value"):
+        item[where] = garbage
+    elif where == "drop":
+        item.pop("metric" if garbage else "value")
+    elif where == "label":
+        item["metric"]["instance"] = garbage
+    elif where == "time":
+        item["value"][0] = garbage
+    elif where == "number":
+        item["value"][1] = garbage
+    elif where == "length":
+        item["value"].append(garbage)
+    return item
+
+
+sample_items = st.one_of(
+    good_items,
+    st.builds(
+        broken,
+        good_items,
+        st.sampled_from(["item", "metric", "value", "drop", "label", "time", "number", "length"]),
+        json_values | st.sampled_from(["x", "1", "", True, 10**400, -(10**400), 1.5]),
+    ),
+)
+
+
+def strict(client: PrometheusClient, result: list[Any]) -> list[Sample] | str:
+    """The reference: each item through the per-item parser; its error's message, if any."""
+    try:
+        return [client._sample("up", item) for item in result]
+    except PrometheusError as e:
+        return str(e)
+
+
+@settings(max_examples=400, deadline=None)
+@given(result=st.lists(sample_items, max_size=6))
+def test_the_lean_parse_takes_and_refuses_exactly_what_the_per_item_parse_does(
+    result: list[Any],
+) -> None:
+    # a round trip through JSON: the parser only ever sees what json.loads makes
+    result = json.loads(json.dumps(result))
+    client = PrometheusClient("http://127.0.0.1:9")  # never connects: parsing only
+    want = strict(client, result)
+    try:
+        got: list[Sample] | str = client._samples("up", result)
+    except PrometheusError as e:
+        got = str(e)
+    if isinstance(want, str):
+        assert got == want  # the same one-line error, naming the same item and fault
+    else:
+        assert isinstance(got, list) and len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert dict(g.labels) == dict(w.labels) and g.timestamp_s == w.timestamp_s
+            assert g.value == w.value or (g.value != g.value and w.value != w.value)  # NaN
+
+
+def test_a_lean_parse_of_a_large_answer_keeps_every_sample_in_order() -> None:
+    result = [
+        {"metric": {"instance": f"n{i}", "priority": "low"}, "value": [NOW, f"{i}.5"]}
+        for i in range(5000)
+    ]
+    samples = PrometheusClient("http://127.0.0.1:9")._samples("up", result)
+    assert [(s.labels["instance"], s.value, s.timestamp_s) for s in samples] == [
+        (f"n{i}", i + 0.5, NOW) for i in range(5000)
+    ]
+    result[4321]["value"] = [NOW, 7]  # one number not a string, deep in the answer
+    with pytest.raises(PrometheusError, match=r"a result's 'value' is not \[time, \"number\"\]"):
+        PrometheusClient("http://127.0.0.1:9")._samples("up", result)
+
+
 def test_a_slow_server_times_out_as_a_prometheus_error(stub: PromStub) -> None:
     stub.delay_s = 3.0
     with pytest.raises(PrometheusError, match=r"no answer within 0\.3 s"):

@@ -47,7 +47,9 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.client import HTTPException
-from typing import Any
+from itertools import chain, repeat
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +63,22 @@ class PrometheusError(Exception):
     """Prometheus could not be read: the message is one line naming the server and the reason."""
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One sample of an instant vector."""
+class Sample(NamedTuple):
+    """One sample of an instant vector (a tuple: a fleet's answers hold tens of thousands)."""
 
     labels: Mapping[str, str]
     value: float
     """May be NaN or infinite: PromQL can compute those; the model skips them."""
     timestamp_s: float
     """The sample's timestamp as answered (for an instant query: the evaluation time)."""
+
+
+class Answer(NamedTuple):
+    """An API answer as it came: the path asked, the HTTP status and the body, undecoded."""
+
+    path: str
+    status: int
+    body: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +145,20 @@ class PrometheusClient:
     # ------------------------------------------------------------------ API calls
     def query(self, expr: str, at_s: float) -> list[Sample]:
         """The instant vector ``expr`` evaluates to at ``at_s`` (seconds since the epoch)."""
+        return self.parse_query(expr, self.fetch_query(expr, at_s))
+
+    def fetch_query(self, expr: str, at_s: float) -> Answer:
+        """The undecoded answer to :meth:`query` (the I/O half: :meth:`parse_query` does the rest).
+
+        Split so that a reader can wait on many answers in threads and decode them in one: the
+        decoding holds the interpreter lock, and threads taking turns at it only add switches.
+        """
         params = {"query": expr, "time": f"{at_s:.3f}", "timeout": f"{self.timeout_s:g}s"}
-        data = self._get("/api/v1/query", params)
+        return self._fetch("/api/v1/query", params)
+
+    def parse_query(self, expr: str, answer: Answer) -> list[Sample]:
+        """The samples of an answer :meth:`fetch_query` got for ``expr``; PrometheusError."""
+        data = self._decode(answer)
         if not isinstance(data, dict):
             raise self._error(f"query {expr!r}: 'data' is not an object")
         kind = data.get("resultType")
@@ -146,20 +167,58 @@ class PrometheusClient:
         result = data.get("result")
         if not isinstance(result, list):
             raise self._error(f"query {expr!r}: 'result' is not a list")
-        return [self._sample(expr, item) for item in result]
+        return self._samples(expr, result)
 
     def targets(self) -> list[Target] | None:
         """The active scrape targets; None when the server has no targets API (404)."""
+        answer = self.fetch_targets()
+        return None if answer is None else self.parse_targets(answer)
+
+    def fetch_targets(self) -> Answer | None:
+        """The undecoded answer to :meth:`targets`; None when the server has no targets API."""
         try:
-            data = self._get("/api/v1/targets", {"state": "active"})
+            return self._fetch("/api/v1/targets", {"state": "active"})
         except _NotFound:
             return None
+
+    def parse_targets(self, answer: Answer) -> list[Target]:
+        """The targets of an answer :meth:`fetch_targets` got; PrometheusError."""
+        data = self._decode(answer)
         active = data.get("activeTargets") if isinstance(data, dict) else None
         if not isinstance(active, list):
             raise self._error("targets: 'activeTargets' is not a list")
         return [self._target(t) for t in active]
 
     # ------------------------------------------------------------------ parsing
+    def _samples(self, expr: str, result: list[Any]) -> list[Sample]:
+        """Every sample of a vector's ``result``, each checked as :meth:`_sample` checks it.
+
+        The lean path: a fleet answers tens of thousands of samples a period, so the checks run
+        over whole columns at C speed (the set of the items' types, of the values' lengths, of
+        the label values' types), each label map is kept as decoded (the answer is ours alone)
+        and each value converted once. JSON object keys are always strings, so only label
+        values are tested. Should any check fail, every item goes through :meth:`_sample`,
+        which names the first one out of shape.
+        """
+        try:
+            if not set(map(type, result)) <= _DICT:
+                raise _OutOfShape
+            metrics = list(map(_METRIC, result))
+            values = list(map(_VALUE, result))
+            if not set(map(type, metrics)) <= _DICT or not set(map(type, values)) <= _LIST:
+                raise _OutOfShape
+            if not set(map(len, values)) <= _PAIR:
+                raise _OutOfShape
+            times, texts = zip(*values, strict=True) if values else ((), ())
+            if not set(map(type, texts)) <= _STR or not set(map(type, times)) <= _TIME:
+                raise _OutOfShape
+            if not set(map(type, chain.from_iterable(map(dict.values, metrics)))) <= _STR:
+                raise _OutOfShape
+            rows = zip(metrics, map(float, texts), map(float, times), strict=True)
+            return list(map(tuple.__new__, repeat(Sample), rows))
+        except (_OutOfShape, KeyError, ValueError, OverflowError):
+            return [self._sample(expr, item) for item in result]  # raises, naming the item
+
     def _sample(self, expr: str, item: Any) -> Sample:
         if not isinstance(item, dict):
             raise self._error(f"query {expr!r}: a result is not an object")
@@ -180,7 +239,11 @@ class PrometheusClient:
             number = float(value[1])
         except ValueError:
             raise self._error(f"query {expr!r}: value {value[1]!r} is not a number") from None
-        return Sample(dict(metric), number, float(value[0]))
+        try:
+            at = float(value[0])
+        except OverflowError:
+            raise self._error(f"query {expr!r}: time {value[0]!r} is out of range") from None
+        return Sample(dict(metric), number, at)
 
     def _target(self, item: Any) -> Target:
         if not isinstance(item, dict):
@@ -233,6 +296,10 @@ class PrometheusClient:
 
     def _get(self, path: str, params: Mapping[str, str]) -> Any:
         """GET an API path; the ``data`` of a success answer, or PrometheusError."""
+        return self._decode(self._fetch(path, params))
+
+    def _fetch(self, path: str, params: Mapping[str, str]) -> Answer:
+        """GET an API path: its status and body, undecoded; PrometheusError without one."""
         url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
         request = urllib.request.Request(url, headers=self._headers)
         status: int
@@ -258,20 +325,34 @@ class PrometheusClient:
             raise self._error(f"unreachable: {_one_line(str(reason))}") from None
         except (OSError, HTTPException, ValueError) as e:
             raise self._error(f"unreachable: {_one_line(f'{type(e).__name__}: {e}')}") from None
+        return Answer(path, status, body)
+
+    def _decode(self, answer: Answer) -> Any:
+        """The ``data`` of a success answer, or PrometheusError."""
+        path, status, body = answer
         if len(body) > ANSWER_MAX_BYTES:
             raise self._error(f"{path} answer larger than {ANSWER_MAX_BYTES} bytes")
         try:
-            answer = json.loads(body)
+            decoded = json.loads(body)
         except ValueError:
             raise self._error(f"{path} answered {status} with no JSON body") from None
-        if not isinstance(answer, dict) or answer.get("status") not in ("success", "error"):
+        if not isinstance(decoded, dict) or decoded.get("status") not in ("success", "error"):
             raise self._error(f"{path} answered {status} without a status")
-        if answer["status"] == "error" or status != 200:
-            kind = answer.get("errorType", "error")
-            raise self._error(f"{path} answered {status}: {kind}: {answer.get('error', '?')}")
-        for warning in answer.get("warnings") or []:
+        if decoded["status"] == "error" or status != 200:
+            kind = decoded.get("errorType", "error")
+            raise self._error(f"{path} answered {status}: {kind}: {decoded.get('error', '?')}")
+        for warning in decoded.get("warnings") or []:
             log.debug("Prometheus %s: warning: %s", self.url, warning)
-        return answer.get("data")
+        return decoded.get("data")
+
+
+class _OutOfShape(Exception):
+    """The lean path of :meth:`PrometheusClient._samples` met something it does not take."""
+
+
+_DICT, _LIST, _STR, _PAIR = frozenset({dict}), frozenset({list}), frozenset({str}), frozenset({2})
+_TIME = frozenset({int, float})
+_METRIC, _VALUE = itemgetter("metric"), itemgetter("value")
 
 
 class _NotFound(Exception):
@@ -295,18 +376,32 @@ RECORDED = (
 
 
 def queries(job: str) -> dict[str, str]:
-    """The PromQL of each figure the controller reads, for the agents' scrape job ``job``."""
+    """The PromQL of each figure the controller reads, for the agents' scrape job ``job``.
+
+    Each answers one series per node labelled ``instance`` alone (``priority`` too for demand):
+    the model reads no other label, and a fleet's answers are mostly label text, so dropping
+    ``__name__`` and ``job`` on the server halves what is sent and decoded each period. The
+    recorded series are summed by instance (one series each per node and job; were a host to run
+    two agents, their GPUs' power, counts and limits add up). ``starving`` answers only the nodes
+    that are (the model reads a missing node as not starving).
+    """
     sel = f'job="{_escape(job)}"'
     recorded = "|".join(RECORDED)
+
+    def by_instance(series: str) -> str:
+        return f"sum by (instance) ({series}{{{sel}}})"
+
     return {
-        "up": f"up{{{sel}}}",
-        "power": f"instance:gpu_power_watts:sum{{{sel}}}",
-        "gpus_up": f"instance:gpu_up:sum{{{sel}}}",
-        "gpus": f"instance:gpu_up:count{{{sel}}}",
-        "floor": f"instance:gpu_power_limit_min_watts:sum{{{sel}}}",
-        "ceiling": f"instance:gpu_power_limit_max_watts:sum{{{sel}}}",
-        "demand": f"instance:wattwarden_power_demand_watts:sum{{{sel}}}",
-        "starving": f"max by (instance) (wattwarden_power_budget_starving{{{sel}}})",
+        "up": f"min by (instance) (up{{{sel}}})",
+        "power": by_instance("instance:gpu_power_watts:sum"),
+        "gpus_up": by_instance("instance:gpu_up:sum"),
+        "gpus": by_instance("instance:gpu_up:count"),
+        "floor": by_instance("instance:gpu_power_limit_min_watts:sum"),
+        "ceiling": by_instance("instance:gpu_power_limit_max_watts:sum"),
+        "demand": (
+            f"sum by (instance, priority) (instance:wattwarden_power_demand_watts:sum{{{sel}}})"
+        ),
+        "starving": f"max by (instance) (wattwarden_power_budget_starving{{{sel}}}) >= 1",
         "lease": f'max by (instance) (wattwarden_power_budget_watts{{{sel},scope="lease"}})',
         "scraped_at": f"max by (instance) (timestamp(gpu_up{{{sel}}}))",
         # the name goes into a label first: timestamp() drops it, and series that differ
@@ -346,38 +441,46 @@ class FleetReader:
         self._has_targets_api = True
 
     def read(self, at_s: float) -> Readings:
-        """Every figure at ``at_s``; PrometheusError when any query fails (nothing half-read)."""
+        """Every figure at ``at_s``; PrometheusError when any query fails (nothing half-read).
+
+        The answers are awaited in threads and decoded here, one after the other, in the order
+        of :func:`queries`: the first failure in that order is the one raised.
+        """
+        client = self.client
         futures = {
-            name: self._pool.submit(self.client.query, expr, at_s)
+            name: self._pool.submit(client.fetch_query, expr, at_s)
             for name, expr in self.queries.items()
         }
-        targets_future = self._pool.submit(self._targets)
+        targets_future = self._pool.submit(client.fetch_targets)
         results: dict[str, list[Sample]] = {}
         first: PrometheusError | None = None
         for name, future in futures.items():
             try:
-                results[name] = future.result()
+                answer = future.result()
+                if first is None:  # after a failure, only wait for the others
+                    results[name] = client.parse_query(self.queries[name], answer)
             except PrometheusError as e:
                 first = first or e
         targets: list[Target] | None = None
         try:
-            targets = targets_future.result()
+            found = targets_future.result()
+            if first is None:
+                targets = self._targets(found)
         except PrometheusError as e:
             first = first or e
         if first is not None:
             raise first
         return Readings(at_s, results, targets)
 
-    def _targets(self) -> list[Target] | None:
-        found = self.client.targets()
-        if found is None:
+    def _targets(self, answer: Answer | None) -> list[Target] | None:
+        if answer is None:
             if self._has_targets_api:  # said once, asked again each period (cheap)
                 log.info("Prometheus %s has no targets API: agent addresses come from the "
                          "instance label", self.client.url)  # fmt: skip
             self._has_targets_api = False
             return None
         self._has_targets_api = True
-        return [t for t in found if t.job == self.job]
+        return [t for t in self.client.parse_targets(answer) if t.job == self.job]
 
     def close(self) -> None:
         """Stop the query threads (a query in flight ends within its timeout)."""
@@ -385,6 +488,7 @@ class FleetReader:
 
 
 __all__ = [
+    "Answer",
     "Auth",
     "FleetReader",
     "PrometheusClient",
