@@ -115,6 +115,64 @@ def test_split_names_the_node_and_field_of_bad_input() -> None:
         split(10, [NodeDemand("x", 1, 4), NodeDemand("x", 1, 4)])
 
 
+figure = st.sampled_from([0.0, 1.0, 250.0, 4000.0, -1.0, math.nan, math.inf, -math.inf])
+
+
+@settings(max_examples=300)
+@given(
+    floor=figure,
+    ceiling=figure,
+    demand=st.dictionaries(st.sampled_from([*PRIORITIES, "urgent", ""]), figure, max_size=4),
+)
+def test_split_refuses_a_node_exactly_as_the_field_by_field_check_does(
+    floor: float, ceiling: float, demand: dict[str, float]
+) -> None:
+    node = NodeDemand("x", floor, ceiling, demand)
+    # the reference: every figure finite and >= 0 (floor, ceiling, then demand in order),
+    # then the floor not above the ceiling, then every priority known; the first fault named
+    want = None
+    for name, value in [("floor_w", floor), ("ceiling_w", ceiling)] + [
+        (f"demand_w[{p}]", v) for p, v in demand.items()
+    ]:
+        if want is None and not (math.isfinite(value) and value >= 0):
+            want = f"node x: {name} must be a finite number >= 0, got {value!r}"
+    if want is None and floor > ceiling:
+        want = f"node x: floor_w {floor:g} is above ceiling_w {ceiling:g}"
+    unknown = [p for p in demand if p not in PRIORITIES]
+    if want is None and unknown:
+        want = f"node x: unknown priority {unknown[0]!r} (known: high, normal, low)"
+    try:
+        split(10_000.0, [NodeDemand("ok", 1.0, 2.0), node])
+        got = None
+    except ValueError as e:
+        got = str(e)
+    assert got == want
+
+
+@given(nodes_strategy(), budget_fraction)
+def test_each_need_and_reason_is_what_the_demand_through_that_class_says(nodes, f) -> None:
+    s = split(budget_of(nodes, f), nodes)
+    assert set(s.reasons) == {n.instance for n in nodes} and len(s.reasons) == len(nodes)
+    for n in nodes:
+        for k, p in enumerate(PRIORITIES):
+            through = [n.demand_w.get(q, 0.0) for q in PRIORITIES[: k + 1]]
+            want = min(n.ceiling_w, n.floor_w + math.fsum(through))
+            assert n.need_w(p) == want and n.needs_w()[k] == want
+        share = s.shares_w[n.instance]
+        reason = s.reasons[n.instance]
+        if not s.reachable:
+            assert reason.startswith("budget unreachable: held at its floor")
+            continue
+        assert reason.startswith(f"{share:.0f} W of {s.budget_w:.0f} W (floor {n.floor_w:.0f} W")
+        unmet = [p for p in PRIORITIES if share < n.need_w(p) - EPS]
+        if unmet:
+            assert reason.endswith(
+                f": {unmet[0]} demand not met ({n.need_w(unmet[0]):.0f} W wanted)"
+            )
+        else:
+            assert reason.endswith(": all demand met")
+
+
 # ------------------------------------------------------------------ plan and grant, simulated
 def period(
     budget: float,

@@ -52,7 +52,7 @@ twice changes nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from wattwarden.waterfill import water_fill
@@ -78,16 +78,29 @@ class NodeDemand:
 
     def need_w(self, through: str) -> float:
         """What the node can use to meet the demand of ``through`` and every class above it."""
-        classes = PRIORITIES[: PRIORITIES.index(through) + 1]
-        wanted = self.floor_w + math.fsum(self.demand_w.get(p, 0.0) for p in classes)
-        return min(self.ceiling_w, wanted)
+        return self.needs_w()[PRIORITIES.index(through)]
+
+    def needs_w(self) -> tuple[float, float, float]:
+        """:meth:`need_w` through each class of :data:`PRIORITIES`, in one pass."""
+        get = self.demand_w.get
+        high, normal, low = get("high", 0.0), get("normal", 0.0), get("low", 0.0)
+        floor, ceiling, fsum = self.floor_w, self.ceiling_w, math.fsum
+        return (
+            min(ceiling, floor + fsum((high,))),
+            min(ceiling, floor + fsum((high, normal))),
+            min(ceiling, floor + fsum((high, normal, low))),
+        )
 
     def top_unmet(self, budget_w: float) -> int:
         """The index of the highest class whose need ``budget_w`` does not meet (3: none)."""
-        for i, p in enumerate(PRIORITIES):
-            if budget_w < self.need_w(p) - EPSILON_W:
-                return i
-        return len(PRIORITIES)
+        return _top_unmet(self.needs_w(), budget_w)
+
+
+def _top_unmet(needs: Sequence[float], budget_w: float) -> int:
+    for i, need in enumerate(needs):
+        if budget_w < need - EPSILON_W:
+            return i
+    return len(needs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +114,33 @@ class Split:
     """False when the floors alone exceed the budget: every node is at its floor."""
     shortfall_w: float
     """By how much the floors exceed the budget (0 when reachable)."""
-    reasons: dict[str, str]
+    reasons: Mapping[str, str]
+    """One line per node an operator reads; formatted when read (a log line), not per period."""
+
+
+class _Reasons(Mapping[str, str]):
+    """:attr:`Split.reasons` of a reachable budget: each line formatted when it is read."""
+
+    __slots__ = ("_budget_w", "_needs", "_nodes", "_shares")
+
+    def __init__(
+        self,
+        budget_w: float,
+        nodes: Mapping[str, NodeDemand],
+        needs: Mapping[str, tuple[float, float, float]],
+        shares: Mapping[str, float],
+    ) -> None:
+        self._budget_w, self._nodes, self._needs, self._shares = budget_w, nodes, needs, shares
+
+    def __getitem__(self, instance: str) -> str:
+        node = self._nodes[instance]
+        return _reason(node, self._needs[instance], self._shares[instance], self._budget_w)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,14 +196,15 @@ def split(budget_w: float, nodes: Sequence[NodeDemand]) -> Split:
             },
         )
     left = budget_w - floors
-    for p in PRIORITIES:
+    needs = {n.instance: n.needs_w() for n in ordered}
+    names = list(shares)
+    for k in range(len(PRIORITIES)):
         if left <= 0:
             break
-        needs = {n.instance: n.need_w(p) for n in ordered}
-        left -= water_fill(shares, needs, [n.instance for n in ordered], left)
+        left -= water_fill(shares, {i: v[k] for i, v in needs.items()}, names, left)
     if left > 0:
         _spread(shares, {n.instance: n.ceiling_w for n in ordered}, left)
-    reasons = {n.instance: _reason(n, shares[n.instance], budget_w) for n in ordered}
+    reasons = _Reasons(budget_w, {n.instance: n for n in ordered}, needs, shares)
     return Split(budget_w, shares, True, 0.0, reasons)
 
 
@@ -179,14 +219,15 @@ def _spread(shares: dict[str, float], ceiling: Mapping[str, float], amount_w: fl
         shares[g] = min(ceiling[g], shares[g] + h * scale)
 
 
-def _reason(node: NodeDemand, share_w: float, budget_w: float) -> str:
+def _reason(
+    node: NodeDemand, needs: tuple[float, float, float], share_w: float, budget_w: float
+) -> str:
     """One line an operator reads: the share, and the highest class it leaves unmet."""
     line = f"{share_w:.0f} W of {budget_w:.0f} W (floor {node.floor_w:.0f} W"
     line += f", ceiling {node.ceiling_w:.0f} W)"
-    unmet = node.top_unmet(share_w)
+    unmet = _top_unmet(needs, share_w)
     if unmet < len(PRIORITIES):
-        p = PRIORITIES[unmet]
-        line += f": {p} demand not met ({node.need_w(p):.0f} W wanted)"
+        line += f": {PRIORITIES[unmet]} demand not met ({needs[unmet]:.0f} W wanted)"
     else:
         line += ": all demand met"
     return line
@@ -197,25 +238,43 @@ def _check(budget_w: float, nodes: Sequence[NodeDemand]) -> None:
     if not math.isfinite(budget_w) or budget_w < 0:
         raise ValueError(f"budget_w must be a finite number >= 0, got {budget_w!r}")
     seen: set[str] = set()
+    isfinite = math.isfinite
     for n in nodes:
         if n.instance in seen:
             raise ValueError(f"node {n.instance} is listed twice")
         seen.add(n.instance)
-        figures = [("floor_w", n.floor_w), ("ceiling_w", n.ceiling_w)]
-        figures += [(f"demand_w[{p}]", v) for p, v in n.demand_w.items()]
-        for name, value in figures:
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"node {n.instance}: {name} must be a finite number >= 0, "
-                                 f"got {value!r}")  # fmt: skip
-        if n.floor_w > n.ceiling_w:
+        floor, ceiling, demand = n.floor_w, n.ceiling_w, n.demand_w
+        if (  # the common case, in few steps; otherwise find and name what is wrong
+            isfinite(floor)
+            and isfinite(ceiling)
+            and 0 <= floor <= ceiling
+            and demand.keys() <= _KNOWN
+            and all(isfinite(v) and v >= 0 for v in demand.values())
+        ):
+            continue
+        _check_node(n)
+
+
+_KNOWN = frozenset(PRIORITIES)
+
+
+def _check_node(n: NodeDemand) -> None:
+    """Raise ValueError naming the first figure of ``n`` out of bounds."""
+    figures = [("floor_w", n.floor_w), ("ceiling_w", n.ceiling_w)]
+    figures += [(f"demand_w[{p}]", v) for p, v in n.demand_w.items()]
+    for name, value in figures:
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"node {n.instance}: {name} must be a finite number >= 0, "
+                             f"got {value!r}")  # fmt: skip
+    if n.floor_w > n.ceiling_w:
+        raise ValueError(
+            f"node {n.instance}: floor_w {n.floor_w:g} is above ceiling_w {n.ceiling_w:g}"
+        )
+    for p in n.demand_w:
+        if p not in PRIORITIES:
             raise ValueError(
-                f"node {n.instance}: floor_w {n.floor_w:g} is above ceiling_w {n.ceiling_w:g}"
+                f"node {n.instance}: unknown priority {p!r} (known: {', '.join(PRIORITIES)})"
             )
-        for p in n.demand_w:
-            if p not in PRIORITIES:
-                raise ValueError(
-                    f"node {n.instance}: unknown priority {p!r} (known: {', '.join(PRIORITIES)})"
-                )
 
 
 # ------------------------------------------------------------------ bands and two phases
