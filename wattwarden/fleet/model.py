@@ -125,21 +125,25 @@ def agent_address(instance: str, target: Target | None, agent_port: int) -> str:
 def _by_instance(samples: Iterable[Sample]) -> dict[str, float]:
     """Finite values by instance (a NaN or infinite one is as good as missing)."""
     out: dict[str, float] = {}
-    for s in samples:
-        instance = s.labels.get("instance")
-        if instance is not None and math.isfinite(s.value):
-            out[instance] = s.value
+    isfinite = math.isfinite
+    for labels, value, _ in samples:
+        instance = labels.get("instance")
+        if instance is not None and isfinite(value):
+            out[instance] = value
     return out
 
 
 def _demand(samples: Iterable[Sample]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for s in samples:
-        instance, priority = s.labels.get("instance"), s.labels.get("priority")
-        if instance is None or priority not in PRIORITIES or not math.isfinite(s.value):
+    isfinite = math.isfinite
+    for labels, value, _ in samples:
+        instance, priority = labels.get("instance"), labels.get("priority")
+        if instance is None or priority not in PRIORITIES or not isfinite(value):
             continue
-        node = out.setdefault(instance, {})
-        node[priority] = node.get(priority, 0.0) + max(0.0, s.value)
+        node = out.get(instance)
+        if node is None:
+            node = out[instance] = {}
+        node[priority] = node.get(priority, 0.0) + (value if value > 0.0 else 0.0)
     return out
 
 
@@ -152,28 +156,37 @@ def build_view(
 ) -> FleetView:
     """One :class:`NodeObservation` per agent discovered in ``readings``."""
     r = readings.results
+    at_s = readings.at_s
     targets: Mapping[str, Target] = {t.instance: t for t in readings.targets or []}
-    up = _by_instance(r.get("up", []))
-    scraped_at = _by_instance(r.get("scraped_at", []))
-    evaluated_at = _by_instance(r.get("evaluated_at", []))
-    power, floor, ceiling = (_by_instance(r.get(k, [])) for k in ("power", "floor", "ceiling"))
-    gpus_up, gpus = _by_instance(r.get("gpus_up", [])), _by_instance(r.get("gpus", []))
-    starving, lease = _by_instance(r.get("starving", [])), _by_instance(r.get("lease", []))
-    demand = _demand(r.get("demand", []))
+    up = _by_instance(r.get("up", ()))
+    scraped_at = _by_instance(r.get("scraped_at", ()))
+    evaluated_at = _by_instance(r.get("evaluated_at", ()))
+    power, floor, ceiling = (_by_instance(r.get(k, ())) for k in ("power", "floor", "ceiling"))
+    gpus_up, gpus = _by_instance(r.get("gpus_up", ())), _by_instance(r.get("gpus", ()))
+    starving, lease = _by_instance(r.get("starving", ())), _by_instance(r.get("lease", ()))
+    demand = _demand(r.get("demand", ()))
+    bounds: dict[float | None, float] = {}  # the default bound, by scrape interval
     nodes: dict[str, NodeObservation] = {}
-    for instance in sorted(set(up) | set(targets)):
+    for instance in sorted(up.keys() | targets.keys()):
         target = targets.get(instance)
         bound = stale_after_s
         if bound is None:
-            bound = stale_bound(period_s, target.scrape_interval_s if target else None)
+            interval = target.scrape_interval_s if target else None
+            bound = bounds.get(interval)
+            if bound is None:
+                bound = bounds[interval] = stale_bound(period_s, interval)
+        scraped_s, evaluated_s = scraped_at.get(instance), evaluated_at.get(instance)
         age: float | None = None
-        if instance in scraped_at and instance in evaluated_at:
-            age = readings.at_s - min(scraped_at[instance], evaluated_at[instance])
+        if scraped_s is not None and evaluated_s is not None:
+            age = at_s - (scraped_s if scraped_s < evaluated_s else evaluated_s)
+        up_value = up.get(instance)
         nodes[instance] = NodeObservation(
             instance=instance,
-            address=agent_address(instance, target, agent_port),
-            scraped=up.get(instance, 0.0) == 1.0
-            if instance in up
+            address=target.address
+            if target is not None
+            else agent_address(instance, None, agent_port),
+            scraped=up_value == 1.0
+            if up_value is not None
             else (target is not None and target.health == "up"),
             age_s=age,
             stale_after_s=bound,
@@ -186,7 +199,7 @@ def build_view(
             starving=starving.get(instance, 0.0) >= 1.0,
             lease_w=_watts(lease.get(instance)),
         )
-    return FleetView(readings.at_s, nodes)
+    return FleetView(at_s, nodes)
 
 
 def _count(value: float | None) -> int | None:
