@@ -4,6 +4,7 @@ stale timestamps, TLS, auth), and one slow test against a real Prometheus scrapi
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import threading
 import time
@@ -20,6 +21,7 @@ from helpers import refused_port, require_binary, run_agent, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from wattwarden.fleet.allocate import PRIORITIES
 from wattwarden.fleet.model import build_view, stale_bound
 from wattwarden.fleet.prom import (
     Auth,
@@ -258,7 +260,7 @@ def test_the_lean_parse_takes_and_refuses_exactly_what_the_per_item_parse_does(
     client = PrometheusClient("http://127.0.0.1:9")  # never connects: parsing only
     want = strict(client, result)
     try:
-        got: list[Sample] | str = client._samples("up", result)
+        got: list[Sample] | str = list(client._samples("up", result))
     except PrometheusError as e:
         got = str(e)
     if isinstance(want, str):
@@ -279,6 +281,11 @@ def test_a_lean_parse_of_a_large_answer_keeps_every_sample_in_order() -> None:
     assert [(s.labels["instance"], s.value, s.timestamp_s) for s in samples] == [
         (f"n{i}", i + 0.5, NOW) for i in range(5000)
     ]
+    assert len(samples) == 5000 and samples[-1] == Sample(result[-1]["metric"], 4999.5, NOW)
+    assert samples[10:12] == [Sample({"instance": f"n{i}", "priority": "low"}, i + 0.5, NOW)
+                              for i in (10, 11)]  # fmt: skip
+    assert samples.column("instance") == [f"n{i}" for i in range(5000)]
+    assert samples.column("job") == [None] * 5000
     result[4321]["value"] = [NOW, 7]  # one number not a string, deep in the answer
     with pytest.raises(PrometheusError, match=r"a result's 'value' is not \[time, \"number\"\]"):
         PrometheusClient("http://127.0.0.1:9")._samples("up", result)
@@ -434,6 +441,55 @@ def test_the_staleness_bound_is_three_periods_or_two_scrapes() -> None:
     assert stale_bound(20.0, 15.0) == 60.0
     assert stale_bound(1.0, 1.0) == 3.0
     assert stale_bound(5.0, None) == 30.0  # unknown interval: Prometheus's default 15 s
+
+
+fleet_labels = st.sampled_from(["n1", "n2", "n3"]).map(lambda i: {"instance": i}) | st.just({})
+fleet_values = st.sampled_from([0.0, 1.0, 4.0, 800.0, 2800.0, -5.0, math.nan, math.inf])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    answers=st.fixed_dictionaries(
+        {
+            name: st.lists(st.tuples(fleet_labels, fleet_values), max_size=4)
+            for name in queries("wattwarden")
+        }
+    ),
+    priorities=st.lists(st.sampled_from(["high", "normal", "low", "urgent", None]), max_size=4),
+    age=st.floats(0.0, 60.0),
+)
+def test_the_view_is_the_same_from_a_readers_vectors_as_from_samples_built_by_hand(
+    answers: dict[str, list[tuple[dict[str, str], float]]], priorities: list[str | None], age: float
+) -> None:
+    # the reader hands the model Vectors (columns); tests and the trace hand it lists of Samples
+    answers = {k: [({**m}, v) for m, v in rows] for k, rows in answers.items()}
+    for (labels, _), priority in zip(answers["demand"], priorities, strict=False):
+        if priority is not None:
+            labels["priority"] = priority
+    for name in ("scraped_at", "evaluated_at"):
+        answers[name] = [(m, NOW - age) for m, _ in answers[name]]
+    by_hand = {k: [Sample(m, v, NOW) for m, v in rows] for k, rows in answers.items()}
+    client = PrometheusClient("http://127.0.0.1:9")
+    parsed = {
+        k: client._samples(k, json.loads(vector(rows, NOW))["data"]["result"])
+        for k, rows in answers.items()
+    }
+    a = build_view(Readings(NOW, by_hand), period_s=5.0, agent_port=9767)
+    b = build_view(Readings(NOW, parsed), period_s=5.0, agent_port=9767)
+    assert repr(a) == repr(b)  # repr: NaN compares unequal to itself, its text does not
+    # and what both say: the last finite value of each instance; demand summed by known
+    # priority, a negative one as 0; NaN and infinite values as good as missing
+    for instance, node in a.nodes.items():
+        finite = [
+            v for m, v in answers["power"] if m.get("instance") == instance and math.isfinite(v)
+        ]
+        assert node.power_w == (finite[-1] if finite else None)
+        want: dict[str, float] = {}
+        for m, v in answers["demand"]:
+            p = m.get("priority")
+            if m.get("instance") == instance and p in PRIORITIES and math.isfinite(v):
+                want[p] = want.get(p, 0.0) + max(0.0, v)
+        assert node.demand_w == want
 
 
 def test_a_node_missing_its_recording_rules_is_not_fresh() -> None:

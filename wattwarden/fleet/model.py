@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import NamedTuple
 
 from wattwarden.fleet.allocate import PRIORITIES, NodeDemand
-from wattwarden.fleet.prom import Readings, Sample, Target
+from wattwarden.fleet.prom import Readings, Sample, Target, Vector
 
 DEFAULT_SCRAPE_INTERVAL_S = 15.0
 """Prometheus's default scrape interval (and the shipped configuration's)."""
@@ -34,9 +36,8 @@ STALE_PERIODS = 3
 STALE_SCRAPES = 2
 
 
-@dataclass(frozen=True, slots=True)
-class NodeObservation:
-    """One agent's node as Prometheus saw it."""
+class NodeObservation(NamedTuple):
+    """One agent's node as Prometheus saw it (a tuple: a view builds one per node per period)."""
 
     instance: str
     """Prometheus's ``instance`` label."""
@@ -52,7 +53,7 @@ class NodeObservation:
     gpus: int | None
     floor_w: float | None
     ceiling_w: float | None
-    demand_w: dict[str, float] = field(default_factory=dict)
+    demand_w: Mapping[str, float] = MappingProxyType({})
     starving: bool = False
     lease_w: float | None = None
     """The lease the agent reports in force (any controller's), when it has one."""
@@ -122,22 +123,37 @@ def agent_address(instance: str, target: Target | None, agent_port: int) -> str:
     return f"{instance}:{agent_port}"
 
 
-def _by_instance(samples: Iterable[Sample]) -> dict[str, float]:
+def _columns(
+    samples: Sequence[Sample], *labels: str
+) -> tuple[Iterable[float], list[Iterable[str | None]]]:
+    """The values of ``samples`` and the given label of each, as columns.
+
+    A :class:`~wattwarden.fleet.prom.Vector` has them already (its reader took the labels out
+    while the answer was fresh in memory); samples built by hand are read one by one.
+    """
+    if isinstance(samples, Vector):
+        return samples.values, [samples.column(label) for label in labels]
+    return [s.value for s in samples], [[s.labels.get(lb) for s in samples] for lb in labels]
+
+
+def _by_instance(samples: Sequence[Sample]) -> dict[str, float]:
     """Finite values by instance (a NaN or infinite one is as good as missing)."""
+    values, (instances,) = _columns(samples, "instance")
+    if isinstance(values, list) and None not in instances and all(map(math.isfinite, values)):
+        return dict(zip(instances, values, strict=True))  # type: ignore[arg-type]  # no None
     out: dict[str, float] = {}
     isfinite = math.isfinite
-    for labels, value, _ in samples:
-        instance = labels.get("instance")
+    for instance, value in zip(instances, values, strict=True):
         if instance is not None and isfinite(value):
             out[instance] = value
     return out
 
 
-def _demand(samples: Iterable[Sample]) -> dict[str, dict[str, float]]:
+def _demand(samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
+    values, (instances, priorities) = _columns(samples, "instance", "priority")
     out: dict[str, dict[str, float]] = {}
     isfinite = math.isfinite
-    for labels, value, _ in samples:
-        instance, priority = labels.get("instance"), labels.get("priority")
+    for instance, priority, value in zip(instances, priorities, values, strict=True):
         if instance is None or priority not in PRIORITIES or not isfinite(value):
             continue
         node = out.get(instance)
@@ -180,31 +196,29 @@ def build_view(
         if scraped_s is not None and evaluated_s is not None:
             age = at_s - (scraped_s if scraped_s < evaluated_s else evaluated_s)
         up_value = up.get(instance)
-        nodes[instance] = NodeObservation(
-            instance=instance,
-            address=target.address
+        n_up, n_all = gpus_up.get(instance), gpus.get(instance)
+        floor_w, ceiling_w, lease_w = (
+            floor.get(instance),
+            ceiling.get(instance),
+            lease.get(instance),
+        )
+        nodes[instance] = NodeObservation(  # by position: 1,250 of them a period
+            instance,  # instance
+            target.address  # address
             if target is not None
             else agent_address(instance, None, agent_port),
-            scraped=up_value == 1.0
+            up_value == 1.0  # scraped
             if up_value is not None
             else (target is not None and target.health == "up"),
-            age_s=age,
-            stale_after_s=bound,
-            power_w=power.get(instance),
-            gpus_up=_count(gpus_up.get(instance)),
-            gpus=_count(gpus.get(instance)),
-            floor_w=_watts(floor.get(instance)),
-            ceiling_w=_watts(ceiling.get(instance)),
-            demand_w=demand.get(instance, {}),
-            starving=starving.get(instance, 0.0) >= 1.0,
-            lease_w=_watts(lease.get(instance)),
+            age,  # age_s
+            bound,  # stale_after_s
+            power.get(instance),  # power_w
+            None if n_up is None else round(n_up),  # gpus_up
+            None if n_all is None else round(n_all),  # gpus
+            None if floor_w is None or floor_w < 0 else floor_w,  # floor_w
+            None if ceiling_w is None or ceiling_w < 0 else ceiling_w,  # ceiling_w
+            demand.get(instance, {}),  # demand_w
+            starving.get(instance, 0.0) >= 1.0,  # starving
+            None if lease_w is None or lease_w < 0 else lease_w,  # lease_w
         )
     return FleetView(at_s, nodes)
-
-
-def _count(value: float | None) -> int | None:
-    return None if value is None else round(value)
-
-
-def _watts(value: float | None) -> float | None:
-    return None if value is None or value < 0 else value

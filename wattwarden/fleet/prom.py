@@ -43,13 +43,13 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.client import HTTPException
-from itertools import chain, repeat
-from operator import itemgetter
-from typing import Any, NamedTuple
+from itertools import chain
+from operator import itemgetter, methodcaller
+from typing import Any, NamedTuple, overload
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,55 @@ class Sample(NamedTuple):
     """May be NaN or infinite: PromQL can compute those; the model skips them."""
     timestamp_s: float
     """The sample's timestamp as answered (for an instant query: the evaluation time)."""
+
+
+class Vector(Sequence[Sample]):
+    """An instant vector's samples, kept as the columns they were parsed into.
+
+    A fleet answers tens of thousands of samples a period; building a :class:`Sample` for each
+    and reading its labels back later (from label maps by then scattered in memory) cost more
+    than the rest of the parse. The columns are kept instead: a sample is built when indexed,
+    and :meth:`column` gives one label of every sample, computed once (the reader asks for the
+    labels the model reads right after parsing, while the label maps are fresh).
+    """
+
+    __slots__ = ("_columns", "labels", "times", "values")
+
+    def __init__(
+        self, labels: list[Mapping[str, str]], values: list[float], times: list[float]
+    ) -> None:
+        if not len(labels) == len(values) == len(times):
+            raise ValueError("a vector's columns differ in length")
+        self.labels = labels
+        self.values = values
+        self.times = times
+        self._columns: dict[str, list[str | None]] = {}
+
+    def column(self, name: str) -> list[str | None]:
+        """The label ``name`` of each sample, None where a sample has none."""
+        found = self._columns.get(name)
+        if found is None:
+            found = self._columns[name] = list(map(methodcaller("get", name), self.labels))
+        return found
+
+    @overload
+    def __getitem__(self, index: int) -> Sample: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Sample]: ...
+    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
+        if isinstance(index, slice):
+            rows = zip(self.labels[index], self.values[index], self.times[index], strict=True)
+            return [Sample(*row) for row in rows]
+        return Sample(self.labels[index], self.values[index], self.times[index])
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return map(Sample, self.labels, self.values, self.times)
+
+    def __repr__(self) -> str:
+        return f"Vector({list(self)!r})"
 
 
 class Answer(NamedTuple):
@@ -145,7 +194,7 @@ class PrometheusClient:
     # ------------------------------------------------------------------ API calls
     def query(self, expr: str, at_s: float) -> list[Sample]:
         """The instant vector ``expr`` evaluates to at ``at_s`` (seconds since the epoch)."""
-        return self.parse_query(expr, self.fetch_query(expr, at_s))
+        return list(self.parse_query(expr, self.fetch_query(expr, at_s)))
 
     def fetch_query(self, expr: str, at_s: float) -> Answer:
         """The undecoded answer to :meth:`query` (the I/O half: :meth:`parse_query` does the rest).
@@ -156,7 +205,7 @@ class PrometheusClient:
         params = {"query": expr, "time": f"{at_s:.3f}", "timeout": f"{self.timeout_s:g}s"}
         return self._fetch("/api/v1/query", params)
 
-    def parse_query(self, expr: str, answer: Answer) -> list[Sample]:
+    def parse_query(self, expr: str, answer: Answer) -> Vector:
         """The samples of an answer :meth:`fetch_query` got for ``expr``; PrometheusError."""
         data = self._decode(answer)
         if not isinstance(data, dict):
@@ -190,7 +239,7 @@ class PrometheusClient:
         return [self._target(t) for t in active]
 
     # ------------------------------------------------------------------ parsing
-    def _samples(self, expr: str, result: list[Any]) -> list[Sample]:
+    def _samples(self, expr: str, result: list[Any]) -> Vector:
         """Every sample of a vector's ``result``, each checked as :meth:`_sample` checks it.
 
         The lean path: a fleet answers tens of thousands of samples a period, so the checks run
@@ -214,10 +263,14 @@ class PrometheusClient:
                 raise _OutOfShape
             if not set(map(type, chain.from_iterable(map(dict.values, metrics)))) <= _STR:
                 raise _OutOfShape
-            rows = zip(metrics, map(float, texts), map(float, times), strict=True)
-            return list(map(tuple.__new__, repeat(Sample), rows))
+            return Vector(metrics, list(map(float, texts)), list(map(float, times)))
         except (_OutOfShape, KeyError, ValueError, OverflowError):
-            return [self._sample(expr, item) for item in result]  # raises, naming the item
+            samples = [self._sample(expr, item) for item in result]  # raises, naming the item
+            return Vector(
+                [s.labels for s in samples],
+                [s.value for s in samples],
+                [s.timestamp_s for s in samples],
+            )
 
     def _sample(self, expr: str, item: Any) -> Sample:
         if not isinstance(item, dict):
@@ -375,6 +428,10 @@ RECORDED = (
 """The recorded series whose evaluation time says whether the rules still run."""
 
 
+INDEXED = {"demand": ("instance", "priority")}
+"""The labels the model reads of each query's samples (``instance`` where not listed)."""
+
+
 def queries(job: str) -> dict[str, str]:
     """The PromQL of each figure the controller reads, for the agents' scrape job ``job``.
 
@@ -424,8 +481,8 @@ class Readings:
 
     at_s: float
     """The evaluation time (wall clock, epoch seconds)."""
-    results: dict[str, list[Sample]]
-    """Each query's answer, by the names of :func:`queries`."""
+    results: Mapping[str, Sequence[Sample]]
+    """Each query's answer, by the names of :func:`queries` (:class:`Vector` from a reader)."""
     targets: list[Target] | None = field(default=None)
     """The agents' job's active targets; None where the server has no targets API."""
 
@@ -452,13 +509,15 @@ class FleetReader:
             for name, expr in self.queries.items()
         }
         targets_future = self._pool.submit(client.fetch_targets)
-        results: dict[str, list[Sample]] = {}
+        results: dict[str, Vector] = {}
         first: PrometheusError | None = None
         for name, future in futures.items():
             try:
                 answer = future.result()
                 if first is None:  # after a failure, only wait for the others
-                    results[name] = client.parse_query(self.queries[name], answer)
+                    vector = results[name] = client.parse_query(self.queries[name], answer)
+                    for label in INDEXED.get(name, ("instance",)):
+                        vector.column(label)  # now, while the label maps are fresh
             except PrometheusError as e:
                 first = first or e
         targets: list[Target] | None = None
@@ -496,5 +555,6 @@ __all__ = [
     "Readings",
     "Sample",
     "Target",
+    "Vector",
     "queries",
 ]
