@@ -291,6 +291,79 @@ def test_a_lean_parse_of_a_large_answer_keeps_every_sample_in_order() -> None:
         PrometheusClient("http://127.0.0.1:9")._samples("up", result)
 
 
+def good_target(instance: str, job: str, address: str, health: str, interval: Any) -> Any:
+    item = {"labels": {"instance": instance, "job": job}, "health": health,
+            "discoveredLabels": {"__address__": address}}  # fmt: skip
+    if interval is not None:
+        item["scrapeInterval"] = interval
+    return item
+
+
+good_targets = st.builds(
+    good_target,
+    st.sampled_from(["n1", "n2", "10.0.0.1"]),
+    st.sampled_from(["wattwarden", "node"]),
+    st.sampled_from(["n1:9767", "[::1]:9767"]),
+    st.sampled_from(["up", "down", "unknown"]),
+    st.sampled_from([None, "15s", "1m30s", "500ms", "2h", "", "15", "1x", "s"]),
+)
+
+
+def broken_target(item: dict[str, Any], where: str, garbage: Any) -> Any:
+    item = json.loads(json.dumps(item))
+    if where == "item":
+        return garbage
+    if where in ("labels", "discoveredLabels", "health", "scrapeInterval"):
+        item[where] = garbage
+    elif where in ("instance", "job"):
+        item["labels"][where] = garbage
+    elif where == "address":
+        item["discoveredLabels"]["__address__"] = garbage
+    elif where == "drop":
+        item.pop(garbage if garbage in ("labels", "health") else "discoveredLabels")
+    return item
+
+
+target_items = st.one_of(
+    good_targets,
+    st.builds(
+        broken_target,
+        good_targets,
+        st.sampled_from(
+            [
+                "item",
+                "labels",
+                "discoveredLabels",
+                "health",
+                "scrapeInterval",
+                "instance",
+                "job",
+                "address",
+                "drop",
+            ]
+        ),
+        json_values | st.sampled_from(["labels", "health", "10s", 5, None]),
+    ),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(active=st.lists(target_items, max_size=5))
+def test_the_lean_targets_parse_takes_and_refuses_exactly_what_the_per_target_parse_does(
+    active: list[Any],
+) -> None:
+    client = PrometheusClient("http://127.0.0.1:9")  # never connects: parsing only
+    try:
+        want: list[Any] | str = [client._target(t) for t in active]
+    except PrometheusError as e:
+        want = str(e)
+    try:
+        got: list[Any] | str = client._targets(active)
+    except PrometheusError as e:
+        got = str(e)
+    assert got == want
+
+
 def test_a_slow_server_times_out_as_a_prometheus_error(stub: PromStub) -> None:
     stub.delay_s = 3.0
     with pytest.raises(PrometheusError, match=r"no answer within 0\.3 s"):

@@ -47,7 +47,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.client import HTTPException
-from itertools import chain
+from itertools import chain, repeat
 from operator import itemgetter, methodcaller
 from typing import Any, NamedTuple, overload
 
@@ -130,9 +130,8 @@ class Answer(NamedTuple):
     body: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """One active scrape target of the agents' job."""
+class Target(NamedTuple):
+    """One active scrape target of the agents' job (a tuple: a fleet has thousands)."""
 
     instance: str
     """Its ``instance`` label."""
@@ -236,7 +235,7 @@ class PrometheusClient:
         active = data.get("activeTargets") if isinstance(data, dict) else None
         if not isinstance(active, list):
             raise self._error("targets: 'activeTargets' is not a list")
-        return [self._target(t) for t in active]
+        return self._targets(active)
 
     # ------------------------------------------------------------------ parsing
     def _samples(self, expr: str, result: list[Any]) -> Vector:
@@ -297,6 +296,36 @@ class PrometheusClient:
         except OverflowError:
             raise self._error(f"query {expr!r}: time {value[0]!r} is out of range") from None
         return Sample(dict(metric), number, at)
+
+    def _targets(self, active: list[Any]) -> list[Target]:
+        """Every target of ``active``, each checked as :meth:`_target` checks it.
+
+        The lean path, as for samples: columns checked at C speed, each distinct scrape interval
+        parsed once; anything it does not take goes through :meth:`_target`, which names it.
+        """
+        try:
+            if not set(map(type, active)) <= _DICT:
+                raise _OutOfShape
+            labels = list(map(_GET_LABELS, active))
+            discovered = list(map(_GET_DISCOVERED, active))
+            if not set(map(type, chain(labels, discovered))) <= _DICT:
+                raise _OutOfShape
+            instances, jobs = list(map(_GET_INSTANCE, labels)), list(map(_GET_JOB, labels))
+            addresses = list(map(_GET_ADDRESS, discovered))
+            healths = list(map(_GET_HEALTH, active))
+            if not set(map(type, chain(instances, jobs, addresses, healths))) <= _STR:
+                raise _OutOfShape
+            intervals = list(map(_GET_INTERVAL, active))
+            if not set(map(type, intervals)) <= _STR_OR_NONE:
+                raise _OutOfShape
+            seconds: dict[str | None, float | None] = {None: None}
+            for text in set(intervals) - {None}:
+                seconds[text] = self._duration("", text)
+            durations = map(seconds.__getitem__, intervals)
+            rows = zip(instances, jobs, addresses, healths, durations, strict=True)
+            return list(map(tuple.__new__, repeat(Target), rows))
+        except (_OutOfShape, PrometheusError):
+            return [self._target(t) for t in active]  # raises, naming the target
 
     def _target(self, item: Any) -> Target:
         if not isinstance(item, dict):
@@ -405,7 +434,16 @@ class _OutOfShape(Exception):
 
 _DICT, _LIST, _STR, _PAIR = frozenset({dict}), frozenset({list}), frozenset({str}), frozenset({2})
 _TIME = frozenset({int, float})
+_STR_OR_NONE = frozenset({str, type(None)})
 _METRIC, _VALUE = itemgetter("metric"), itemgetter("value")
+_GET_LABELS, _GET_DISCOVERED = (
+    methodcaller("get", "labels"),
+    methodcaller("get", "discoveredLabels"),
+)
+_GET_INSTANCE, _GET_JOB = methodcaller("get", "instance"), methodcaller("get", "job")
+_GET_ADDRESS = methodcaller("get", "__address__")
+_GET_HEALTH = methodcaller("get", "health", "unknown")
+_GET_INTERVAL = methodcaller("get", "scrapeInterval")
 
 
 class _NotFound(Exception):
