@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import threading
@@ -467,3 +468,81 @@ def test_a_dry_run_beside_a_live_controller_plans_every_node_from_the_leases_in_
     report = ctl.period()
     assert report.states == {"a": "ok", "b": "ok", "c": "ok"}
     assert link.pushes == [] and set(report.would_lease) == {"a", "b", "c"}
+
+
+# ------------------------------------------------------------------ the garbage collector
+class GcWatchingReader(FakeReader):
+    """Notes whether automatic garbage collection is on while the period reads."""
+
+    def __init__(self, clock: Clock, nodes: dict[str, FakeNode]) -> None:
+        super().__init__(clock, nodes)
+        self.gc_enabled: list[bool] = []
+        self.inside = threading.Event()
+        self.go_on = threading.Event()
+        self.go_on.set()
+        self.fail: Exception | None = None
+
+    def read(self, at_s: float) -> Readings:
+        self.gc_enabled.append(gc.isenabled())
+        self.inside.set()
+        assert self.go_on.wait(30)
+        if self.fail is not None:
+            raise self.fail
+        return super().read(at_s)
+
+
+def gc_watched(clock: Clock | None = None) -> tuple[FleetController, GcWatchingReader]:
+    clock = clock or Clock()
+    reader = GcWatchingReader(clock, three_nodes())
+    settings = ControllerSettings(budget_w=6000.0, controller_id="ctl-a", apply=True)
+    ctl = FleetController(settings, reader, FakeLink(), monotonic=clock.mono, wall=clock.wall)
+    return ctl, reader
+
+
+def test_a_period_runs_without_automatic_collection_and_restores_it_even_on_a_bug() -> None:
+    assert gc.isenabled()
+    ctl, reader = gc_watched()
+    ctl.period()
+    assert reader.gc_enabled == [False] and gc.isenabled()
+    reader.fail = RuntimeError("a bug of ours")
+    with pytest.raises(RuntimeError):
+        ctl.period()
+    assert reader.gc_enabled == [False, False] and gc.isenabled()
+    gc.disable()  # whoever runs the controller turned it off: it stays off
+    try:
+        reader.fail = None
+        ctl.period()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_overlapping_periods_of_two_controllers_turn_collection_back_on_once_both_end() -> None:
+    a, reader_a = gc_watched()
+    b, _ = gc_watched()
+    reader_a.go_on.clear()
+    thread = threading.Thread(target=a.period)
+    thread.start()
+    try:
+        assert reader_a.inside.wait(30)
+        b.period()  # starts and ends while a's period runs
+        assert not gc.isenabled()
+    finally:
+        reader_a.go_on.set()
+        thread.join(30)
+    assert gc.isenabled()
+
+
+def test_a_node_problem_said_once_is_said_again_when_it_comes_back(caplog) -> None:
+    ctl, _, link, clock = make(three_nodes())
+    with caplog.at_level(logging.INFO, "wattwarden.fleet.controller"):
+        for unreachable in (True, True, False, False, True, True):
+            if unreachable:
+                link.unreachable.add("c:9767")
+            else:
+                link.unreachable.discard("c:9767")
+            ctl.period()
+            clock.advance(5.0)
+    said = [r.getMessage() for r in caplog.records if "node c: cannot read" in r.getMessage()
+            or "node c: agent unreachable" in r.getMessage()]  # fmt: skip
+    assert len(said) == 2, said
