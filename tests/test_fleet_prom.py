@@ -24,12 +24,14 @@ from hypothesis import strategies as st
 from wattwarden.fleet.allocate import PRIORITIES
 from wattwarden.fleet.model import build_view, stale_bound
 from wattwarden.fleet.prom import (
+    Answer,
     Auth,
     FleetReader,
     PrometheusClient,
     PrometheusError,
     Readings,
     Sample,
+    Target,
     queries,
 )
 
@@ -362,6 +364,57 @@ def test_the_lean_targets_parse_takes_and_refuses_exactly_what_the_per_target_pa
     except PrometheusError as e:
         got = str(e)
     assert got == want
+
+
+def targets_answer(health: str = "up", address: str = "n1:9767", *, scrape: str, took: float,
+                   error: str = "", tail: str = "") -> Answer:  # fmt: skip
+    item = {
+        "labels": {"instance": "n1", "job": "wattwarden"},
+        "discoveredLabels": {"__address__": address},
+        "lastScrape": scrape,
+        "lastScrapeDuration": took,
+        "lastError": error,
+        "health": health,
+        "scrapeInterval": "15s",
+    }
+    data = {"activeTargets": [item], "droppedTargets": []}
+    body = json.dumps({"status": "success", "data": data}, separators=(",", ":")) + tail
+    return Answer("/api/v1/targets", 200, body.encode())
+
+
+def test_targets_that_changed_only_in_their_last_scrape_are_not_parsed_again() -> None:
+    reader = FleetReader(PrometheusClient("http://127.0.0.1:9"), "wattwarden")
+    parsed: list[Answer] = []
+    parse = reader.client.parse_targets
+
+    def counting(answer: Answer) -> list[Target]:
+        parsed.append(answer)
+        return parse(answer)
+
+    reader.client.parse_targets = counting  # type: ignore[method-assign]
+    try:
+        first = reader._targets(targets_answer(scrape="2026-01-01T00:00:00Z", took=0.012))
+        again = reader._targets(
+            targets_answer(scrape="2026-01-01T00:00:05.5Z", took=1.5e-3, error="timeout")
+        )
+        assert first == again and len(parsed) == 1
+        assert first == [Target("n1", "wattwarden", "n1:9767", "up", 15.0)]
+        # what the controller reads changed: parsed again, and seen
+        down = reader._targets(targets_answer("down", scrape="x", took=0))
+        assert down is not None and down[0].health == "down" and len(parsed) == 2
+        moved = reader._targets(targets_answer("down", "n1:9999", scrape="y", took=0))
+        assert moved is not None and moved[0].address == "n1:9999" and len(parsed) == 3
+        # bytes JSON does not allow where a scrape time was: refused, not taken as the same
+        good = targets_answer("down", "n1:9999", scrape="y", took=0)
+        for bad in (b"y\x01", b"y\xe9", b'y"', b"y\\"):
+            body = good.body.replace(b'"lastScrape":"y"', b'"lastScrape":"' + bad + b'"')
+            with pytest.raises(PrometheusError):
+                reader._targets(Answer(good.path, 200, body))
+        with pytest.raises(PrometheusError):  # the same targets, then garbage after them
+            reader._targets(targets_answer("down", "n1:9999", scrape="z", took=0, tail="]"))
+        assert reader._targets(targets_answer("down", "n1:9999", scrape="z", took=0)) == moved
+    finally:
+        reader.close()
 
 
 def test_a_slow_server_times_out_as_a_prometheus_error(stub: PromStub) -> None:
