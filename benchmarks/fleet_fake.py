@@ -90,8 +90,7 @@ def series(nodes: Sequence[NodeFigures]) -> Iterator[tuple[str, dict[str, str], 
             yield "starving", {"instance": n.instance}, 1.0
         if n.lease_w is not None:
             yield "lease", {"instance": n.instance}, n.lease_w
-        yield "scraped_at", {"instance": n.instance}, n.scraped_at_s
-        yield "evaluated_at", {"instance": n.instance}, n.evaluated_at_s
+        yield "seen_at", {"instance": n.instance}, min(n.scraped_at_s, n.evaluated_at_s)
 
 
 def answers(nodes: Sequence[NodeFigures], at_s: float) -> dict[str, list[dict[str, Any]]]:

@@ -64,15 +64,14 @@ class FakeReader:
         self.reads += 1
         if self.down is not None:
             raise PrometheusError(self.down)
-        res: dict[str, list[Sample]] = {k: [] for k in ("up", "scraped_at", "evaluated_at")}
+        res: dict[str, list[Sample]] = {k: [] for k in ("up", "seen_at")}
 
         def add(name: str, instance: str, value: float, **labels: str) -> None:
             res.setdefault(name, []).append(Sample({"instance": instance, **labels}, value, at_s))
 
         for name, n in self.nodes.items():
             add("up", name, 1.0 if n.up else 0.0)
-            add("scraped_at", name, at_s - n.age_s)
-            add("evaluated_at", name, at_s - n.age_s)
+            add("seen_at", name, at_s - n.age_s)
             add("power", name, n.power)
             add("floor", name, n.floor)
             add("ceiling", name, n.ceiling)

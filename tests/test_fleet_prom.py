@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from wattwarden.fleet.allocate import PRIORITIES
 from wattwarden.fleet.model import build_view, stale_bound
 from wattwarden.fleet.prom import (
+    RECORDED,
     Answer,
     Auth,
     FleetReader,
@@ -508,8 +509,7 @@ def fleet_series(at: float, *, age_s: float = 1.0) -> dict[str, list[tuple[dict[
         q["demand"]: [({**n1, "priority": "high"}, 700.0), ({**n1, "priority": "low"}, 200.0)],
         q["starving"]: [({"instance": "n1"}, 1.0)],
         q["lease"]: [({"instance": "n1"}, 1500.0)],
-        q["scraped_at"]: [({"instance": "n1"}, at - age_s)],
-        q["evaluated_at"]: [({"instance": "n1"}, at - age_s)],
+        q["seen_at"]: [({"instance": "n1"}, at - age_s)],
     }
 
 
@@ -592,8 +592,7 @@ def test_the_view_is_the_same_from_a_readers_vectors_as_from_samples_built_by_ha
     for (labels, _), priority in zip(answers["demand"], priorities, strict=False):
         if priority is not None:
             labels["priority"] = priority
-    for name in ("scraped_at", "evaluated_at"):
-        answers[name] = [(m, NOW - age) for m, _ in answers[name]]
+    answers["seen_at"] = [(m, NOW - age) for m, _ in answers["seen_at"]]
     by_hand = {k: [Sample(m, v, NOW) for m, v in rows] for k, rows in answers.items()}
     client = PrometheusClient("http://127.0.0.1:9")
     parsed = {
@@ -624,8 +623,7 @@ def test_a_node_missing_its_recording_rules_is_not_fresh() -> None:
         NOW,
         {
             "up": [Sample(n1, 1.0, NOW)],
-            "scraped_at": [Sample({"instance": "n1"}, NOW - 1, NOW)],
-            "evaluated_at": [Sample({"instance": "n1"}, NOW - 1, NOW)],
+            "seen_at": [Sample({"instance": "n1"}, NOW - 1, NOW)],
         },
     )
     n = build_view(readings, period_s=5.0, agent_port=9767).nodes["n1"]
@@ -658,6 +656,21 @@ def test_reads_an_agent_through_a_real_prometheus_and_the_shipped_rules(tmp_path
                 return node if ok else None
 
             node = wait_for(fresh, timeout_s=90, what="a fresh node with demand and GPUs")
+            # seen_at is the older of the newest GPU scrape and the oldest rule evaluation,
+            # asked one at a time here: the server's answer to the folded query is theirs
+            at = time.time()
+            scraped = reader.client.query(
+                'max by (instance) (timestamp(gpu_up{job="wattwarden"}))', at
+            )
+            names = "|".join(RECORDED)
+            rules = reader.client.query(
+                f'min by (instance) (timestamp(label_replace({{__name__=~"{names}",'
+                'job="wattwarden"}, "series", "$1", "__name__", "(.+)")))',
+                at,
+            )
+            (seen,) = reader.client.query(queries("wattwarden")["seen_at"], at)
+            assert dict(seen.labels) == {"instance": "127.0.0.1"}
+            assert seen.value == min(scraped[0].value, rules[0].value)
         finally:
             reader.close()
         assert node.address == f"127.0.0.1:{agent.port}"  # from the targets API

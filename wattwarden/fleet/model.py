@@ -175,8 +175,7 @@ def build_view(
     at_s = readings.at_s
     targets: Mapping[str, Target] = {t.instance: t for t in readings.targets or []}
     up = _by_instance(r.get("up", ()))
-    scraped_at = _by_instance(r.get("scraped_at", ()))
-    evaluated_at = _by_instance(r.get("evaluated_at", ()))
+    seen_at = _by_instance(r.get("seen_at", ()))
     power, floor, ceiling = (_by_instance(r.get(k, ())) for k in ("power", "floor", "ceiling"))
     gpus_up, gpus = _by_instance(r.get("gpus_up", ())), _by_instance(r.get("gpus", ()))
     starving, lease = _by_instance(r.get("starving", ())), _by_instance(r.get("lease", ()))
@@ -191,10 +190,8 @@ def build_view(
             bound = bounds.get(interval)
             if bound is None:
                 bound = bounds[interval] = stale_bound(period_s, interval)
-        scraped_s, evaluated_s = scraped_at.get(instance), evaluated_at.get(instance)
-        age: float | None = None
-        if scraped_s is not None and evaluated_s is not None:
-            age = at_s - (scraped_s if scraped_s < evaluated_s else evaluated_s)
+        seen_s = seen_at.get(instance)
+        age = None if seen_s is None else at_s - seen_s
         up_value = up.get(instance)
         n_up, n_all = gpus_up.get(instance), gpus.get(instance)
         floor_w, ceiling_w, lease_w = (

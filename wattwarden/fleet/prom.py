@@ -17,16 +17,19 @@ query at the same evaluation time, a few at once (:data:`QUERY_CONCURRENCY`):
 ``demand``                ``instance:wattwarden_power_demand_watts:sum`` by ``priority``
 ``starving``              ``wattwarden_power_budget_starving``
 ``lease``                 ``wattwarden_power_budget_watts{scope="lease"}`` (the lease in force)
-``scraped_at``            when each node's GPU series were last scraped (``timestamp(gpu_up)``)
-``evaluated_at``          when the recorded series above were last evaluated (``timestamp()``)
+``seen_at``               the older of when each node's GPU series were last scraped
+                          (``timestamp(gpu_up)``, the newest) and when the recorded series
+                          above were last evaluated (``timestamp()``, the oldest); only for
+                          nodes that have both
 ========================  =================================================================
 
-Why the two timestamps: an instant query answers every sample at the evaluation time asked
+Why the timestamps: an instant query answers every sample at the evaluation time asked
 for, whatever the age of the data behind it (up to the server's lookback of 5 minutes), so the
 sample timestamps (kept in :class:`Sample`) cannot tell fresh from stale. PromQL's
 ``timestamp()`` gives the time of the sample itself: a node whose scrape stopped without a
 staleness marker (Prometheus restarted, a remote store lagging) or whose recording rules stopped
-being evaluated shows its true age there, and :mod:`wattwarden.fleet.model` calls it stale.
+being evaluated shows its true age there, and :mod:`wattwarden.fleet.model` calls it stale. The
+server takes the older of the two, so one series a node comes back, not two.
 
 The targets API, where the server has one, gives each agent's scrape address (``HOST:PORT``: the
 shipped relabelling keeps only the host in ``instance``) and scrape interval. Servers without it
@@ -494,6 +497,14 @@ def queries(job: str) -> dict[str, str]:
     sel = f'job="{_escape(job)}"'
     recorded = "|".join(RECORDED)
 
+    scraped = f"max by (instance) (timestamp(gpu_up{{{sel}}}))"
+    # the name goes into a label first: timestamp() drops it, and series that differ only by
+    # name would then clash
+    evaluated = (
+        "min by (instance) (timestamp(label_replace("
+        f'{{__name__=~"{recorded}",{sel}}}, "series", "$1", "__name__", "(.+)")))'
+    )
+
     def by_instance(series: str) -> str:
         return f"sum by (instance) ({series}{{{sel}}})"
 
@@ -509,12 +520,12 @@ def queries(job: str) -> dict[str, str]:
         ),
         "starving": f"max by (instance) (wattwarden_power_budget_starving{{{sel}}}) >= 1",
         "lease": f'max by (instance) (wattwarden_power_budget_watts{{{sel},scope="lease"}})',
-        "scraped_at": f"max by (instance) (timestamp(gpu_up{{{sel}}}))",
-        # the name goes into a label first: timestamp() drops it, and series that differ
-        # only by name would then clash
-        "evaluated_at": (
-            "min by (instance) (timestamp(label_replace("
-            f'{{__name__=~"{recorded}",{sel}}}, "series", "$1", "__name__", "(.+)")))'
+        # the older of the two, for nodes that have both: each labelled apart so that "or"
+        # keeps both (they share their one label, instance), then "and" with each
+        "seen_at": (
+            f'min by (instance) (label_replace({scraped}, "of", "scrape", "", "")'
+            f' or label_replace({evaluated}, "of", "rules", "", ""))'
+            f" and on (instance) {scraped} and on (instance) {evaluated}"
         ),
     }
 
