@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wattwarden.fleet.allocate import PRIORITIES
-from wattwarden.fleet.model import build_view, stale_bound
+from wattwarden.fleet.model import NodeObservation, build_view, stale_bound
 from wattwarden.fleet.prom import (
     RECORDED,
     Answer,
@@ -679,3 +679,20 @@ def test_reads_an_agent_through_a_real_prometheus_and_the_shipped_rules(tmp_path
         assert node.power_w is not None and node.power_w > 0
         assert node.age_s is not None and node.age_s <= node.stale_after_s
         assert set(node.demand_w) <= {"high", "normal", "low"}
+
+
+_MAYBE_W = st.none() | st.floats(min_value=-10.0, max_value=2000.0, allow_nan=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    age=st.none() | st.floats(min_value=-5.0, max_value=100.0, allow_nan=False),
+    bound=st.floats(min_value=1.0, max_value=60.0),
+    floor=_MAYBE_W,
+    ceiling=_MAYBE_W,
+)
+def test_a_node_is_fresh_exactly_when_it_has_no_problem(
+    age: float | None, bound: float, floor: float | None, ceiling: float | None
+) -> None:
+    n = NodeObservation("n:1", "n:1", True, age, bound, 100.0, 8, 8, floor, ceiling)
+    assert n.fresh == (n.problem == "")

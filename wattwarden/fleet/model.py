@@ -75,8 +75,20 @@ class NodeObservation(NamedTuple):
 
     @property
     def fresh(self) -> bool:
-        """Its series are recent and complete enough to allocate from."""
-        return not self.problem
+        """Its series are recent and complete enough to allocate from (no :attr:`problem`).
+
+        The same tests as :attr:`problem`, without building its message: a period asks this
+        of every node, more than once.
+        """
+        age, floor, ceiling = self.age_s, self.floor_w, self.ceiling_w
+        return not (
+            age is None
+            or age > self.stale_after_s
+            or floor is None
+            or ceiling is None
+            or ceiling <= 0
+            or floor > ceiling
+        )
 
     def demand(self) -> NodeDemand:
         """The node as the split sees it (only for a fresh node)."""
