@@ -399,7 +399,8 @@ class FleetController:
         """Each node's state, and the shares held out of the split (node -> lease)."""
         states: dict[str, str] = {}
         held: dict[str, float] = {}
-        for instance in sorted(set(self._nodes) | set(view.nodes)):
+        said_about = self._said_about
+        for instance in sorted(self._nodes.keys() | view.nodes.keys()):
             node, obs = self._nodes[instance], view.nodes.get(instance)
             if obs is None or not obs.fresh:
                 states[instance] = "stale"
@@ -433,7 +434,8 @@ class FleetController:
                     )
                 continue
             states[instance] = "ok"
-            self._forget(instance, "stale", "scrape", "unreachable", "conflict", "refused")
+            if instance in said_about:
+                self._forget(instance, "stale", "scrape", "unreachable", "conflict", "refused")
         return states, held
 
     # ------------------------------------------------------------------ apply mode
@@ -486,30 +488,38 @@ class FleetController:
         ]
         results = self._push_all(self.link, leases, self.settings.concurrency)
         done = self._mono()
-        count, record = self.metrics.count_push, self._record
+        report.extend(zip(leases, results, strict=True))
+        # Counted once for the batch (one lock, not one a push), and the common answer, ok,
+        # recorded inline: this loop runs for every node pushed, twice a period.
+        tally: dict[str, int] = {}
+        info = log.isEnabledFor(logging.INFO)
+        said_about, expires_mono = self._said_about, done + ttl_s
         for instance, lease, result in zip(names, leases, results, strict=True):
-            report.append((lease, result))
-            count(result.result)
-            record(instance, lease, result, done, plan)
-
-    def _record(
-        self, instance: str, lease: Lease, result: PushResult, done: float, plan: Plan
-    ) -> None:
-        """Update what the node may hold from one push's result."""
-        node = self._nodes[instance]
-        before = node.committed_w
-        if result.result == "ok":
-            node.committed_w = lease.budget_w
-            node.expires_mono = done + lease.ttl_s
-            node.expires_wall = result.expires_at
+            answer = result.result
+            tally[answer] = tally.get(answer, 0) + 1
+            if answer != "ok":
+                self._record_refusal(instance, lease, result, done)
+                continue
+            node = nodes[instance]
+            before, budget = node.committed_w, lease.budget_w
+            node.committed_w, node.expires_mono, node.expires_wall = (
+                budget,
+                expires_mono,
+                result.expires_at,
+            )
             node.ours, node.problem, node.needs_read = True, None, False
-            self._forget(instance, "unreachable", "conflict", "refused")
-            changed = before is None or abs(before - lease.budget_w) > EPSILON_W
-            if changed and log.isEnabledFor(logging.INFO):  # its reason is formatted to say so
+            if instance in said_about:
+                self._forget(instance, "unreachable", "conflict", "refused")
+            if info and (before is None or abs(before - budget) > EPSILON_W):
                 was = "none" if before is None else f"{before:.0f} W"
                 reason = plan.split.reasons.get(instance, "share held")
-                log.info("node %s: lease %s -> %.0f W: %s", instance, was, lease.budget_w, reason)
-            return
+                log.info("node %s: lease %s -> %.0f W: %s", instance, was, budget, reason)
+        self.metrics.count_pushes(tally)
+
+    def _record_refusal(self, instance: str, lease: Lease, result: PushResult, done: float) -> None:
+        """Update what the node may hold from a push that was not answered ``ok``."""
+        node = self._nodes[instance]
+        before = node.committed_w
         node.problem = result.result
         if result.result == "unreachable":
             # the push may have landed: the node may hold either lease until the new one expires
@@ -714,9 +724,9 @@ class FleetController:
         started: float,
         at_s: float,
     ) -> None:
-        counts = {
-            s: sum(1 for v in states.values() if v == s) for s in ("ok", "unreachable", "stale")
-        }
+        counts = dict.fromkeys(("ok", "unreachable", "stale"), 0)
+        for state in states.values():
+            counts[state] += 1
         node_budget = self._ours() if self.settings.apply else dict(would)
         self.metrics.publish(
             ControllerState(

@@ -158,6 +158,12 @@ class ControllerMetrics:
         with self._lock:
             self._pushes[result] = self._pushes.get(result, 0) + 1
 
+    def count_pushes(self, counts: Mapping[str, int]) -> None:
+        """Count a batch of pushes: how many got each result."""
+        with self._lock:
+            for result, n in counts.items():
+                self._pushes[result] = self._pushes.get(result, 0) + n
+
     def count_migration(self, scheduler: str, result: str) -> None:
         """Count one move asked of ``scheduler`` by its result."""
         with self._lock:
