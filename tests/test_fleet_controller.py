@@ -191,6 +191,19 @@ def test_dry_run_computes_and_exports_but_pushes_nothing() -> None:
     assert state.node_budget_w == report.would_lease
 
 
+def test_the_published_cluster_power_sums_the_fresh_nodes_reachable_or_not() -> None:
+    nodes = {
+        "a": FakeNode(power=1000.0, demand={"high": 900.0}),
+        "b": FakeNode(power=1200.0, demand={"normal": 900.0}),
+        "c": FakeNode(power=700.0, age_s=100.0),  # stale: its figure is not counted
+        "d": FakeNode(power=900.0, up=False),  # fresh series, agent not scraped: counted
+    }
+    ctl, _, _, _ = make(nodes, budget=10_000.0)
+    report = ctl.period()
+    assert report.states == {"a": "ok", "b": "ok", "c": "stale", "d": "unreachable"}
+    assert ctl.metrics.state.cluster_power_w == pytest.approx(3100.0)
+
+
 def test_apply_pushes_every_node_a_lease_with_id_generation_and_ttl() -> None:
     ctl, _, link, _clock = make(three_nodes())
     ctl.period()

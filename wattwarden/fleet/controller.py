@@ -727,12 +727,17 @@ class FleetController:
         counts = dict.fromkeys(("ok", "unreachable", "stale"), 0)
         for state in states.values():
             counts[state] += 1
+        # the view's cluster_power_w, from the freshness _classify found (not stale: fresh)
+        nodes = view.nodes
+        cluster_power_w = math.fsum(
+            nodes[i].power_w or 0.0 for i, s in states.items() if s != "stale"
+        )
         node_budget = self._ours() if self.settings.apply else dict(would)
         self.metrics.publish(
             ControllerState(
                 budget_w=self.settings.budget_w,
                 mode=self.settings.mode,
-                cluster_power_w=view.cluster_power_w,
+                cluster_power_w=cluster_power_w,
                 node_budget_w=node_budget,
                 nodes=counts,
                 prometheus_up=True,
