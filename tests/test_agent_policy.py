@@ -360,8 +360,17 @@ def test_a_stalled_sampler_makes_the_engine_hold_its_limits_and_healthz_say_why(
             assert [h.split()[1] for h in held] == ["0", "1", "2", "3"]
             for h in held:
                 assert re.fullmatch(r"GPU \d readings are [\d.]+ s old \(stale after 5 s\)", h), h
-            m = parse_metrics(http_get(agent.url + "/metrics")[1].decode())
-            assert m["wattwarden_policy_holding"] == [({}, 1.0)]
+            # /healthz reads the engine as it is; the gauge is published as its period ends
+            wait_for(
+                lambda: (
+                    parse_metrics(http_get(agent.url + "/metrics")[1].decode())[
+                        "wattwarden_policy_holding"
+                    ]
+                    == [({}, 1.0)]
+                ),
+                timeout_s=10,
+                what="wattwarden_policy_holding 1",
+            )
             assert limits(agent) == [H100_MIN_W] * 4  # held where they were, not changed
         finally:
             stuck.set()
