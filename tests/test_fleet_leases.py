@@ -22,7 +22,6 @@ import pytest
 from helpers import refused_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_web_config import pki  # noqa: F401 (fixture) the CA and 127.0.0.1 certificate fixture
 
 from wattwarden.config import ConfigError
 from wattwarden.fleet.leases import (
@@ -338,7 +337,7 @@ def test_a_kept_alive_connection_the_agent_closed_is_replaced_and_the_push_sent_
 
 # ------------------------------------------------------------------------ TLS and auth
 def test_over_tls_with_the_ca_pushes_carry_the_token_and_reads_carry_basic_auth(
-    pki: Path,  # noqa: F811 (the fixture imported above)
+    pki: Path,
 ) -> None:
     basic = "Basic " + base64.b64encode(b"controller:pa55").decode()
     with (
@@ -356,7 +355,7 @@ def test_over_tls_with_the_ca_pushes_carry_the_token_and_reads_carry_basic_auth(
 
 
 def test_tls_to_an_agent_whose_certificate_the_ca_does_not_sign_is_unreachable(
-    pki: Path,  # noqa: F811 (the fixture imported above)
+    pki: Path,
     tmp_path: Path,
 ) -> None:
     other_ca = tmp_path / "other.crt"  # the server's own certificate is no CA of the chain

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -435,26 +434,6 @@ def test_basic_auth_and_bearer_tokens_are_sent(stub: PromStub) -> None:
     PrometheusClient(stub.url, auth=Auth(bearer_token="t0ken")).query("up", NOW)
     assert stub.requests[-1][2]["Authorization"] == "Bearer t0ken"
     assert "pw" not in repr(Auth(basic_auth=("ctl", "pw"), bearer_token="t0ken"))
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Path:
-    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
-    openssl = require_binary("openssl")
-    d = tmp_path / "pki"
-    d.mkdir()
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
-        "-subj", "/CN=wattwarden test CA")  # fmt: skip
-    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "san.ext")  # fmt: skip
-    return d
 
 
 def test_tls_with_the_ca_file_verifies_the_server_and_without_it_fails(pki: Path) -> None:
