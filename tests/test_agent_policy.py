@@ -501,8 +501,14 @@ def test_budget_capping_on_a_loaded_fleet_holds_the_budget_through_the_agent(
         wait_for(under, timeout_s=30, what="the node under its budget")
         assert all(H100_MIN_W <= w <= H100_MAX_W for w in limits(agent))
         assert sum(limits(agent)) <= budget + 1.0
-        records = [DecisionRecord.from_json(d)
+
+        def logged() -> list[DecisionRecord] | None:
+            # a period logs its decisions after it set the limits: await them, do not race them
+            got = [DecisionRecord.from_json(d)
                    for d in http_json(agent.url + "/api/v1/decisions")[1]["decisions"]]  # fmt: skip
+            return got if any(d.action == "set" for d in got) else None
+
+        records = wait_for(logged, timeout_s=10, what="the period's decisions logged")
         assert {d.policy for d in records if d.action == "set"} == {"budget"}
         # the actuator's rate limit sits under the 0.2 s period: no change of the loop's own
         # is refused as too soon
