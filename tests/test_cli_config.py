@@ -469,3 +469,22 @@ def test_a_signal_sets_the_stop_event_is_logged_and_the_old_handlers_come_back(
     assert got == [signal.SIGTERM]
     assert [r.getMessage() for r in caplog.records] == ["SIGTERM: shutting down"]
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.parametrize(
+    ("node_w", "lease_w", "said"),
+    [
+        (None, None, ", budget none, mode apply"),
+        (2400.0, None, ", budget 2400 W, mode apply"),
+        (2400.0, 3000.0, ", budget 3000 W (leased; node's own 2400 W), mode apply"),
+        (None, 1500.0, ", budget 1500 W (leased; node's own none), mode apply"),
+    ],
+)
+def test_status_names_the_budget_in_force_a_lease_over_the_nodes_own(
+    node_w: float | None, lease_w: float | None, said: str
+) -> None:
+    from wattwarden.cli import format_status
+
+    state = {"node": "n", "backend": "sim", "gpus": [], "policy_mode": "apply",
+             "power_budget_watts": node_w, "power_budget_lease_watts": lease_w}  # fmt: skip
+    assert said in format_status(state)

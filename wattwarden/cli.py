@@ -313,6 +313,10 @@ def _fmt(value: float | None, unit: str, scale: float = 1.0, digits: int = 0) ->
     return "-" if value is None else f"{value / scale:.{digits}f}{unit}"
 
 
+def _watts_or_none(watts: float | None) -> str:
+    return "none" if watts is None else f"{watts:.0f} W"
+
+
 def format_status(state: dict[str, Any]) -> str:
     """An nvidia-smi/gpustat-like table, then the node's total, budget and policy mode.
 
@@ -357,8 +361,11 @@ def format_status(state: dict[str, Any]) -> str:
     node, backend = state.get("node", "?"), state.get("backend", "?")
     summary = f"{count} GPU(s), {total_power:.0f} W in total"
     if "policy_mode" in state:  # from an agent (a local read has no policy engine)
-        budget = state.get("power_budget_watts")
-        summary += f", budget {'none' if budget is None else f'{budget:.0f} W'}"
+        budget, lease = state.get("power_budget_watts"), state.get("power_budget_lease_watts")
+        if lease is not None:  # a live lease is the budget in force, above or below the node's
+            summary += f", budget {lease:.0f} W (leased; node's own {_watts_or_none(budget)})"
+        else:
+            summary += f", budget {_watts_or_none(budget)}"
         summary += f", mode {state['policy_mode']}"
     lines.append(f"{summary}, node {node} ({backend})")
     if state.get("policy_fallback"):
