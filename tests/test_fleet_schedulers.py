@@ -20,7 +20,6 @@ import pytest
 from helpers import refused_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_web_config import pki  # noqa: F401 (fixture) the CA and 127.0.0.1 certificate
 
 from wattwarden.config import ConfigError
 from wattwarden.fleet.schedulers import (
@@ -228,7 +227,7 @@ def test_a_job_of_another_scheduler_failed_without_calling_anything(token: Path)
 
 def test_in_cluster_evicts_over_tls_with_the_service_account(
     tmp_path: Path,
-    pki: Path,  # noqa: F811 (the fixture imported above)
+    pki: Path,
 ) -> None:
     sa = tmp_path / "serviceaccount"
     sa.mkdir()
@@ -246,7 +245,7 @@ def test_in_cluster_evicts_over_tls_with_the_service_account(
 
 def test_in_cluster_brackets_an_ipv6_service_host(
     tmp_path: Path,
-    pki: Path,  # noqa: F811 (the fixture imported above)
+    pki: Path,
 ) -> None:
     (tmp_path / "token").write_text("t")
     shutil.copy(pki / "ca.crt", tmp_path / "ca.crt")
