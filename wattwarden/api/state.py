@@ -153,39 +153,21 @@ def history_json(history: dict[int, list[HistoryPoint]], step: int = 1) -> dict[
             found = labels[mask] = clock_event_labels(mask)
         return found
 
-    if step == 1:
-        rows = {
-            str(index): [
-                [
-                    p.timestamp_s,
-                    p.power_w,
-                    p.temperature_c,
-                    p.utilization_ratio,
-                    p.power_limit_w,
-                    p.power_limit_target_w,
-                    p.clock_sm_hz,
-                    events(p.clock_event_mask),
-                ]
-                for p in points
-            ]
-            for index, points in history.items()
-        }
-        return {"columns": list(HISTORY_COLUMNS), "gpus": rows}
-    rows = {
-        str(index): [
-            [
-                p.timestamp_s,
-                p.power_w,
-                p.temperature_c,
-                p.utilization_ratio,
-                p.power_limit_w,
-                p.power_limit_target_w,
-                p.clock_sm_hz,
-                events(p.clock_event_mask),
-                p.seconds,
-            ]
-            for p in points
+    def row(p: HistoryPoint) -> list[Any]:
+        return [
+            p.timestamp_s,
+            p.power_w,
+            p.temperature_c,
+            p.utilization_ratio,
+            p.power_limit_w,
+            p.power_limit_target_w,
+            p.clock_sm_hz,
+            events(p.clock_event_mask),
         ]
-        for index, points in history.items()
-    }
+
+    if step == 1:
+        rows = {str(i): [row(p) for p in points] for i, points in history.items()}
+        return {"columns": list(HISTORY_COLUMNS), "gpus": rows}
+    # a bucket of several seconds: the same columns, and how many seconds it holds
+    rows = {str(i): [[*row(p), p.seconds] for p in points] for i, points in history.items()}
     return {"columns": list(HISTORY_STEP_COLUMNS), "gpus": rows}
