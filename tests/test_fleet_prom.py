@@ -20,6 +20,7 @@ from helpers import refused_port, require_binary, run_agent, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from wattwarden.fleet import prom as prom_api
 from wattwarden.fleet.allocate import PRIORITIES
 from wattwarden.fleet.model import NodeObservation, build_view, stale_bound
 from wattwarden.fleet.prom import (
@@ -291,6 +292,151 @@ def test_a_lean_parse_of_a_large_answer_keeps_every_sample_in_order() -> None:
     result[4321]["value"] = [NOW, 7]  # one number not a string, deep in the answer
     with pytest.raises(PrometheusError, match=r"a result's 'value' is not \[time, \"number\"\]"):
         PrometheusClient("http://127.0.0.1:9")._samples("up", result)
+
+
+# ------------------------------------------------------------------ Prometheus's own layout
+def prometheus_layout(result: list[Any], ensure_ascii: bool = False) -> bytes:
+    """A body written as Prometheus writes one: compact, keys in its order, no escapes needed."""
+    data = {"resultType": "vector", "result": result}
+    body = {"status": "success", "data": data}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=ensure_ascii).encode()
+
+
+def outcome(client: PrometheusClient, body: bytes, status: int = 200) -> Any:
+    """What parse_query makes of a body: its samples as plain tuples, or its error's message."""
+    try:
+        vector = client.parse_query("up", Answer("/api/v1/query", status, body))
+    except PrometheusError as e:
+        return str(e)
+    # NaN never equals itself: compare its text
+    return [(dict(s.labels), repr(s.value), repr(s.timestamp_s)) for s in vector]
+
+
+def general_outcome(client: PrometheusClient, body: bytes, status: int = 200) -> Any:
+    """The same through the general path alone (the JSON decoded, each sample checked)."""
+    real = prom_api._read_layout
+    prom_api._read_layout = lambda body: None  # type: ignore[assignment]
+    try:
+        return outcome(client, body, status)
+    finally:
+        prom_api._read_layout = real
+
+
+def test_prometheus_layout_is_read_without_decoding_the_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    result = [
+        {"metric": {"instance": f"gpu-{i:05d}", "priority": "high"}, "value": [NOW, f"{i}.25"]}
+        for i in range(3000)
+    ]
+    body = prometheus_layout(result)
+    client = PrometheusClient("http://127.0.0.1:9")
+    want = general_outcome(client, body)
+
+    def no_json(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the JSON was decoded")
+
+    monkeypatch.setattr(prom_api.json, "loads", no_json)
+    vector = client.parse_query("up", Answer("/api/v1/query", 200, body))
+    assert vector.column("instance") == [f"gpu-{i:05d}" for i in range(3000)]
+    assert vector.column("job") == [None] * 3000
+    assert vector[7] == Sample({"instance": "gpu-00007", "priority": "high"}, 7.25, NOW)
+    assert outcome(client, body) == want
+    # an escaped label value is not the layout: decoded (here: refused by the stub json.loads)
+    escaped = prometheus_layout([{"metric": {"instance": 'a"b'}, "value": [NOW, "1"]}])
+    with pytest.raises(AssertionError, match="the JSON was decoded"):
+        client.parse_query("up", Answer("/api/v1/query", 200, escaped))
+
+
+H = '{"status":"success","data":{"resultType":"vector","result":['
+T = "]}}"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        H + T,  # empty
+        H + '{"metric":{},"value":[1,"2"]}' + T,  # no labels
+        H + '{"metric":{"instance":"a","instance":"b"},"value":[1,"2"]}' + T,  # a name twice
+        H + '{"metric":{"a":"1"},"value":[1,"2"]},{"metric":{"b":"1"},"value":[1,"3"]}' + T,
+        H + '{"metric":{"a":"1"},"value":[1,"2"]},{"metric":{"a":"2"},"value":[2.5,"3"]}' + T,
+        H + '{"metric":{"a":"1"},"value":[1,"2"]},' + T,  # a trailing comma
+        H + ',{"metric":{"a":"1"},"value":[1,"2"]}' + T,  # a leading comma
+        H + '{"metric":{"a":"1"},"value":[1,"2"]}{"metric":{"a":"1"},"value":[1,"2"]}' + T,
+        H + '{"metric":{"a":"1"},"value":[1,"2"]} ,{"metric":{"a":"1"},"value":[1,"2"]}' + T,
+        H + '{"metric":{"a":"1",},"value":[1,"2"]}' + T,
+        H + '{"metric":{"a":"1"},"value":[1,"two"]}' + T,
+        H + '{"metric":{"a":"1"},"value":[1' + "0" * 400 + ',"2"]}' + T,  # beyond a float
+        H + '{"metric":{"a":"1"},"value":[1e400,"2"]}' + T,
+        H + '{"metric":{"a":"\\u00e9"},"value":[1,"2"]}' + T,  # an escape
+        H + '{"metric":{"a":"1"},"value":[1,"2"]}]},"warnings":["w"]}',
+        '{"status":"success","data":{"resultType":"matrix","result":[]}}',
+        '{"status":"error","errorType":"bad_data","error":"x"}',
+        H + '{"metric":{"a":"1"},"value":[1,"2"]}' + T + " ",
+    ],
+)
+def test_edge_answers_read_as_the_general_path_reads_them(body: str) -> None:
+    client = PrometheusClient("http://127.0.0.1:9")
+    assert outcome(client, body.encode()) == general_outcome(client, body.encode())
+
+
+layout_labels = st.dictionaries(
+    st.sampled_from(["instance", "job", "priority", "le", "a_b", "x-y", ""]),
+    st.text(max_size=6),  # quotes, backslashes, control and non-ASCII characters too
+    max_size=3,
+)
+layout_items = st.builds(
+    good_item,
+    layout_labels,
+    st.integers(0, 2 * 10**9) | st.floats(allow_nan=False) | st.just(10**400),
+    st.sampled_from(["1", "2.5", "-0", "NaN", "+Inf", "-Inf", "1e3", " 7 ", "1_0", "x", ""]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    result=st.lists(st.one_of(layout_items, sample_items), max_size=5),
+    ensure_ascii=st.booleans(),
+    status=st.sampled_from([200, 200, 200, 422]),
+)
+def test_an_answer_in_prometheus_layout_reads_as_the_general_path_reads_it(
+    result: list[Any], ensure_ascii: bool, status: int
+) -> None:
+    body = prometheus_layout(result, ensure_ascii)
+    client = PrometheusClient("http://127.0.0.1:9")
+    assert outcome(client, body, status) == general_outcome(client, body, status)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    result=st.lists(layout_items, min_size=1, max_size=4),
+    edits=st.lists(
+        st.tuples(
+            st.sampled_from(["insert", "delete", "replace"]),
+            st.integers(0, 10**6),
+            st.sampled_from(list(',:{}[]"\\ 0123456789.eE+-abcnNI\x00\x1f\xe9')),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_a_damaged_answer_in_prometheus_layout_reads_as_the_general_path_reads_it(
+    result: list[Any], edits: list[tuple[str, int, str]]
+) -> None:
+    # one to three bytes inserted, deleted or changed anywhere: whatever the body now says,
+    # the layout reader takes it only where the general path takes it, with the same samples
+    text = prometheus_layout(result).decode()
+    for kind, where, char in edits:
+        at = where % (len(text) + 1)
+        if kind == "insert":
+            text = text[:at] + char + text[at:]
+        elif kind == "delete":
+            text = text[:at] + text[at + 1 :]
+        else:
+            text = text[:at] + char + text[at + 1 :]
+    body = text.encode()
+    client = PrometheusClient("http://127.0.0.1:9")
+    assert outcome(client, body) == general_outcome(client, body)
 
 
 def good_target(instance: str, job: str, address: str, health: str, interval: Any) -> Any:
@@ -611,10 +757,22 @@ def test_a_node_missing_its_recording_rules_is_not_fresh() -> None:
 
 # ------------------------------------------------------------------ a real Prometheus
 @pytest.mark.slow
-def test_reads_an_agent_through_a_real_prometheus_and_the_shipped_rules(tmp_path: Path) -> None:
+def test_reads_an_agent_through_a_real_prometheus_and_the_shipped_rules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from promstack import prometheus_test_config, run_prometheus
 
     prometheus = require_binary("prometheus")
+    # every answer of the real server is in the layout read without decoding the JSON
+    layouts: list[bool] = []
+    read_layout = prom_api._read_layout
+
+    def spy(body: bytes) -> Any:
+        found = read_layout(body)
+        layouts.append(found is not None)
+        return found
+
+    monkeypatch.setattr(prom_api, "_read_layout", spy)
     with (
         run_agent(tmp_path / "agent", "--sim", "2", "--power-budget-watts", "900") as agent,
         run_prometheus(
@@ -652,6 +810,7 @@ def test_reads_an_agent_through_a_real_prometheus_and_the_shipped_rules(tmp_path
             assert seen.value == min(scraped[0].value, rules[0].value)
         finally:
             reader.close()
+        assert layouts and all(layouts), f"{layouts.count(False)} of {len(layouts)} decoded"
         assert node.address == f"127.0.0.1:{agent.port}"  # from the targets API
         assert (node.gpus_up, node.gpus) == (2, 2)
         assert (node.floor_w, node.ceiling_w) == (400.0, 1400.0)  # 2 H100 SXM: 200..700 W
