@@ -118,6 +118,7 @@ class Fleet:
             per_gpu = [(p, self.watts(u)) for p, u in node]
             demand = demand_by_priority(per_gpu)
             wanted = math.fsum(demand.values())
+            above_min = demand_by_priority(per_gpu, spec.power_min_w)
             lease = leases.get(name)
             power = wanted if lease is None else min(wanted, lease)
             held_others = sum(spec.power_min_w for p, _ in node if p != "high")
@@ -131,7 +132,7 @@ class Fleet:
                     gpus=GPUS_PER_NODE,
                     floor_w=GPUS_PER_NODE * spec.power_min_w,
                     ceiling_w=GPUS_PER_NODE * spec.power_max_w,
-                    demand_w=demand,
+                    demand_w=above_min,
                     scraped_at_s=evaluated - rng.uniform(0.0, SCRAPE_INTERVAL_S),
                     evaluated_at_s=evaluated,
                     starving=starving,

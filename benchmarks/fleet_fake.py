@@ -48,7 +48,8 @@ class NodeFigures:
     floor_w: float
     ceiling_w: float
     demand_w: dict[str, float]
-    """By priority: high, normal, low."""
+    """By priority: high, normal, low; above the GPUs' minimum limits (as the controller reads
+    it)."""
     scraped_at_s: float
     """When its agent was last scraped (``timestamp(gpu_up)``)."""
     evaluated_at_s: float
@@ -237,11 +238,17 @@ def push_in_order(link: Any, leases: Sequence[Lease], concurrency: int) -> list[
     return [link.push(lease) for lease in leases]
 
 
-def demand_by_priority(gpus: Iterable[tuple[str | None, float]]) -> dict[str, float]:
-    """Sum GPUs' demand by priority; a GPU without a job counts as ``low`` (the agents' rule)."""
+def demand_by_priority(
+    gpus: Iterable[tuple[str | None, float]], above_w: float = 0.0
+) -> dict[str, float]:
+    """Sum GPUs' demand by priority; a GPU without a job counts as ``low`` (the agents' rule).
+
+    With ``above_w`` (the GPUs' minimum limit), each counts only its draw above it, as the
+    agents' ``wattwarden_power_demand_above_min_watts`` does.
+    """
     out = {"high": 0.0, "normal": 0.0, "low": 0.0}
     for priority, watts in gpus:
-        out[priority or "low"] += watts
+        out[priority or "low"] += max(0.0, watts - above_w)
     return out
 
 

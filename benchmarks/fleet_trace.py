@@ -27,7 +27,9 @@ simulator's DVFS model (:class:`~wattwarden.hardware.sim.gpu.SimGpu` on a frozen
 a table: power ``idle + dynamic * u * f ** alpha``, throughput ``1 / ((1 - m) / f + m)``). The
 capper's own pace (a few periods to converge) and learned margin are not modelled: they are the
 same for every strategy. The agent reports its demand as the contract says: a GPU's draw, or its
-default limit while its limit holds it back; GPUs without a job count as ``low``.
+default limit while its limit holds it back, above its minimum limit
+(``wattwarden_power_demand_above_min_watts``, what the controller reads); GPUs without a job
+count as ``low``.
 
 Figures per strategy: the share of the day the cluster's GPU power is above the budget and the
 worst excess; the budget used (mean power over the budget), over the day and while the budget
@@ -265,20 +267,22 @@ class Simulation:
         steps = dict.fromkeys(PRIORITIES, 0.0)
         demand = dict.fromkeys(PRIORITIES, 0.0)
         starving = False
+        floor = spec.power_min_w  # demand counts what a GPU wants above its minimum limit
         for (priority, util), draw, limit in zip(gpus, draws, limits, strict=True):
             if priority is None:
                 power += draw
-                demand["low"] += draw
+                demand["low"] += max(0.0, draw - floor)
                 continue
             if draw <= limit:
                 power += draw
                 steps[priority] += 1.0
-                demand[priority] += draw
+                demand[priority] += max(0.0, draw - floor)
                 continue
             watts, throughput = phys.at_limit(util, limit)
             power += watts
             steps[priority] += throughput
-            demand[priority] += spec.power_default_w  # held at its limit: it wants its default
+            # held at its limit: it wants its default
+            demand[priority] += max(0.0, spec.power_default_w - floor)
             starving = starving or priority == "high"
         node.power_w, node.steps, node.demand_w, node.starving = power, steps, demand, starving
         node.want_w = math.fsum(draws)

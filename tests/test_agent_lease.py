@@ -283,6 +283,21 @@ def test_demand_and_starving_are_exported(node: Node) -> None:
     assert {lab["priority"]: v for lab, v in held}["high"] >= 0.99 * demand["high"]
 
 
+def test_demand_above_min_counts_each_gpu_above_its_minimum_limit_and_an_idle_one_as_zero(
+    node: Node,
+) -> None:
+    load(node, ("high", "low"))  # GPUs 2 and 3 idle: they count as low, drawing under 200 W
+    node.sim.run(3)
+    m = node.metrics()
+    demand = {lab["priority"]: v for lab, v in m["wattwarden_power_demand_watts"]}
+    above = {lab["priority"]: v for lab, v in m["wattwarden_power_demand_above_min_watts"]}
+    (minimum,) = {v for _, v in m["gpu_power_limit_min_watts"]}
+    assert demand["high"] > minimum and above["high"] == pytest.approx(demand["high"] - minimum)
+    # low: the busy GPU above its minimum; the idle two (drawing under it) count 0, not less
+    assert minimum < demand["low"] - above["low"] < 3 * minimum
+    assert above["normal"] == 0.0 and demand["normal"] == 0.0
+
+
 # ------------------------------------------------------------------------ refusals at the edge
 @pytest.mark.parametrize("method", ["POST", "DELETE"])
 @pytest.mark.parametrize("token", [None, "wrong-token"], ids=["missing", "wrong"])

@@ -406,7 +406,8 @@ POLICY_FAMILIES = {
     "wattwarden_policy_decisions_total", "wattwarden_policy_active", "wattwarden_policy_mode",
     "wattwarden_policy_holding", "wattwarden_power_budget_unreachable",
     "wattwarden_policy_apply_fallback", "wattwarden_job_migrations_total",
-    "wattwarden_power_demand_watts", "wattwarden_power_budget_starving",
+    "wattwarden_power_demand_watts", "wattwarden_power_demand_above_min_watts",
+    "wattwarden_power_budget_starving",
     "wattwarden_power_lease_active", "wattwarden_power_lease_expirations_total",
 }  # fmt: skip
 

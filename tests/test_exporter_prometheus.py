@@ -624,6 +624,11 @@ EXPOSITION: dict[str, tuple[str, set[str], str]] = {
         "GPU power the node would draw if no limit held it back (a GPU held at its limit counts "
         "its default limit), by the top priority of the jobs on each GPU (none: low).",
     ),
+    "wattwarden_power_demand_above_min_watts": (
+        "gauge", {"priority"},
+        "The part of wattwarden_power_demand_watts above each GPU's minimum power limit (0 for "
+        "a GPU that draws less), by priority: the node's floor plus this is what it needs.",
+    ),
     "wattwarden_power_budget_starving": (
         "gauge", set(),
         "1 while the budget keeps a GPU that runs a high-priority job below what it wants.",
@@ -716,6 +721,7 @@ def full_store(clock: ManualClock) -> tuple[MetricStore, JobRegistry]:
             fallback=False,
             budget_unreachable=True,
             demand_w={"high": 1300.0, "normal": 0.0, "low": 410.5},
+            demand_above_min_w={"high": 900.0, "normal": 0.0, "low": 10.5},
             starving=True,
         )
     )
@@ -827,6 +833,9 @@ def test_host_rapl_and_self_health_are_exported_as_stored() -> None:
     assert plain("wattwarden_job_migrations_total") == {("budget",): 2.0, ("lost",): 0.0}
     assert plain("wattwarden_power_demand_watts") == {
         ("high",): 1300.0, ("low",): 410.5, ("normal",): 0.0,
+    }  # fmt: skip
+    assert plain("wattwarden_power_demand_above_min_watts") == {
+        ("high",): 900.0, ("low",): 10.5, ("normal",): 0.0,
     }  # fmt: skip
     assert plain("wattwarden_power_budget_starving") == {(): 1.0}
     assert plain("wattwarden_power_lease_active") == {(): 1.0}

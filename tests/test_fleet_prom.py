@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -817,6 +818,64 @@ def test_reads_an_agent_through_a_real_prometheus_and_the_shipped_rules(
         assert node.power_w is not None and node.power_w > 0
         assert node.age_s is not None and node.age_s <= node.stale_after_s
         assert set(node.demand_w) <= {"high", "normal", "low"}
+
+
+@pytest.mark.slow
+def test_the_demand_query_reads_demand_above_min_and_an_older_agents_whole_demand(
+    tmp_path: Path,
+) -> None:
+    # promtool evaluates the controller's own query: node-a exports demand above its GPUs'
+    # minimum limits (read), node-b is an agent of a release before that series (whole demand)
+    promtool = require_binary("promtool")
+    series = [
+        ("instance:wattwarden_power_demand_watts:sum", "node-a", "high", 650),
+        ("instance:wattwarden_power_demand_watts:sum", "node-a", "low", 120),
+        ("instance:wattwarden_power_demand_above_min_watts:sum", "node-a", "high", 450),
+        ("instance:wattwarden_power_demand_above_min_watts:sum", "node-a", "low", 0),
+        ("instance:wattwarden_power_demand_watts:sum", "node-b", "high", 900),
+        ("instance:wattwarden_power_demand_above_min_watts:sum", "node-c", "high", 5),
+    ]
+    inputs = [
+        {"series": f'{name}{{job="wattwarden",instance="{node}",priority="{p}"}}',
+         "values": f"{value}x5"}
+        for name, node, p, value in series
+    ]  # fmt: skip
+    want = [
+        ("node-a", "high", 450),
+        ("node-a", "low", 0),
+        ("node-b", "high", 900),
+        ("node-c", "high", 5),
+    ]
+    test = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": inputs,
+                "promql_expr_test": [
+                    {
+                        "expr": queries("wattwarden")["demand"],
+                        "eval_time": "2m",
+                        "exp_samples": [
+                            {"labels": f'{{instance="{node}",priority="{p}"}}', "value": value}
+                            for node, p, value in want
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "demand_test.yml"
+    path.write_text(json.dumps(test))  # JSON is YAML
+    result = subprocess.run(
+        [promtool, "test", "rules", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 _MAYBE_W = st.none() | st.floats(min_value=-10.0, max_value=2000.0, allow_nan=False)

@@ -70,6 +70,8 @@ class PolicyState:
     demand_w: dict[str, float] = field(default_factory=dict)
     """What the GPUs would draw if no limit held them back, summed by the top priority of the
     jobs on each (``high``, ``normal``, ``low``; a GPU without a job counts as ``low``)."""
+    demand_above_min_w: dict[str, float] = field(default_factory=dict)
+    """The same, each GPU counting only what it would draw above its minimum power limit."""
     starving: bool = False
     """The budget keeps a GPU that runs a high-priority job below what it wants."""
 

@@ -191,7 +191,7 @@ def _policy_families(snap: StoreSnapshot) -> Iterator[Metric]:
 
 
 PRIORITIES = ("high", "normal", "low")
-"""Job priorities, each a series of ``wattwarden_power_demand_watts``."""
+"""Job priorities, each a series of ``wattwarden_power_demand_watts`` (and ``..._above_min_``)."""
 
 
 def _demand_families(snap: StoreSnapshot) -> Iterator[Metric]:
@@ -203,6 +203,12 @@ def _demand_families(snap: StoreSnapshot) -> Iterator[Metric]:
         "its default limit), by the top priority of the jobs on each GPU (none: low).",
         labels=["priority"],
     )
+    above_min = GaugeMetricFamily(
+        "wattwarden_power_demand_above_min_watts",
+        "The part of wattwarden_power_demand_watts above each GPU's minimum power limit (0 for "
+        "a GPU that draws less), by priority: the node's floor plus this is what it needs.",
+        labels=["priority"],
+    )
     starving = GaugeMetricFamily(
         "wattwarden_power_budget_starving",
         "1 while the budget keeps a GPU that runs a high-priority job below what it wants.",
@@ -210,8 +216,9 @@ def _demand_families(snap: StoreSnapshot) -> Iterator[Metric]:
     if state is not None:
         for priority in PRIORITIES:
             demand.add_metric([priority], state.demand_w.get(priority, 0.0))
+            above_min.add_metric([priority], state.demand_above_min_w.get(priority, 0.0))
         starving.add_metric([], 1.0 if state.starving else 0.0)
-    yield from (demand, starving)
+    yield from (demand, above_min, starving)
 
 
 def _lease_families(snap: StoreSnapshot) -> Iterator[Metric]:

@@ -13,10 +13,10 @@ stages before it left over:
    common level; a node whose need is below it stops there and leaves the rest to the others),
    each capped at its *ceiling* (the sum of its GPUs' maximum limits). A node's need through a
    class is its floor plus its demand of that class and the classes above it, at most its
-   ceiling. Demand is the power the node's GPUs would draw if their limits did not hold them
-   back (the agents' ``wattwarden_power_demand_watts``); counting the floor on top of it errs on
-   the generous side, because Prometheus does not tell which GPUs' minimums pay for which
-   class.
+   ceiling. Demand is what the node's GPUs would draw above their minimum limits if their
+   limits did not hold them back (the agents' ``wattwarden_power_demand_above_min_watts``;
+   an idle GPU, drawing less than its minimum, counts 0): the floor already pays for every
+   GPU's minimum, so this is exactly the limits the node needs to run that class unheld.
 3. what is left is shared in proportion to each node's remaining headroom (ceiling less share),
    so no node sits at a lower budget than it could have while watts go unused.
 
@@ -74,7 +74,8 @@ class NodeDemand:
     ceiling_w: float
     """The sum of the maximum power limits of its GPUs that are up."""
     demand_w: Mapping[str, float] = field(default_factory=dict)
-    """Power its GPUs would draw unrestrained, by the top priority of their jobs."""
+    """Power its GPUs would draw unrestrained above their minimum limits, by the top priority
+    of their jobs (the floor pays for the minimums)."""
 
     def need_w(self, through: str) -> float:
         """What the node can use to meet the demand of ``through`` and every class above it."""

@@ -17,7 +17,9 @@ query at the same evaluation time, all at once (:data:`QUERY_CONCURRENCY`):
 ``power``                 ``instance:gpu_power_watts:sum``
 ``gpus_up``, ``gpus``     ``instance:gpu_up:sum``, ``instance:gpu_up:count``
 ``floor``, ``ceiling``    ``instance:gpu_power_limit_{min,max}_watts:sum`` (GPUs up)
-``demand``                ``instance:wattwarden_power_demand_watts:sum`` by ``priority``
+``demand``                ``instance:wattwarden_power_demand_above_min_watts:sum`` by
+                          ``priority`` (an agent that does not export it yet:
+                          ``instance:wattwarden_power_demand_watts:sum``, generous)
 ``starving``              ``wattwarden_power_budget_starving``
 ``lease``                 ``wattwarden_power_budget_watts{scope="lease"}`` (the lease in force)
 ``seen_at``               the older of when each node's GPU series were last scraped
@@ -257,9 +259,9 @@ class PrometheusClient:
         Prometheus writes a vector in one fixed layout (compact JSON, keys in one order, every
         sample with the same label names for the aggregations the controller sends): such an
         answer is read as text by :func:`_read_layout`, in about 60 % of the time of decoding
-        the JSON and checking each sample (``benchmarks/fleet_decision.py``). Anything else (another layout, an escape in a
-        string, a sample of other label names, an error, a warning) takes the general path,
-        which decodes the JSON and names what is wrong.
+        the JSON and checking each sample (``benchmarks/fleet_decision.py``). Anything else
+        (another layout, an escape in a string, a sample of other label names, an error, a
+        warning) takes the general path, which decodes the JSON and names what is wrong.
         """
         if answer.status == 200 and len(answer.body) <= ANSWER_MAX_BYTES:
             fast = _read_layout(answer.body)
@@ -650,8 +652,13 @@ def queries(job: str) -> dict[str, str]:
         "gpus": by_instance("instance:gpu_up:count"),
         "floor": by_instance("instance:gpu_power_limit_min_watts:sum"),
         "ceiling": by_instance("instance:gpu_power_limit_max_watts:sum"),
+        # demand above the GPUs' minimum limits (the floor pays for those); an agent of a
+        # release before that series answers its whole demand instead (floor counted twice)
         "demand": (
-            f"sum by (instance, priority) (instance:wattwarden_power_demand_watts:sum{{{sel}}})"
+            "sum by (instance, priority) "
+            f"(instance:wattwarden_power_demand_above_min_watts:sum{{{sel}}})"
+            " or sum by (instance, priority) "
+            f"(instance:wattwarden_power_demand_watts:sum{{{sel}}})"
         ),
         "starving": f"max by (instance) (wattwarden_power_budget_starving{{{sel}}}) >= 1",
         "lease": f'max by (instance) (wattwarden_power_budget_watts{{{sel},scope="lease"}})',

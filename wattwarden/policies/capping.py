@@ -835,7 +835,10 @@ def _bounds(view: GpuView) -> tuple[float, float] | None:
 
 
 def demand_by_priority(
-    inputs: PolicyInputs, *, pinned_fraction: float = DEFAULT_PINNED_FRACTION
+    inputs: PolicyInputs,
+    *,
+    pinned_fraction: float = DEFAULT_PINNED_FRACTION,
+    above_min: bool = False,
 ) -> dict[str, float]:
     """What the node's GPUs would draw if no limit held them back, summed by priority.
 
@@ -844,8 +847,12 @@ def demand_by_priority(
     draw within ``pinned_fraction`` of its enforced limit), its default limit (its maximum where
     the default is unknown): what it would draw unheld cannot be seen, and the default is what it
     draws without any cap. Each GPU counts under the top priority of the running jobs on it (no
-    job: ``low``). Every priority is in the answer, 0 where no GPU has it. This is what a fleet
-    controller reads to split a fleet's budget among nodes.
+    job: ``low``). Every priority is in the answer, 0 where no GPU has it.
+
+    With ``above_min``, each GPU counts only what it would draw above its minimum power limit
+    (0 for a GPU that draws less, an idle one): the limits a node needs to run its jobs unheld
+    are its GPUs' minimums plus this. A fleet controller splits a fleet's budget with it: the
+    node's floor (the minimums) and its demand would otherwise count an idle GPU's draw twice.
     """
     priority: dict[int, str] = {}
     for job in inputs.jobs:
@@ -868,10 +875,12 @@ def demand_by_priority(
             held = bool(mask & SW_POWER_CAP)
         else:
             held = enforced is not None and power >= enforced * (1 - pinned_fraction)
+        info = sample.info
         if held:
-            info = sample.info
             ceiling = info.power_limit_default_w or info.power_limit_max_w
             if ceiling is not None:
                 power = max(power, ceiling)
-        out[priority.get(sample.info.index, NO_JOB)] += power
+        if above_min:
+            power = max(0.0, power - (info.power_limit_min_w or 0.0))
+        out[priority.get(info.index, NO_JOB)] += power
     return out

@@ -755,6 +755,9 @@ class PolicyLoop:
                 fallback=self.engine.fallback is not None,
                 budget_unreachable=self.budget_unreachable(),
                 demand_w={} if inputs is None else demand_by_priority(inputs),
+                demand_above_min_w=(
+                    {} if inputs is None else demand_by_priority(inputs, above_min=True)
+                ),
                 starving=capper is not None and bool(capper.starving),
             )
         )
