@@ -143,13 +143,19 @@ SERVING_LINE = re.compile(r"serving (https?)://127\.0\.0\.1:(\d+)/metrics")
 
 @contextmanager
 def run_agent(
-    state_dir: Path, *args: str, port: int = 0, tls: ssl.SSLContext | None = None
+    state_dir: Path,
+    *args: str,
+    port: int = 0,
+    tls: ssl.SSLContext | None = None,
+    host: str = "127.0.0.1",
+    timeout_s: float = 30.0,
 ) -> Iterator[AgentProcess]:
-    """Start the agent on loopback and wait until /healthz answers; stop it afterwards.
+    """Start the agent on a loopback ``host`` and wait until /healthz answers; stop it afterwards.
 
     By default the agent binds port 0 and its start line says which port it got. With ``tls``
     (a client context trusting the agent's certificate) the agent is reached over https; its
-    web config comes in ``args``.
+    web config comes in ``args``. ``timeout_s`` bounds the start and the health check each
+    (several agents starting at once on a busy machine need more than one).
     """
     cmd = [
         sys.executable,
@@ -157,11 +163,12 @@ def run_agent(
         "wattwarden",
         "agent",
         "--listen",
-        f"127.0.0.1:{port}",
+        f"{host}:{port}",
         "--state-dir",
         str(state_dir),
         *args,
     ]
+    serving_line = re.compile(rf"serving (https?)://{re.escape(host)}:(\d+)/metrics")
     log_path = state_dir.parent / f"agent-{state_dir.name}-{next(_RUNS)}.log"
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
@@ -171,12 +178,12 @@ def run_agent(
             def started() -> re.Match[str] | None:
                 if proc.poll() is not None:
                     raise AssertionError(f"agent exited {proc.returncode}: {log_path.read_text()}")
-                return SERVING_LINE.search(log_path.read_text())
+                return serving_line.search(log_path.read_text())
 
-            serving = wait_for(started, timeout_s=30, what="the agent's start line")
+            serving = wait_for(started, timeout_s=timeout_s, what=f"agent {host}'s start line")
             bound = int(serving[2])
             assert port in (0, bound), (port, bound)
-            url = f"{serving[1]}://127.0.0.1:{bound}"
+            url = f"{serving[1]}://{host}:{bound}"
             agent = AgentProcess(proc, url, state_dir, bound, log_path)
 
             def healthy() -> bool:
@@ -184,16 +191,47 @@ def run_agent(
                     raise AssertionError(f"agent exited {proc.returncode}: {log_path.read_text()}")
                 return http_get(agent.url + "/healthz", timeout_s=1, context=tls)[0] == 200
 
-            wait_for(healthy, timeout_s=30, what="agent /healthz")
+            wait_for(healthy, timeout_s=timeout_s, what=f"agent {host} /healthz")
             yield agent
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
-                    proc.wait(timeout=15)
+                    proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+CONTROLLER_SERVING = re.compile(r"/metrics and /healthz on (http://\S+)")
+"""The fleet controller's start line, with the URL of its own /metrics and /healthz."""
+
+
+@contextmanager
+def run_controller(*args: str, log_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A ``wattwarden controller`` on 127.0.0.1 (a port it picks): the process and its URL.
+
+    Waits for its start line; kills it afterwards if it still runs (a test that stops it
+    itself, by signal, checks how it ended).
+    """
+    cmd = [sys.executable, "-m", "wattwarden", "controller", "--listen", "127.0.0.1:0", *args]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+
+            def started() -> str | None:
+                if proc.poll() is not None:
+                    raise AssertionError(f"controller exited {proc.returncode}: "
+                                         f"{log_path.read_text()}")  # fmt: skip
+                m = CONTROLLER_SERVING.search(log_path.read_text())
+                return m[1] if m else None
+
+            url = wait_for(started, timeout_s=60, what="the controller's start line")
+            yield proc, url
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(20)
 
 
 def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:

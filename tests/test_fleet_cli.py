@@ -8,19 +8,13 @@ import json
 import re
 import signal
 import socket
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import http_get, require_binary, run_agent, wait_for
+from helpers import http_get, require_binary, run_agent, run_controller, wait_for
 from test_fleet_prom import PromStub, fleet_series, target, vector
 
 from wattwarden.cli import main
-
-SERVING = re.compile(r"/metrics and /healthz on (http://\S+)")
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -98,29 +92,6 @@ def test_a_taken_listen_port_is_one_line_and_exit_2(capsys: pytest.CaptureFixtur
     assert code == 2 and f"--listen 127.0.0.1:{port}: cannot listen" in err
 
 
-# ------------------------------------------------------------------ a controller process
-@contextmanager
-def controller(*args: str, log_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    cmd = [sys.executable, "-m", "wattwarden", "controller", "--listen", "127.0.0.1:0", *args]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-        try:
-
-            def started() -> str | None:
-                if proc.poll() is not None:
-                    raise AssertionError(f"controller exited {proc.returncode}: "
-                                         f"{log_path.read_text()}")  # fmt: skip
-                m = SERVING.search(log_path.read_text())
-                return m[1] if m else None
-
-            url = wait_for(started, timeout_s=60, what="the controller's start line")
-            yield proc, url
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-
-
 def metric(body: str, name: str) -> float | None:
     m = re.search(rf"^{re.escape(name)} (\S+)$", body, re.M)
     return float(m[1]) if m else None
@@ -142,7 +113,7 @@ def test_a_dry_run_controller_serves_metrics_and_health_and_stops_on_sigterm(
         stub.targets = [target("n1", prom.url.removeprefix("http://"))]
         args = ["--prometheus", prom.url, "--budget-watts", "3000", "--period-s", "0.5",
                 "--lease-s", "2"]  # fmt: skip
-        with controller(*args, log_path=tmp_path / "controller.log") as (proc, url):
+        with run_controller(*args, log_path=tmp_path / "controller.log") as (proc, url):
 
             def exported() -> str | None:
                 body = http_get(url + "/metrics")[1].decode()
@@ -191,14 +162,14 @@ def test_apply_leases_an_agent_through_a_real_prometheus_and_a_second_id_gets_40
             got: dict | None = json.loads(body)["lease"]
             return got
 
-        with controller(*common, "--id", "ctl-a", log_path=tmp_path / "a.log") as (proc, _):
+        with run_controller(*common, "--id", "ctl-a", log_path=tmp_path / "a.log") as (proc, _):
             held = wait_for(
                 lambda: (got := lease()) and got["controller"] == "ctl-a" and got,
                 timeout_s=90,
                 what="the controller's lease on the agent",
             )
             assert 400.0 <= held["power_budget_watts"] <= 1000.0  # within its floor..budget
-            with controller(*common, "--id", "ctl-b", log_path=tmp_path / "b.log") as (p2, u2):
+            with run_controller(*common, "--id", "ctl-b", log_path=tmp_path / "b.log") as (p2, u2):
 
                 def conflicts() -> float | None:
                     body = http_get(u2 + "/metrics")[1].decode()

@@ -25,11 +25,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -46,6 +44,8 @@ from helpers import (
     http_json,
     parse_metrics,
     require_binary,
+    run_agent,
+    run_controller,
     wait_for,
 )
 
@@ -71,44 +71,11 @@ WINDOW_SAMPLES = 20  # consecutive 1 s samples that must all be under the budget
 CONTROLLER = "ctl-main"
 EXPIRY_MARGIN_S = 10.0  # the agent checks each policy period (1 s); the rest is a busy machine
 
-AGENT_SERVING = re.compile(r"serving (http)://(127\.0\.0\.\d+):(\d+)/metrics")
-CONTROLLER_SERVING = re.compile(r"/metrics and /healthz on (http://\S+)")
-
 
 # ------------------------------------------------------------------ processes
-@contextmanager
-def agent_on(host: str, state_dir: Path) -> Iterator[AgentProcess]:
-    """An agent of 4 simulated GPUs on ``host`` (a port it picks), budget capping in apply mode."""
-    cmd = [sys.executable, "-m", "wattwarden", "agent", "--listen", f"{host}:0",
-           "--state-dir", str(state_dir), "--sim", str(GPUS), "--window-s", "1",
-           "--power-budget-watts", f"{LOCAL_BUDGET_W:g}", "--apply"]  # fmt: skip
-    state_dir.mkdir(parents=True)
-    log_path = state_dir.parent / f"agent-{host}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-        try:
-
-            def started() -> re.Match[str] | None:
-                if proc.poll() is not None:
-                    raise AssertionError(f"agent exited {proc.returncode}: {log_path.read_text()}")
-                return AGENT_SERVING.search(log_path.read_text())
-
-            m = wait_for(started, timeout_s=60, what=f"agent {host}'s start line")
-            agent = AgentProcess(proc, f"{m[1]}://{m[2]}:{m[3]}", state_dir, int(m[3]), log_path)
-            wait_for(
-                lambda: http_get(agent.url + "/healthz", timeout_s=1)[0] == 200,
-                timeout_s=60,
-                what=f"agent {host} /healthz",
-            )
-            yield agent
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+AGENT_ARGS = ("--sim", str(GPUS), "--window-s", "1",
+              "--power-budget-watts", f"{LOCAL_BUDGET_W:g}", "--apply")  # fmt: skip
+"""An agent of 4 simulated GPUs with its own safe budget, capping in apply mode."""
 
 
 @dataclass
@@ -219,27 +186,11 @@ class Fleet:
         """A controller in apply mode with the test's budget, period and lease."""
         self._runs += 1
         log_path = self.workdir / f"controller-{controller_id}-{self._runs}.log"
-        cmd = [sys.executable, "-m", "wattwarden", "controller", "--listen", "127.0.0.1:0",
-               "--prometheus", self.prometheus.url, "--budget-watts", f"{BUDGET_W:g}",
-               "--period-s", str(PERIOD_S), "--lease-s", str(LEASE_S), "--apply",
-               "--token-dir", str(self.token_dir), "--id", controller_id]  # fmt: skip
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-            try:
-
-                def started() -> str | None:
-                    if proc.poll() is not None:
-                        raise AssertionError(f"controller exited {proc.returncode}: "
-                                             f"{log_path.read_text()}")  # fmt: skip
-                    m = CONTROLLER_SERVING.search(log_path.read_text())
-                    return m[1] if m else None
-
-                url = wait_for(started, timeout_s=60, what="the controller's start line")
-                yield Controller(proc, url, log_path)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(20)
+        args = ["--prometheus", self.prometheus.url, "--budget-watts", f"{BUDGET_W:g}",
+                "--period-s", str(PERIOD_S), "--lease-s", str(LEASE_S), "--apply",
+                "--token-dir", str(self.token_dir), "--id", controller_id]  # fmt: skip
+        with run_controller(*args, log_path=log_path) as (proc, url):
+            yield Controller(proc, url, log_path)
 
     def start_main(self) -> Controller:
         """Start the main controller; it runs until a test kills it (or the module ends)."""
@@ -349,7 +300,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     require_loopback_hosts()
     workdir = tmp_path_factory.mktemp("fleet")
     with ExitStack() as stack:
-        agents = [stack.enter_context(agent_on(h, workdir / h)) for h in HOSTS]
+        agents = [
+            stack.enter_context(run_agent(workdir / h, *AGENT_ARGS, host=h, timeout_s=60))
+            for h in HOSTS
+        ]
         token_dir = workdir / "tokens"
         token_dir.mkdir()
         for agent in agents:  # one file per agent, named HOST:PORT
