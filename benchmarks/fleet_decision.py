@@ -27,7 +27,8 @@ how far past 10,000 GPUs the goal holds. For the split alone, a naive proportion
 water-filling) is timed on the same nodes each period, to show what the priority-aware split
 costs over the simplest one. For parsing, each period's query answers are parsed again in one
 thread, by the layout reader the controller uses and by the general path alone (the JSON
-decoded, every sample checked), to show what reading Prometheus's layout as text saves. Goal: a period under 50 ms at 10,000 GPUs (median and p99).
+decoded, every sample checked), to show what reading Prometheus's layout as text saves. Goal:
+a period under 50 ms at 10,000 GPUs (median and p99).
 
     python -m benchmarks.fleet_decision [--nodes 1250] [--periods 200] [--seed 1] [--quick]
 """
