@@ -55,6 +55,16 @@ BASE = ["--prometheus", "http://127.0.0.1:9", "--budget-watts", "5000"]
          "--prometheus-basic-auth-user u needs --prometheus-basic-auth-password-file too"),
         ([*BASE, "--token-file", "/nonexistent/token"], "--token-file"),
         ([*BASE, "--listen", "127.0.0.1:99999"], "--listen"),
+        ([*BASE, "--kubernetes-api", "https://k8s:6443"], "needs --scheduler kubernetes"),
+        ([*BASE, "--scheduler", "kubernetes", "--kubernetes-token-file", "t"],
+         "--kubernetes-token-file t needs --kubernetes-api"),
+        ([*BASE, "--scheduler", "kubernetes", "--kubernetes-api", "http://k8s:6443",
+          "--kubernetes-ca-file", "ca.pem"], "needs an https:// --kubernetes-api URL"),
+        ([*BASE, "--scheduler", "kubernetes", "--kubernetes-api", "https://k8s:6443",
+          "--kubernetes-token-file", "/nonexistent/token"],
+         "--kubernetes-token-file /nonexistent/token: cannot read"),
+        ([*BASE, "--scheduler", "kubernetes", "--kubernetes-api", "k8s:6443"],
+         "--kubernetes-api must be an http:// or https:// URL"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_naming_it_and_exit_2(

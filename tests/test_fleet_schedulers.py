@@ -275,6 +275,44 @@ def test_in_cluster_outside_a_pod_is_a_config_error_naming_what_is_missing(
         KubernetesScheduler.in_cluster(env, service_account_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_outside_the_cluster_the_api_url_token_and_ca_given_are_used(
+    tmp_path: Path, pki: Path, scheme: str
+) -> None:
+    # no pod, no service account: the controller on a host of its own, given the API server
+    token_file = tmp_path / "kube-token"
+    token_file.write_text("host-token\n")
+    with api_server(FakeApi(), tls=pki if scheme == "https" else None) as api:
+        k8s = scheduler_for(
+            "kubernetes",
+            kubernetes_api=api.url,
+            kubernetes_token_file=str(token_file),
+            kubernetes_ca_file=str(pki / "ca.crt") if scheme == "https" else None,
+        )
+        assert isinstance(k8s, KubernetesScheduler) and k8s.api_url == api.url
+        got = k8s.move(pod())
+    assert got.result == "requested", got
+    assert api.seen[0][2]["authorization"] == "Bearer host-token"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "--kubernetes-token-file .*: cannot read"), ("\n", "the file is empty")],
+)
+def test_an_unreadable_or_empty_kubernetes_token_file_is_a_config_error(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    token_file = tmp_path / "kube-token"
+    if content is not None:
+        token_file.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        scheduler_for(
+            "kubernetes",
+            kubernetes_api="https://127.0.0.1:6443",
+            kubernetes_token_file=str(token_file),
+        )
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [

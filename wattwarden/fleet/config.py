@@ -121,8 +121,24 @@ class ControllerConfig:
         "none",
         Choice(SCHEDULERS),
         "move a low-priority job off a node starving a high-priority one: none (default), "
-        "kubernetes (Eviction API, in-cluster), slurm (scontrol requeue)",
+        "kubernetes (Eviction API), slurm (scontrol requeue)",
         "{" + ",".join(SCHEDULERS) + "}",
+    )
+    kubernetes_api: str | None = setting(
+        None,
+        Url(),
+        "the Kubernetes API server for --scheduler kubernetes when the controller runs outside "
+        "the cluster (default: in a pod, from its service account)",
+        "URL",
+    )
+    kubernetes_token_file: Path | None = setting(
+        None,
+        FilePath(),
+        "file holding a bearer token for --kubernetes-api (re-read at each eviction)",
+        "FILE",
+    )
+    kubernetes_ca_file: Path | None = setting(
+        None, FilePath(), "CA bundle to verify --kubernetes-api's TLS certificate", "FILE"
     )
     stale_after_s: float | None = setting(
         None,
@@ -295,6 +311,20 @@ def _check(cfg: ControllerConfig, where: Mapping[str, str]) -> None:
     if cfg.prometheus_ca_file is not None and not str(cfg.prometheus).startswith("https://"):
         raise ConfigError(
             f"{_named('prometheus_ca_file', where)} needs an https:// --prometheus URL"
+        )
+    kubernetes = ("kubernetes_api", "kubernetes_token_file", "kubernetes_ca_file")
+    for key in kubernetes:
+        if getattr(cfg, key) is not None and cfg.scheduler != "kubernetes":
+            raise ConfigError(f"{_named(key, where)} needs --scheduler kubernetes")
+    for key in kubernetes[1:]:
+        if getattr(cfg, key) is not None and cfg.kubernetes_api is None:
+            raise ConfigError(
+                f"{_named(key, where)} needs --kubernetes-api (in a pod, the service "
+                "account's token and CA are used)"
+            )
+    if cfg.kubernetes_ca_file is not None and not str(cfg.kubernetes_api).startswith("https://"):
+        raise ConfigError(
+            f"{_named('kubernetes_ca_file', where)} needs an https:// --kubernetes-api URL"
         )
     parse_listen(cfg.listen)
 

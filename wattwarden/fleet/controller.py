@@ -844,7 +844,14 @@ def serve(cfg: ControllerConfig, stop: threading.Event) -> int:
         basic_auth=agent_auth,
         timeout_s=cfg.timeout_s,
     )
-    scheduler = scheduler_for(cfg.scheduler)
+    scheduler = scheduler_for(
+        cfg.scheduler,
+        kubernetes_api=cfg.kubernetes_api,
+        kubernetes_token_file=(
+            None if cfg.kubernetes_token_file is None else str(cfg.kubernetes_token_file)
+        ),
+        kubernetes_ca_file=None if cfg.kubernetes_ca_file is None else str(cfg.kubernetes_ca_file),
+    )
     settings = ControllerSettings(
         budget_w=cfg.budget_watts,
         controller_id=cfg.controller_id,

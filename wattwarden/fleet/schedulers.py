@@ -6,7 +6,9 @@ place it again elsewhere, and reports what the scheduler said.
 - Kubernetes: the Eviction API (``POST .../pods/NAME/eviction`` with a ``policy/v1``
   ``Eviction``), which honours PodDisruptionBudgets: the API answers 429 when evicting the pod
   would violate one, and the pod stays (``refused``). Its controller (a Deployment, a Job, a
-  training operator) recreates the pod, and the Kubernetes scheduler places it anew.
+  training operator) recreates the pod, and the Kubernetes scheduler places it anew. The API is
+  the pod's own (its service account) or, for a controller outside the cluster, the URL, token
+  file and CA bundle it is given.
 - Slurm: ``scontrol requeue JOBID`` ends the job and puts it back in the queue, so that it starts
   again (from its checkpoint) where Slurm has room.
 
@@ -165,7 +167,8 @@ class KubernetesScheduler:
         if not host or not port:
             missing = SERVICE_HOST_ENV if not host else SERVICE_PORT_ENV
             raise ConfigError(
-                f"--scheduler kubernetes: ${missing} is not set (the controller must run in a pod)"
+                f"--scheduler kubernetes: ${missing} is not set (outside a pod, give "
+                "--kubernetes-api and --kubernetes-token-file)"
             )
         sa = Path(service_account_dir)
         token, ca = sa / SERVICE_ACCOUNT_TOKEN, sa / SERVICE_ACCOUNT_CA
@@ -308,15 +311,39 @@ class SlurmScheduler:
         )
 
 
-def scheduler_for(kind: str) -> Scheduler | None:
+def scheduler_for(
+    kind: str,
+    *,
+    kubernetes_api: str | None = None,
+    kubernetes_token_file: str | None = None,
+    kubernetes_ca_file: str | None = None,
+) -> Scheduler | None:
     """``--scheduler``'s value as a scheduler: ``none`` (None), ``kubernetes``, ``slurm``.
 
-    Kubernetes is the in-cluster API; ConfigError for another value or outside a cluster.
+    Kubernetes is ``kubernetes_api`` (with its token and CA files) where given, else the
+    in-cluster API; ConfigError for another value, outside a cluster without an API URL, or a
+    token file that cannot be read now.
     """
     if kind == "none":
         return None
     if kind == "kubernetes":
-        return KubernetesScheduler.in_cluster()
+        if kubernetes_api is None:
+            return KubernetesScheduler.in_cluster()
+        if kubernetes_token_file is not None:
+            try:
+                token = Path(kubernetes_token_file).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+                raise ConfigError(
+                    f"--kubernetes-token-file {kubernetes_token_file}: cannot read: {reason}"
+                ) from None
+            if not token:
+                raise ConfigError(
+                    f"--kubernetes-token-file {kubernetes_token_file}: the file is empty"
+                )
+        return KubernetesScheduler(
+            kubernetes_api, token_file=kubernetes_token_file, ca_file=kubernetes_ca_file
+        )
     if kind == "slurm":
         return SlurmScheduler()
     raise ConfigError(f"--scheduler must be none, kubernetes or slurm, got {kind!r}")
