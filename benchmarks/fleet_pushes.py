@@ -59,8 +59,8 @@ async def _answer(
             lease = json.loads(await reader.readexactly(length)) if length else {}
             if latency_s > 0:
                 await asyncio.sleep(latency_s)  # the agent's service time, modelled
-            ttl = float(lease.get("ttl_seconds", TTL_S))
-            record = {**lease, "expires_at": time.time() + ttl, "remaining_seconds": ttl}
+            ttl = float(lease.get("ttl_s", TTL_S))
+            record = {**lease, "expires_at": time.time() + ttl, "remaining_s": ttl}
             body = json.dumps(record).encode()
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"

@@ -284,8 +284,8 @@ WRITE_WITH_TOKEN: dict[tuple[str, str], tuple[Any, int, str]] = {
     ("POST", "/api/v1/policy"): (
         {"mode": "fast"}, 422, "field 'mode' must be one of dry_run, apply; got 'fast'"),
     ("POST", "/api/v1/policy/lease"): (
-        {"power_budget_watts": 100}, 422, "field 'ttl_seconds' is missing"),
-    ("DELETE", "/api/v1/policy/lease"): ({}, 422, "field 'controller' is missing"),
+        {"power_budget_watts": 100}, 422, "field 'ttl_s' is missing"),
+    ("DELETE", "/api/v1/policy/lease"): ({}, 422, "field 'holder' is missing"),
 }  # fmt: skip
 
 

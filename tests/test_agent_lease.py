@@ -49,7 +49,7 @@ class Node:
         return http_json(self.url + LEASE, body, token=token)
 
     def release(self, controller: str, token: str | None = TOKEN) -> tuple[int, Any]:
-        return http_json(self.url + LEASE, {"controller": controller}, token=token,
+        return http_json(self.url + LEASE, {"holder": controller}, token=token,
                          method="DELETE")  # fmt: skip
 
     def get(self, path: str = LEASE) -> Any:
@@ -117,14 +117,14 @@ def test_a_lease_answers_its_record_and_its_budget_is_the_one_in_force(node: Nod
     status, record = node.lease(body(2400.0, 30, "ctl-a", 7))
     assert status == 200, record
     got = LeaseRecord.from_json(record)
-    assert (got.power_budget_watts, got.ttl_seconds, got.controller, got.generation) == (
+    assert (got.power_budget_watts, got.ttl_s, got.holder, got.generation) == (
         2400.0, 30.0, "ctl-a", 7,
     )  # fmt: skip
-    assert got.remaining_seconds == 30.0
+    assert got.remaining_s == 30.0
     assert got.expires_at == pytest.approx(node.sim.wall() + 30)
     read = node.get()
     assert read["local_power_budget_watts"] == LOCAL_W
-    assert LeaseRecord.from_json(read["lease"]).controller == "ctl-a"
+    assert LeaseRecord.from_json(read["lease"]).holder == "ctl-a"
     policy = PolicyStatus.from_json(node.get("/api/v1/policy"))
     assert policy.power_budget_watts == 2400.0  # higher than the local budget: it overrides
     assert policy.local_power_budget_watts == LOCAL_W
@@ -146,7 +146,7 @@ def test_the_holder_renews_replacing_budget_and_expiry(node: Node) -> None:
     node.sim.run(25)  # 45 s after the first push, 25 s after the renewal: still live
     read = node.get()["lease"]
     assert read is not None and read["power_budget_watts"] == 1500.0
-    assert read["remaining_seconds"] == pytest.approx(5.0, abs=0.2)
+    assert read["remaining_s"] == pytest.approx(5.0, abs=0.2)
     assert node.lease(body(1600.0, 30, generation=8))[0] == 200  # a newer generation: taken over
     assert node.get()["lease"]["generation"] == 8
 
@@ -157,7 +157,7 @@ def test_another_controller_gets_409_naming_the_holder_and_changes_nothing(node:
     status, answer = node.lease(body(900.0, 30, "ctl-b", 10**12))
     assert status == 409
     assert answer == {"error": "lease held by controller 'ctl-a' (generation 7) for another 12.5 s"}
-    assert node.get()["lease"]["controller"] == "ctl-a"
+    assert node.get()["lease"]["holder"] == "ctl-a"
     assert node.get()["lease"]["power_budget_watts"] == 2400.0
 
 
@@ -305,7 +305,7 @@ def test_lease_writes_without_the_token_get_401_and_change_nothing(
     node: Node, method: str, token: str | None
 ) -> None:
     assert node.lease(body(2400.0, 30, "ctl-a", 7))[0] == 200
-    payload = body(900.0, 30, "ctl-a", 8) if method == "POST" else {"controller": "ctl-a"}
+    payload = body(900.0, 30, "ctl-a", 8) if method == "POST" else {"holder": "ctl-a"}
     status, _ = http_json(node.url + LEASE, payload, token=token, method=method)
     assert status == 401
     assert node.get()["lease"]["power_budget_watts"] == 2400.0
@@ -317,20 +317,20 @@ BAD = [
     ({**body(), "power_budget_watts": "2400"}, "power_budget_watts"),
     ({**body(), "power_budget_watts": True}, "power_budget_watts"),
     ({**body(), "power_budget_watts": None}, "power_budget_watts"),
-    ({**body(), "ttl_seconds": 0.5}, "ttl_seconds"),
-    ({**body(), "ttl_seconds": 3601}, "ttl_seconds"),
-    ({**body(), "ttl_seconds": "30"}, "ttl_seconds"),
-    ({**body(), "controller": ""}, "controller"),
-    ({**body(), "controller": "x" * 129}, "controller"),
-    ({**body(), "controller": "ctl a"}, "controller"),
-    ({**body(), "controller": 7}, "controller"),
+    ({**body(), "ttl_s": 0.5}, "ttl_s"),
+    ({**body(), "ttl_s": 3601}, "ttl_s"),
+    ({**body(), "ttl_s": "30"}, "ttl_s"),
+    ({**body(), "holder": ""}, "holder"),
+    ({**body(), "holder": "x" * 129}, "holder"),
+    ({**body(), "holder": "ctl a"}, "holder"),
+    ({**body(), "holder": 7}, "holder"),
     ({**body(), "generation": -1}, "generation"),
     ({**body(), "generation": 2**63}, "generation"),
     ({**body(), "generation": 1.5}, "generation"),
     ({**body(), "generation": False}, "generation"),
-    ({k: v for k, v in body().items() if k != "ttl_seconds"}, "ttl_seconds"),
-    ({k: v for k, v in body().items() if k != "controller"}, "controller"),
-    ({**body(), "holder": "ctl-a"}, "holder"),
+    ({k: v for k, v in body().items() if k != "ttl_s"}, "ttl_s"),
+    ({k: v for k, v in body().items() if k != "holder"}, "holder"),
+    ({**body(), "controller": "ctl-a"}, "controller"),  # the id is "holder"
 ]
 
 
@@ -346,9 +346,9 @@ def test_bad_lease_bodies_get_422_naming_the_field_and_change_nothing(
 
 
 RELEASE_BAD = [
-    ({}, "controller"),
-    ({"controller": "a b"}, "controller"),
-    ({"controller": "a", "generation": 1}, "generation"),
+    ({}, "holder"),
+    ({"holder": "a b"}, "holder"),
+    ({"holder": "a", "generation": 1}, "generation"),
 ]
 
 
@@ -381,7 +381,7 @@ def test_an_agent_without_a_policy_engine_answers_404(tmp_path: Path) -> None:
     try:
         assert http_json(url)[0] == 404
         assert http_json(url, body(), token=TOKEN)[0] == 404
-        assert http_json(url, {"controller": "ctl-a"}, token=TOKEN, method="DELETE")[0] == 404
+        assert http_json(url, {"holder": "ctl-a"}, token=TOKEN, method="DELETE")[0] == 404
     finally:
         server.close()
 

@@ -174,7 +174,7 @@ def test_apply_leases_an_agent_through_a_real_prometheus_and_a_second_id_gets_40
 
         with run_controller(*common, "--id", "ctl-a", log_path=tmp_path / "a.log") as (proc, _):
             held = wait_for(
-                lambda: (got := lease()) and got["controller"] == "ctl-a" and got,
+                lambda: (got := lease()) and got["holder"] == "ctl-a" and got,
                 timeout_s=90,
                 what="the controller's lease on the agent",
             )
@@ -190,7 +190,7 @@ def test_apply_leases_an_agent_through_a_real_prometheus_and_a_second_id_gets_40
                 wait_for(conflicts, timeout_s=60, what="the second controller's 409s")
                 p2.send_signal(signal.SIGTERM)
                 assert p2.wait(30) == 0
-            assert lease()["controller"] == "ctl-a"  # never taken over while renewed
+            assert lease()["holder"] == "ctl-a"  # never taken over while renewed
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
             assert lease() is not None  # left to expire, not released

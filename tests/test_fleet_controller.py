@@ -108,11 +108,11 @@ class FakeLink:
             return PushResult(lease.instance, "conflict", 409, msg, None)
         self.leases[lease.instance] = {
             "power_budget_watts": lease.budget_w,
-            "ttl_seconds": lease.ttl_s,
-            "controller": lease.controller,
+            "ttl_s": lease.ttl_s,
+            "holder": lease.controller,
             "generation": lease.generation,
             "expires_at": START_WALL + 1e6,
-            "remaining_seconds": lease.ttl_s,
+            "remaining_s": lease.ttl_s,
         }
         return PushResult(lease.instance, "ok", 200, "", START_WALL + 1e6)
 
@@ -324,11 +324,11 @@ def test_another_controllers_live_lease_is_held_and_taken_over_when_it_expires()
     link = FakeLink()
     link.leases["b:9767"] = {
         "power_budget_watts": 1800.0,
-        "ttl_seconds": 30,
-        "controller": "other",
+        "ttl_s": 30,
+        "holder": "other",
         "generation": 5,
         "expires_at": START_WALL + 12,
-        "remaining_seconds": 12.0,
+        "remaining_s": 12.0,
     }
     link.conflict.add("b:9767")
     ctl, _, link, clock = make(nodes, link=link)
@@ -340,7 +340,7 @@ def test_another_controllers_live_lease_is_held_and_taken_over_when_it_expires()
     nodes["b"].lease = None
     clock.advance(15.0)
     ctl.period()
-    assert leased(link)["b:9767"] > 0 and link.leases["b:9767"]["controller"] == "ctl-a"
+    assert leased(link)["b:9767"] > 0 and link.leases["b:9767"]["holder"] == "ctl-a"
 
 
 # ------------------------------------------------------------------ restarts
@@ -473,8 +473,8 @@ def test_a_dry_run_beside_a_live_controller_plans_every_node_from_the_leases_in_
     link = FakeLink()
     for name in ("a", "b", "c"):
         link.leases[f"{name}:9767"] = {
-            "power_budget_watts": 1500.0, "ttl_seconds": 30, "controller": "live",
-            "generation": 1, "expires_at": START_WALL + 30, "remaining_seconds": 30.0,
+            "power_budget_watts": 1500.0, "ttl_s": 30, "holder": "live",
+            "generation": 1, "expires_at": START_WALL + 30, "remaining_s": 30.0,
         }  # fmt: skip
     ctl, _, link, _ = make(three_nodes(), apply=False, link=link)
     report = ctl.period()

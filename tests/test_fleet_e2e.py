@@ -218,7 +218,7 @@ class Fleet:
     def held_by_main(self) -> list[dict[str, Any]] | None:
         """Every agent's lease, when each is the main controller's; else None."""
         leases = self.leases()
-        if all(le is not None and le["controller"] == CONTROLLER for le in leases):
+        if all(le is not None and le["holder"] == CONTROLLER for le in leases):
             return [le for le in leases if le is not None]
         return None
 

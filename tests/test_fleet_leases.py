@@ -60,7 +60,7 @@ def lease_record(seen: Seen) -> tuple[int, Any]:
     return 200, {
         **body,
         "expires_at": float(body["power_budget_watts"]),
-        "remaining_seconds": body["ttl_seconds"],
+        "remaining_s": body["ttl_s"],
     }
 
 
@@ -178,15 +178,15 @@ def test_ok_push_sends_the_lease_body_with_the_bearer_token_and_returns_expires_
     assert seen.headers["content-type"] == "application/json"
     assert seen.body == {
         "power_budget_watts": 1234.5,
-        "ttl_seconds": 30,
-        "controller": "ctl-a",
+        "ttl_s": 30,
+        "holder": "ctl-a",
         "generation": 7,
     }
-    assert isinstance(seen.body["ttl_seconds"], int)
+    assert isinstance(seen.body["ttl_s"], int)
 
 
 def test_a_fractional_ttl_is_sent_as_a_number() -> None:
-    assert Lease("h:1", 100.0, 2.5, "c", 0).to_json()["ttl_seconds"] == 2.5
+    assert Lease("h:1", 100.0, 2.5, "c", 0).to_json()["ttl_s"] == 2.5
 
 
 HELD = "lease held by controller 'ctl-b' (generation 3) for another 12.3 s"
@@ -199,7 +199,7 @@ HELD = "lease held by controller 'ctl-b' (generation 3) for another 12.3 s"
         (409, "conflict", "stale generation"),
         (401, "unauthorized", "missing or wrong bearer token"),
         (403, "unauthorized", "forbidden"),
-        (400, "rejected", "field 'ttl_seconds' must be within 1..3600, got 0"),
+        (400, "rejected", "field 'ttl_s' must be within 1..3600, got 0"),
         (404, "rejected", "no policy engine"),
         (422, "rejected", "field 'power_budget_watts' must be above 0"),
         (500, "rejected", "internal error; see agent log"),
@@ -385,7 +385,7 @@ def test_a_bad_scheme_ca_file_or_timeout_is_a_config_error(tmp_path: Path) -> No
 
 # ------------------------------------------------------------------------------- reads
 def test_read_lease_returns_the_record_the_agent_holds() -> None:
-    record = {"power_budget_watts": 900.0, "controller": "ctl-a", "generation": 7}
+    record = {"power_budget_watts": 900.0, "holder": "ctl-a", "generation": 7}
     answer = {"lease": record, "local_power_budget_watts": None}
     with serving(FakeAgent(lambda s: (200, answer))) as agent, linked() as link:
         assert link.read_lease(agent.instance) == record
@@ -447,7 +447,7 @@ def test_release_deletes_the_lease_as_its_controller() -> None:
     assert got == PushResult(agent.instance, "ok", 200, "", None)
     assert (refused.result, refused.message) == ("conflict", "lease held by controller 'ctl-b'")
     assert [(s.method, s.path, s.body) for s in agent.seen] == [
-        ("DELETE", LEASE_PATH, {"controller": "ctl-a"})
+        ("DELETE", LEASE_PATH, {"holder": "ctl-a"})
     ] * 2
     assert agent.seen[0].headers["authorization"] == f"Bearer {TOKEN}"
 

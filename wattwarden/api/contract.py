@@ -443,18 +443,19 @@ def _unknown_keys(body: dict[str, Any], known: tuple[str, ...], what: str) -> No
 class LeaseRequest:
     """``POST /api/v1/policy/lease``: a fleet controller's budget for this node, for a while.
 
-    Every field is required: ``power_budget_watts`` (a finite number > 0), ``ttl_seconds``
-    (1..3600), ``controller`` (1-128 of A-Z a-z 0-9 _ . : @ / -) and ``generation`` (an integer
-    0..2**63-1). A bad one, or a key that is none of these, is a 422 naming the field. 409 when
-    another controller holds a live lease, or the holder sends a lower generation.
+    Every field is required: ``power_budget_watts`` (a finite number > 0), ``ttl_s``
+    (1..3600), ``holder`` (the controller's id: 1-128 of A-Z a-z 0-9 _ . : @ / -) and
+    ``generation`` (an integer 0..2**63-1). A bad one, or a key that is none of these, is a
+    422 naming the field. 409 when another controller holds a live lease, or the holder sends
+    a lower generation.
     """
 
     power_budget_watts: float
-    ttl_seconds: float
-    controller: str
+    ttl_s: float
+    holder: str
     generation: int
 
-    FIELDS = ("power_budget_watts", "ttl_seconds", "controller", "generation")
+    FIELDS = ("power_budget_watts", "ttl_s", "holder", "generation")
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> LeaseRequest:
@@ -469,14 +470,14 @@ class LeaseRequest:
         except ValueError as e:
             key, _, problem = str(e).partition(" ")
             raise _unprocessable(f"field {key!r} {problem}") from None
-        budget, ttl, controller, generation = values
-        return cls(float(budget), float(ttl), controller, generation)
+        budget, ttl, holder, generation = values
+        return cls(float(budget), float(ttl), holder, generation)
 
     def to_json(self) -> dict[str, Any]:
         """The body."""
         body = asdict(self)
-        if float(self.ttl_seconds).is_integer():
-            body["ttl_seconds"] = int(self.ttl_seconds)
+        if float(self.ttl_s).is_integer():
+            body["ttl_s"] = int(self.ttl_s)
         return body
 
 
@@ -484,18 +485,18 @@ class LeaseRequest:
 class LeaseRelease:
     """``DELETE /api/v1/policy/lease``: the holder gives its lease up (another id: 409)."""
 
-    controller: str
+    holder: str
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> LeaseRelease:
-        """Checked: unknown keys, then ``controller``; 422 naming the field."""
-        _unknown_keys(body, ("controller",), "a lease release field")
-        if "controller" not in body:
-            raise _unprocessable("field 'controller' is missing")
+        """Checked: unknown keys, then ``holder``; 422 naming the field."""
+        _unknown_keys(body, ("holder",), "a lease release field")
+        if "holder" not in body:
+            raise _unprocessable("field 'holder' is missing")
         try:
-            return cls(check_controller(body["controller"]))
+            return cls(check_controller(body["holder"]))
         except ValueError as e:
-            raise _unprocessable(f"field 'controller' {str(e).partition(' ')[2]}") from None
+            raise _unprocessable(f"field 'holder' {str(e).partition(' ')[2]}") from None
 
     def to_json(self) -> dict[str, Any]:
         """The body."""
@@ -680,13 +681,14 @@ class LeaseRecord:
     """A live lease as the API answers it (its fields are the JSON keys)."""
 
     power_budget_watts: float
-    ttl_seconds: float
-    controller: str
+    ttl_s: float
+    holder: str
+    """The id of the controller that holds it."""
     generation: int
     expires_at: float
     """Wall-clock time it runs out at, seconds since the epoch (the agent decides on its own
-    monotonic clock: ``remaining_seconds`` is what counts)."""
-    remaining_seconds: float
+    monotonic clock: ``remaining_s`` is what counts)."""
+    remaining_s: float
     """Seconds it had left when the answer was made."""
 
     @classmethod
@@ -708,11 +710,11 @@ class LeaseRecord:
             raise ContractError(f"a lease is {_short(data)}, not an object")
         return cls(
             power_budget_watts=_typed(data, "power_budget_watts", _NUMBER, False),
-            ttl_seconds=_typed(data, "ttl_seconds", _NUMBER, False),
-            controller=_typed(data, "controller", (str,), False),
+            ttl_s=_typed(data, "ttl_s", _NUMBER, False),
+            holder=_typed(data, "holder", (str,), False),
             generation=_typed(data, "generation", (int,), False),
             expires_at=_typed(data, "expires_at", _NUMBER, False),
-            remaining_seconds=_typed(data, "remaining_seconds", _NUMBER, False),
+            remaining_s=_typed(data, "remaining_s", _NUMBER, False),
         )
 
 

@@ -386,8 +386,8 @@ class _Api:
         loop = self._loop()
         lease = loop.set_lease(
             budget_w=req.power_budget_watts,
-            ttl_s=req.ttl_seconds,
-            controller=req.controller,
+            ttl_s=req.ttl_s,
+            controller=req.holder,
             generation=req.generation,
         )
         return _json(HTTPStatus.OK, LeaseRecord.from_lease(lease, lease.ttl_s).to_json())
@@ -395,7 +395,7 @@ class _Api:
     def _lease_release(self, request: Request, body: dict[str, Any]) -> Response:
         req = LeaseRelease.from_json(body)
         loop = self._loop()
-        loop.release_lease(req.controller)
+        loop.release_lease(req.holder)
         return _json(HTTPStatus.OK, lease_json(loop.status()))
 
     # -------------------------------------------------------- power limits

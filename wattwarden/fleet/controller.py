@@ -362,8 +362,8 @@ class FleetController:
                 continue
             try:
                 budget = float(answer["power_budget_watts"])
-                remaining = float(answer["remaining_seconds"])
-                holder = str(answer["controller"])
+                remaining = float(answer["remaining_s"])
+                holder = str(answer["holder"])
                 generation = int(answer["generation"])
             except (KeyError, TypeError, ValueError):
                 self._say(

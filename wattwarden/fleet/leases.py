@@ -79,12 +79,12 @@ class Lease:
     generation: int
 
     def to_json(self) -> dict[str, Any]:
-        """The agent's request body (``ttl_seconds`` an integer where the TTL is whole)."""
+        """The agent's request body (``ttl_s`` an integer where the TTL is whole)."""
         ttl: float = int(self.ttl_s) if float(self.ttl_s).is_integer() else self.ttl_s
         return {
             "power_budget_watts": self.budget_w,
-            "ttl_seconds": ttl,
-            "controller": self.controller,
+            "ttl_s": ttl,
+            "holder": self.controller,
             "generation": self.generation,
         }
 
@@ -316,7 +316,7 @@ class AgentLink:
 
     def release(self, instance: str, controller: str) -> PushResult:
         """Hand back ``controller``'s lease on ``instance``: the agent uses its local budget."""
-        return self._write("DELETE", instance, {"controller": controller})
+        return self._write("DELETE", instance, {"holder": controller})
 
     def _write(self, method: str, instance: str, body: dict[str, Any]) -> PushResult:
         token = self.credentials.token_for(instance)

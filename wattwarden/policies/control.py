@@ -196,7 +196,7 @@ def check_lease(budget_w: object, ttl_s: object, controller: object, generation:
         raise ValueError(f"power_budget_watts must be a finite number > 0, got {budget_w!r}")
     lo, hi = LEASE_TTL_RANGE_S
     if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or not lo <= ttl_s <= hi:
-        raise ValueError(f"ttl_seconds must be a number within {lo:g}..{hi:g}, got {ttl_s!r}")
+        raise ValueError(f"ttl_s must be a number within {lo:g}..{hi:g}, got {ttl_s!r}")
     check_controller(controller)
     if (
         isinstance(generation, bool)
@@ -210,7 +210,7 @@ def check_controller(controller: object) -> str:
     """A controller id (see :data:`CONTROLLER_PATTERN`); ValueError naming ``controller``."""
     if not isinstance(controller, str) or not CONTROLLER_PATTERN.fullmatch(controller):
         shown = repr(controller) if len(repr(controller)) <= 40 else repr(controller)[:37] + "..."
-        raise ValueError(f"controller must be 1-128 of A-Z a-z 0-9 _ . : @ / -, got {shown}")
+        raise ValueError(f"holder must be 1-128 of A-Z a-z 0-9 _ . : @ / -, got {shown}")
     return controller
 
 
