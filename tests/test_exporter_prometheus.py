@@ -892,6 +892,37 @@ def test_each_policy_state_field_drives_its_own_gauge_and_only_it(mode: str, fla
     assert [(lab["policy"], v) for lab, v in m["wattwarden_policy_active"]] == [("idle", 1.0)]
 
 
+def test_demand_not_starving_and_no_live_lease_export_zeros() -> None:
+    # the quiet case: priorities no GPU has, no job starved, a lease that ran out
+    store = MetricStore(monotonic=ManualClock())
+    store.set_policy_state(
+        PolicyState(
+            mode="apply",
+            active={"budget": True},
+            holding=False,
+            fallback=False,
+            budget_unreachable=False,
+            demand_w={"low": 300.0},
+            demand_above_min_w={"high": 50.0},
+            starving=False,
+        )
+    )
+    store.set_lease_state(LeaseState(None, 2))
+    m = metrics_of(store)
+    by_priority = {
+        name: {lab["priority"]: v for lab, v in m[name]}
+        for name in ("wattwarden_power_demand_watts", "wattwarden_power_demand_above_min_watts")
+    }
+    assert by_priority == {
+        "wattwarden_power_demand_watts": {"high": 0.0, "normal": 0.0, "low": 300.0},
+        "wattwarden_power_demand_above_min_watts": {"high": 50.0, "normal": 0.0, "low": 0.0},
+    }
+    assert [v for _, v in m["wattwarden_power_budget_starving"]] == [0.0]
+    assert [v for _, v in m["wattwarden_power_lease_active"]] == [0.0]
+    assert "wattwarden_power_lease_expiry_timestamp_seconds" not in m
+    assert [v for _, v in m["wattwarden_power_lease_expirations_total"]] == [2.0]
+
+
 def test_without_a_control_loop_no_policy_gauge_is_exported() -> None:
     store = MetricStore(monotonic=ManualClock())
     store.count_policy_decision("thermal", "keep", "dry_run")
