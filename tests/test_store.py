@@ -607,6 +607,22 @@ def test_energy_of_the_buckets_is_the_energy_of_their_seconds(
     assert all(p.timestamp_s % step == 0 for p in buckets)
 
 
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 60), window_s=st.integers(1, 70), step=st.integers(2, 12))
+def test_the_buckets_are_those_of_the_seconds_in_the_window_each_whole(
+    n: int, window_s: int, step: int
+) -> None:
+    # whatever the window's phase against the buckets: a bucket is there exactly when one of
+    # its seconds is in the window, and then with every second of it that is kept
+    store = history_of(n)
+    every = [p.timestamp_s for p in store.history(3600)[0]]
+    inside = {int(p.timestamp_s) // step * step for p in store.history(window_s)[0]}
+    buckets = store.history(window_s, step=step)[0]
+    assert [p.timestamp_s for p in buckets] == sorted(float(b) for b in inside)
+    for p in buckets:
+        assert p.seconds == sum(1 for t in every if int(t) // step * step == p.timestamp_s)
+
+
 def test_a_step_under_1_is_refused() -> None:
     with pytest.raises(ValueError, match="step must be at least 1, got 0"):
         history_of(3).history(60, step=0)
