@@ -294,11 +294,10 @@ def test_controller_unit_command_line_is_accepted_by_the_cli() -> None:
 
 
 def test_example_controller_toml_is_a_valid_config_and_so_is_every_commented_key() -> None:
-    from wattwarden.fleet.config import CONTROLLER_SETTINGS, build_config, load_config_file
-    from wattwarden.fleet.config import validate as validate_controller
+    from wattwarden.fleet.config import CONTROLLER_SETTINGS, build_config
 
     path = SYSTEMD_DIR / "controller.toml.example"
-    values = load_config_file(path)
+    values = load_config_file(path, CONTROLLER_SETTINGS)
     # Dry-run, the fleet's budget, Prometheus on loopback; the token systemd hands the unit.
     assert values["apply"] is False
     assert values["budget_watts"] > 0
@@ -310,7 +309,7 @@ def test_example_controller_toml_is_a_valid_config_and_so_is_every_commented_key
         m = re.fullmatch(r"# (\w+) = (.+)", line)
         if m and m.group(1) in CONTROLLER_SETTINGS:
             commented.update(tomllib.loads(f"{m.group(1)} = {m.group(2)}"))
-    validate_controller(commented, source=str(path))
+    validate(commented, source=str(path), settings=CONTROLLER_SETTINGS)
     # Every key of the controller is shown, set or commented.
     assert set(values) | set(commented) == set(CONTROLLER_SETTINGS)
 

@@ -402,36 +402,49 @@ class AgentConfig:
         return self.state_dir if self.state_dir is not None else default_state_dir()
 
 
+def settings_of(config: type) -> dict[str, Setting]:
+    """Every setting of a config dataclass made with :func:`setting`, by name, in field order."""
+    return {
+        f.name: Setting(
+            f.name, f.default, f.metadata["kind"], f.metadata["help"], f.metadata["metavar"]
+        )
+        for f in fields(config)
+    }
+
+
 #: Every setting by name (the TOML key), in ``--help`` order.
-SETTINGS: dict[str, Setting] = {
-    f.name: Setting(
-        f.name, f.default, f.metadata["kind"], f.metadata["help"], f.metadata["metavar"]
-    )
-    for f in fields(AgentConfig)
-}
+SETTINGS: dict[str, Setting] = settings_of(AgentConfig)
 
 
-def load_config_file(path: Path) -> dict[str, Any]:
-    """Read and validate a TOML file into config values."""
+def load_config_file(path: Path, settings: Mapping[str, Setting] | None = None) -> dict[str, Any]:
+    """Read and validate a TOML file into config values (of ``settings``, the agent's if None)."""
     try:
         raw = tomllib.loads(path.read_text())
     except OSError as e:
         raise ConfigError(f"config {path}: cannot read: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config {path}: not valid TOML: {e}") from e
-    return validate(raw, source=f"config {path}")
+    return validate(raw, source=f"config {path}", settings=settings)
 
 
-def validate(raw: Mapping[str, Any], *, source: str, flags: bool = False) -> dict[str, Any]:
+def validate(
+    raw: Mapping[str, Any],
+    *,
+    source: str,
+    flags: bool = False,
+    settings: Mapping[str, Setting] | None = None,
+) -> dict[str, Any]:
     """Check every key (or, with ``flags``, every flag's parsed value); the first problem raises.
 
-    The ConfigError names the key (or the flag) and the problem.
+    The keys are those of ``settings`` (the agent's if None). The ConfigError names the key (or
+    the flag) and the problem.
     """
+    table = SETTINGS if settings is None else settings
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        s = SETTINGS.get(key)
+        s = table.get(key)
         if s is None:
-            known = ", ".join(sorted(SETTINGS))
+            known = ", ".join(sorted(table))
             raise ConfigError(f"{source}: unknown key {key!r} (known keys: {known})")
         try:
             out[key] = s.kind.check(value)
@@ -441,22 +454,37 @@ def validate(raw: Mapping[str, Any], *, source: str, flags: bool = False) -> dic
     return out
 
 
+def layered(
+    file: Path | None, flags: Mapping[str, Any], settings: Mapping[str, Setting]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The file's values, then the flags that were given (not None) over them, each checked.
+
+    Also where each value came from, as an error names it (``key = value in config FILE`` or
+    ``--flag value``), for the checks across settings.
+    """
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    if file is not None:
+        from_file = load_config_file(file, settings)
+        values.update(from_file)
+        where.update({k: f"{k} = {v!r} in config {file}" for k, v in from_file.items()})
+    given = validate(
+        {k: v for k, v in flags.items() if v is not None},
+        source="command line",
+        flags=True,
+        settings=settings,
+    )
+    values.update(given)
+    where.update({k: f"{settings[k].flag} {v}" for k, v in given.items()})
+    return values, where
+
+
 def build_config(file: Path | None, flags: Mapping[str, Any]) -> AgentConfig:
     """Defaults, then the file, then flags that were given (not None), by setting name.
 
     Settings that contradict each other (wherever each came from) are refused, naming both.
     """
-    values: dict[str, Any] = {}
-    where: dict[str, str] = {}
-    if file is not None:
-        from_file = load_config_file(file)
-        values.update(from_file)
-        where.update({k: f"{k} = {v!r} in config {file}" for k, v in from_file.items()})
-    given = validate(
-        {k: v for k, v in flags.items() if v is not None}, source="command line", flags=True
-    )
-    values.update(given)
-    where.update({k: f"{SETTINGS[k].flag} {v}" for k, v in given.items()})
+    values, where = layered(file, flags, SETTINGS)
     _check_conflicts(values, where)
     return replace(AgentConfig(), **values)
 

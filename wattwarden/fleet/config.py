@@ -4,16 +4,16 @@ Each setting is declared once, as a field of :class:`ControllerConfig` made with
 :func:`wattwarden.config.setting` (the agent's pattern): its default, its kind (how it is read
 and what is allowed), help and metavar. The TOML key is the field's name, the flag is ``--`` and
 the name with dashes; the keys, the flags of ``wattwarden controller`` and the validation of
-both come from :data:`CONTROLLER_SETTINGS`. Errors are one line naming the key or the flag.
+both come from :data:`CONTROLLER_SETTINGS`, read and layered by the agent's own functions
+(:func:`wattwarden.config.layered`). Errors are one line naming the key or the flag.
 """
 
 from __future__ import annotations
 
 import re
 import socket
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,10 @@ from wattwarden.config import (
     Switch,
     Text,
     Url,
+    layered,
     parse_listen,
     setting,
+    settings_of,
 )
 
 DEFAULT_LISTEN = "127.0.0.1:9768"
@@ -218,54 +220,12 @@ def default_id() -> str:
 
 
 #: Every setting by name (the TOML key), in ``--help`` order.
-CONTROLLER_SETTINGS: dict[str, Setting] = {
-    f.name: Setting(
-        f.name, f.default, f.metadata["kind"], f.metadata["help"], f.metadata["metavar"]
-    )
-    for f in fields(ControllerConfig)
-}
-
-
-def validate(raw: Mapping[str, Any], *, source: str, flags: bool = False) -> dict[str, Any]:
-    """Check every key (or, with ``flags``, every flag's value); the first problem raises."""
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        s = CONTROLLER_SETTINGS.get(key)
-        if s is None:
-            known = ", ".join(sorted(CONTROLLER_SETTINGS))
-            raise ConfigError(f"{source}: unknown key {key!r} (known keys: {known})")
-        try:
-            out[key] = s.kind.check(value)
-        except ValueError as e:
-            name = s.flag if flags else f"key {key!r}"
-            raise ConfigError(f"{source}: {name} {e}") from None
-    return out
-
-
-def load_config_file(path: Path) -> dict[str, Any]:
-    """Read and validate a controller TOML file."""
-    try:
-        raw = tomllib.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"config {path}: cannot read: {e.strerror or e}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config {path}: not valid TOML: {e}") from e
-    return validate(raw, source=f"config {path}")
+CONTROLLER_SETTINGS: dict[str, Setting] = settings_of(ControllerConfig)
 
 
 def build_config(file: Path | None, flags: Mapping[str, Any]) -> ControllerConfig:
     """Defaults, then the file, then the flags given (not None); then the checks across keys."""
-    values: dict[str, Any] = {}
-    where: dict[str, str] = {}
-    if file is not None:
-        from_file = load_config_file(file)
-        values.update(from_file)
-        where.update({k: f"{k} = {v!r} in config {file}" for k, v in from_file.items()})
-    given = validate(
-        {k: v for k, v in flags.items() if v is not None}, source="command line", flags=True
-    )
-    values.update(given)
-    where.update({k: f"{CONTROLLER_SETTINGS[k].flag} {v}" for k, v in given.items()})
+    values, where = layered(file, flags, CONTROLLER_SETTINGS)
     cfg = replace(ControllerConfig(), **values)
     _check(cfg, where)
     return cfg
