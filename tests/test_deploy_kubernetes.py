@@ -222,15 +222,6 @@ def controller_container() -> dict[str, Any]:
     return dict(c)
 
 
-def has_controller_command() -> bool:
-    """Whether this CLI has `wattwarden controller`."""
-    try:
-        build_parser().parse_args(["controller", "--help"])
-    except SystemExit as e:
-        return e.code == 0
-    return True
-
-
 def test_controller_rbac_is_exactly_reading_pods_and_creating_evictions() -> None:
     role = one("ClusterRole", CONTROLLER)
     granted = {
@@ -330,8 +321,6 @@ def test_controller_runs_the_controller_command_in_dry_run_with_apply_as_the_nex
 
 
 def test_controller_args_parse_with_the_cli() -> None:
-    if not has_controller_command():
-        pytest.skip("this wattwarden has no `controller` subcommand yet")
     c = controller_container()
     args = build_parser().parse_args(["controller", *c["args"]])
     assert args.command == "controller"

@@ -13,17 +13,21 @@ import copy
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_port, http_get, http_json, require_binary, run_agent, wait_for
+from helpers import (
+    free_port,
+    http_get,
+    http_json,
+    require_binary,
+    run_agent,
+    run_controller,
+    wait_for,
+)
 from promstack import (
     PROMETHEUS_YML,
     RULES_DIR,
@@ -231,16 +235,6 @@ def test_per_job_series_are_stored_under_job_name_not_exported_job(stack: Stack)
 CONTROLLER_JOB = "wattwarden-controller"
 
 
-def _has_controller_command() -> bool:
-    from wattwarden.cli import build_parser
-
-    try:
-        build_parser().parse_args(["controller", "--help"])
-    except SystemExit as e:
-        return e.code == 0
-    return True
-
-
 def _controller_scrape_job(port: int) -> dict[str, Any]:
     """prometheus.yml's controller job, as shipped but for its target and 1 s intervals."""
     jobs = load_yaml(PROMETHEUS_YML)["scrape_configs"]
@@ -254,31 +248,11 @@ def _controller_scrape_job(port: int) -> dict[str, Any]:
     return dict(job)
 
 
-@contextmanager
-def _run_controller(args: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`wattwarden controller ARGS` until the block ends (SIGTERM, then kill)."""
-    cmd = [sys.executable, "-m", "wattwarden", "controller", *args]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def test_controller_panels_return_data_from_a_live_controller(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     # The dashboard's controller row against a real controller leasing a real agent's budget
     # through a real Prometheus that scrapes both with the shipped scrape jobs.
-    if not _has_controller_command():
-        pytest.skip("this wattwarden has no `controller` subcommand yet")
     prometheus = require_binary("prometheus")
     tmp = tmp_path_factory.mktemp("controller")
     port = free_port()
@@ -308,7 +282,8 @@ def test_controller_panels_return_data_from_a_live_controller(
                 "--apply",
             ]
             log_path = tmp / "controller.log"
-            with _run_controller(args, log_path) as proc:
+            # --listen given last: the controller serves where the scrape job looks
+            with run_controller(*args, log_path=log_path) as (proc, _):
                 empty: list[str] = []
 
                 def all_have_data() -> bool:
