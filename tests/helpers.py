@@ -12,12 +12,14 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -232,6 +234,38 @@ def run_controller(*args: str, log_path: Path) -> Iterator[tuple[subprocess.Pope
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(20)
+
+
+@contextmanager
+def serve_loopback(
+    handler: type[BaseHTTPRequestHandler], *, tls: Path | None = None, backlog: int = 5
+) -> Iterator[tuple[ThreadingHTTPServer, str]]:
+    """A threaded HTTP server on 127.0.0.1 (a free port): the server and its base URL.
+
+    With ``tls``, a directory holding ``server.crt`` and ``server.key`` (the ``pki`` fixture's),
+    it speaks https. ``backlog`` is its listen queue (raise it for bursts of connections).
+    Stopped, its thread joined, when the block ends.
+    """
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = backlog
+
+    server = Server(("127.0.0.1", 0), handler)
+    scheme = "http"
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls / "server.crt", tls / "server.key")
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server, f"{scheme}://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:

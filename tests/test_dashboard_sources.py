@@ -8,12 +8,12 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from helpers import refused_port
+from helpers import refused_port, serve_loopback
 
 from wattwarden.api.testing import SimAgent
 from wattwarden.dashboard.settings import DashboardSettings
@@ -52,14 +52,8 @@ def stub(handle: Handler) -> Iterator[tuple[str, list[str]]]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_loopback(H) as (_, url):
+        yield url, seen
 
 
 class FakeClock:

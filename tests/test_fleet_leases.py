@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import refused_port
+from helpers import refused_port, serve_loopback
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -131,26 +131,10 @@ def serving(agent: FakeAgent, tls: Path | None = None) -> Iterator[FakeAgent]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-        request_queue_size = 1024  # a burst of connections is queued, not dropped to a SYN retry
-
-    server = Server(("127.0.0.1", 0), Handler)
-    if tls is not None:
-        import ssl
-
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(tls / "server.crt", tls / "server.key")
-        server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    agent.server = server
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    # a burst of connections is queued, not dropped to a SYN retry
+    with serve_loopback(Handler, tls=tls, backlog=1024) as (server, _):
+        agent.server = server
         yield agent
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 @contextmanager

@@ -6,18 +6,17 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import refused_port, require_binary, run_agent, wait_for
+from helpers import refused_port, require_binary, run_agent, serve_loopback, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -74,7 +73,7 @@ class PromStub:
         return 404, b"404 page not found\n"
 
     @contextmanager
-    def running(self, tls: Any = None) -> Iterator[PromStub]:
+    def running(self, tls: Path | None = None) -> Iterator[PromStub]:
         stub = self
 
         class H(BaseHTTPRequestHandler):
@@ -93,20 +92,9 @@ class PromStub:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        server.daemon_threads = True
-        if tls is not None:
-            server.socket = tls.wrap_socket(server.socket, server_side=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        scheme = "https" if tls is not None else "http"
-        self.url = f"{scheme}://127.0.0.1:{server.server_address[1]}"
-        try:
+        with serve_loopback(H, tls=tls) as (_, url):
+            self.url = url
             yield self
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(10)
 
 
 @pytest.fixture
@@ -584,11 +572,7 @@ def test_basic_auth_and_bearer_tokens_are_sent(stub: PromStub) -> None:
 
 
 def test_tls_with_the_ca_file_verifies_the_server_and_without_it_fails(pki: Path) -> None:
-    import ssl
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(pki / "server.crt", pki / "server.key")
-    with PromStub(series={"up": [({"instance": "n1"}, 1.0)]}).running(tls=context) as s:
+    with PromStub(series={"up": [({"instance": "n1"}, 1.0)]}).running(tls=pki) as s:
         got = PrometheusClient(s.url, auth=Auth(ca_file=str(pki / "ca.crt"))).query("up", NOW)
         assert [x.value for x in got] == [1.0]
         with pytest.raises(PrometheusError, match="CERTIFICATE_VERIFY_FAILED"):

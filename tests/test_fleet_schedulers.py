@@ -8,16 +8,15 @@ import os
 import shutil
 import stat
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import refused_port
+from helpers import refused_port, serve_loopback
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -81,25 +80,9 @@ def api_server(api: FakeApi, tls: Path | None = None) -> Iterator[FakeApi]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    scheme = "http"
-    if tls is not None:
-        import ssl
-
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(tls / "server.crt", tls / "server.key")
-        server.socket = ctx.wrap_socket(server.socket, server_side=True)
-        scheme = "https"
-    api.url = f"{scheme}://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serve_loopback(Handler, tls=tls) as (_, url):
+        api.url = url
         yield api
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 @pytest.fixture
