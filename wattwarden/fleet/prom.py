@@ -60,6 +60,8 @@ from itertools import chain, repeat
 from operator import itemgetter, methodcaller
 from typing import Any, NamedTuple, overload
 
+from wattwarden.fleet.leases import one_line
+
 log = logging.getLogger(__name__)
 
 QUERY_CONCURRENCY = 12
@@ -465,9 +467,9 @@ class PrometheusClient:
             reason = e.reason
             if isinstance(reason, TimeoutError):
                 raise self._error(f"no answer within {self.timeout_s:g} s") from None
-            raise self._error(f"unreachable: {_one_line(str(reason))}") from None
+            raise self._error(f"unreachable: {one_line(str(reason))}") from None
         except (OSError, HTTPException, ValueError) as e:
-            raise self._error(f"unreachable: {_one_line(f'{type(e).__name__}: {e}')}") from None
+            raise self._error(f"unreachable: {one_line(f'{type(e).__name__}: {e}')}") from None
         return Answer(path, status, body)
 
     def _decode(self, answer: Answer) -> Any:
@@ -599,11 +601,6 @@ def _read_layout(body: bytes) -> Vector | None:
         return None  # JSON's integers beyond a float: the general path refuses those
     labels = {name: list(col) for name, col in zip(names, columns[1 : k + 1], strict=True)}
     return Vector.from_columns(labels, values, times)
-
-
-def _one_line(text: str) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= 200 else flat[:197] + "..."
 
 
 # ---------------------------------------------------------------------- what one period reads

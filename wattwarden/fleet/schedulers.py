@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from wattwarden.config import ConfigError
+from wattwarden.fleet.leases import one_line
 
 MOVE_RESULTS = ("requested", "refused", "failed")
 """Every value of :attr:`MoveResult.result`, in the order metrics list them."""
@@ -96,11 +97,6 @@ class Scheduler(Protocol):
     def move(self, job: JobRef) -> MoveResult:
         """Ask for ``job`` to be moved; the answer, never an exception."""
         ...
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def _wrong_kind(job: JobRef, name: str) -> MoveResult | None:
@@ -205,7 +201,7 @@ class KubernetesScheduler:
             try:
                 token = Path(self.token_file).read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError) as e:
-                return MoveResult("failed", _one_line(f"cannot read {self.token_file}: {e}"))
+                return MoveResult("failed", one_line(f"cannot read {self.token_file}: {e}"))
             headers["Authorization"] = f"Bearer {token}"
         body = {
             "apiVersion": "policy/v1",
@@ -218,7 +214,7 @@ class KubernetesScheduler:
         except (OSError, http.client.HTTPException) as e:
             reason = "timed out" if isinstance(e, TimeoutError) else f"{e}" or type(e).__name__
             return MoveResult(
-                "failed", _one_line(f"cannot reach the Kubernetes API at {self.api_url}: {reason}")
+                "failed", one_line(f"cannot reach the Kubernetes API at {self.api_url}: {reason}")
             )
         message = _status_message(status, raw)
         if status in (200, 201):
@@ -226,11 +222,11 @@ class KubernetesScheduler:
         if status == 429:
             return MoveResult(
                 "refused",
-                _one_line(f"eviction of pod {where} refused (PodDisruptionBudget): {message}"),
+                one_line(f"eviction of pod {where} refused (PodDisruptionBudget): {message}"),
             )
         if status == 404:
-            return MoveResult("failed", _one_line(f"pod {where} gone: {message}"))
-        return MoveResult("failed", _one_line(f"eviction of pod {where}: {status} {message}"))
+            return MoveResult("failed", one_line(f"pod {where} gone: {message}"))
+        return MoveResult("failed", one_line(f"eviction of pod {where}: {status} {message}"))
 
     def _post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
         conn: http.client.HTTPConnection
@@ -255,9 +251,9 @@ def _status_message(status: int, raw: bytes) -> str:
     except ValueError:
         data = None
     if isinstance(data, dict) and isinstance(data.get("message"), str) and data["message"]:
-        return _one_line(data["message"])
+        return one_line(data["message"])
     text = raw.decode(errors="replace").strip()
-    return _one_line(text) if text else http.client.responses.get(status, "")
+    return one_line(text) if text else http.client.responses.get(status, "")
 
 
 # ----------------------------------------------------------------------------------- Slurm
@@ -300,14 +296,14 @@ class SlurmScheduler:
                 "failed", f"{self.scontrol} requeue {job.id} timed out after {self.timeout_s:g} s"
             )
         except OSError as e:
-            return MoveResult("failed", _one_line(f"cannot run {self.scontrol}: {e}"))
+            return MoveResult("failed", one_line(f"cannot run {self.scontrol}: {e}"))
         if done.returncode == 0:
             return MoveResult("requested", f"slurm job {job.id} requeued")
         said = next((line for line in done.stderr.splitlines() if line.strip()), "")
         said = said or next((line for line in done.stdout.splitlines() if line.strip()), "")
         return MoveResult(
             "failed",
-            _one_line(f"{self.scontrol} requeue {job.id} exited {done.returncode}: {said}"),
+            one_line(f"{self.scontrol} requeue {job.id} exited {done.returncode}: {said}"),
         )
 
 
