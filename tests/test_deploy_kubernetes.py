@@ -104,8 +104,10 @@ def test_daemonset_runs_only_on_gpu_nodes_with_the_nvidia_runtime() -> None:
     assert "nvidia.com/gpu" not in str(container()["resources"])
 
 
-def test_exporter_pod_is_non_root_read_only_without_capabilities() -> None:
-    spec, c = pod_spec(), container()
+def assert_restricted(spec: dict[str, Any], c: dict[str, Any]) -> None:
+    """A pod and its container as the restricted Pod Security Standard wants them: not root,
+    read-only root file system, RuntimeDefault seccomp, no escalation, every capability dropped.
+    """
     pod_sc, sc = spec["securityContext"], c["securityContext"]
     assert pod_sc["runAsNonRoot"] is True and sc["runAsNonRoot"] is True
     assert pod_sc["runAsUser"] != 0
@@ -115,6 +117,11 @@ def test_exporter_pod_is_non_root_read_only_without_capabilities() -> None:
     assert sc["allowPrivilegeEscalation"] is False
     assert sc.get("privileged", False) is False
     assert sc["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_exporter_pod_is_non_root_read_only_without_capabilities() -> None:
+    spec, c = pod_spec(), container()
+    assert_restricted(spec, c)
     for key in ("hostNetwork", "hostPID", "hostIPC"):
         assert not spec.get(key, False), key
     # Restricted Pod Security Standard: no hostPath volumes; the namespace enforces it.
@@ -271,15 +278,7 @@ def test_controller_is_one_replica_replaced_with_recreate() -> None:
 
 def test_controller_pod_is_non_root_read_only_without_capabilities() -> None:
     spec, c = controller_pod_spec(), controller_container()
-    pod_sc, sc = spec["securityContext"], c["securityContext"]
-    assert pod_sc["runAsNonRoot"] is True and sc["runAsNonRoot"] is True
-    assert pod_sc["runAsUser"] != 0
-    assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert sc["readOnlyRootFilesystem"] is True
-    assert sc["allowPrivilegeEscalation"] is False
-    assert sc.get("privileged", False) is False
-    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert_restricted(spec, c)
     for key in ("hostNetwork", "hostPID", "hostIPC", "runtimeClassName", "nodeSelector"):
         assert not spec.get(key), key  # no GPU, no host: it runs anywhere
     assert all("hostPath" not in v for v in spec["volumes"])
