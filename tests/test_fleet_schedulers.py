@@ -280,14 +280,18 @@ def test_outside_the_cluster_the_api_url_token_and_ca_given_are_used(
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(None, "--kubernetes-token-file .*: cannot read"), ("\n", "the file is empty")],
+    [
+        (None, "--kubernetes-token-file .*: cannot read"),
+        ("\n", "the file is empty"),
+        ("\udcff", "not UTF-8 text"),
+    ],
 )
 def test_an_unreadable_or_empty_kubernetes_token_file_is_a_config_error(
     tmp_path: Path, content: str | None, message: str
 ) -> None:
     token_file = tmp_path / "kube-token"
     if content is not None:
-        token_file.write_text(content)
+        token_file.write_bytes(content.encode("utf-8", "surrogateescape"))  # \udcff: byte 0xff
     with pytest.raises(ConfigError, match=message):
         scheduler_for(
             "kubernetes",

@@ -296,6 +296,8 @@ def read_secret(path: Path, key: str) -> str:
         text = path.read_text().strip()
     except OSError as e:
         raise ConfigError(f"{flag} {path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag} {path}: not UTF-8 text") from None
     if not text:
         raise ConfigError(f"{flag} {path}: the file is empty")
     return text

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from wattwarden.config import ConfigError
+from wattwarden.fleet.config import read_secret
 from wattwarden.fleet.leases import one_line
 
 MOVE_RESULTS = ("requested", "refused", "failed")
@@ -325,18 +326,8 @@ def scheduler_for(
     if kind == "kubernetes":
         if kubernetes_api is None:
             return KubernetesScheduler.in_cluster()
-        if kubernetes_token_file is not None:
-            try:
-                token = Path(kubernetes_token_file).read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as e:
-                reason = e.strerror if isinstance(e, OSError) and e.strerror else e
-                raise ConfigError(
-                    f"--kubernetes-token-file {kubernetes_token_file}: cannot read: {reason}"
-                ) from None
-            if not token:
-                raise ConfigError(
-                    f"--kubernetes-token-file {kubernetes_token_file}: the file is empty"
-                )
+        if kubernetes_token_file is not None:  # readable and not empty now, or exit 2
+            read_secret(Path(kubernetes_token_file), "kubernetes_token_file")
         return KubernetesScheduler(
             kubernetes_api, token_file=kubernetes_token_file, ca_file=kubernetes_ca_file
         )
